@@ -1,0 +1,35 @@
+// The one Python module, pyengine._C. Thin: each bind_* function checks arguments, releases the
+// GIL and calls the op's public C++ API (csrc/include/pyengine/).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings/bindings.h"
+#include "pyengine/cpu_features.h"
+
+namespace py = pybind11;
+using namespace pyengine;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyengine kernel library";
+
+  m.def("detected_isa", [] { return isa_name(detected_isa()); },
+        "Best SIMD level this CPU supports: scalar, avx2 or avx512.");
+  m.def("active_isa", [] { return isa_name(active_isa()); },
+        "SIMD level the kernels use now (detected, capped by PYENGINE_ISA or set_isa).");
+  m.def("set_isa", [](const std::string& name) {
+    try {
+      set_isa(parse_isa(name.c_str()));
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("name"), "Cap the SIMD level: scalar, avx2 or avx512.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("num_threads", &num_threads);
+#ifdef PYENGINE_WITH_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
+
+  bind::bind_rms_norm(m);
+}

@@ -1,0 +1,12 @@
+// Each op's bindings live in bindings/bind_<op>.cpp and are registered from bindings.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include "bindings/tensor_args.h"
+
+namespace pyengine::bind {
+namespace py = pybind11;
+
+void bind_rms_norm(py::module_& m);
+
+}  // namespace pyengine::bind

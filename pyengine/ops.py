@@ -1,0 +1,88 @@
+"""The kernel library's ops, as torch.library custom ops, each beside its torch reference.
+
+Every op here has three faces with one name:
+  ``pyengine._C.<op>``          the raw binding (checks arguments, releases the GIL, writes ``out``)
+  ``pyengine.ops.<op>``         a ``torch.library`` custom op over it (usable under torch.compile)
+  ``pyengine.ops.<op>_reference`` the same maths in plain torch: what the tests compare against
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pyengine import _C
+
+# ---- ISA and threads ---------------------------------------------------------------------------
+
+
+def detected_isa() -> str:
+    """Best SIMD level the CPU supports: 'scalar', 'avx2' or 'avx512'."""
+    return _C.detected_isa()
+
+
+def active_isa() -> str:
+    """SIMD level the CPU kernels dispatch to now."""
+    return _C.active_isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Cap the CPU kernels at ISA ``name`` inside the block (for tests and comparisons)."""
+    previous = _C.active_isa()
+    _C.set_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)
+
+
+def supported_isas() -> list[str]:
+    """Every ISA level this CPU can run, lowest first."""
+    order = ["scalar", "avx2", "avx512"]
+    return order[: order.index(_C.detected_isa()) + 1]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for both our kernels (OpenMP) and torch's intra-op pool."""
+    if n < 1:
+        raise ValueError(f"number of threads must be at least 1, got {n}")
+    _C.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+# ---- rms_norm ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyengine::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _C.rms_norm(x, weight, out, eps)
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@torch.library.custom_op("pyengine::add_rms_norm", mutates_args=("residual",))
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += delta (in place); returns rms_norm(residual)."""
+    out = torch.empty_like(residual)
+    _C.add_rms_norm(residual, delta, weight, out, eps)
+    return out
+
+
+@add_rms_norm.register_fake
+def _(residual, delta, weight, eps):
+    return torch.empty_like(residual)
+
+
+def add_rms_norm_reference(residual, delta, weight, eps):
+    residual.add_(delta)
+    return rms_norm_reference(residual, weight, eps)
