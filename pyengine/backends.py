@@ -1,0 +1,118 @@
+"""Backends: the handful of ops a decoder layer needs, in one class per implementation.
+
+  torch       plain PyTorch, written for reading; the reference every other backend is tested against
+  fused       our C++ kernels (attention, norms, rope, activations) with fp32 weights
+  fused-int8  as fused, with int8 weights and int8 matmuls (W8A8, per-channel/per-token scales)
+
+A model file (models/llama.py, models/gpt2.py) calls only these methods, so switching backends never
+touches the model code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Step:
+    """What one forward call processes, shared by every layer of that call."""
+
+    q_start: torch.Tensor  # [batch] int32: position of each sequence's first new token
+    kv_len: torch.Tensor  # [batch] int32: valid cache entries once this step's keys are written
+    positions: torch.Tensor  # [batch, n_new] int64
+    uniform_start: int | None  # the common q_start when all sequences start at the same position
+    cos: torch.Tensor  # [batch, n_new, head_dim / 2] rotary tables gathered at `positions`
+    sin: torch.Tensor
+    cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks)
+
+
+@dataclass
+class LinearWeights:
+    weight: torch.Tensor  # [out_features, in_features]
+    bias: torch.Tensor | None = None
+
+
+class TorchBackend:
+    name = "torch"
+    devices = ("cpu", "cuda")
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        pass  # plain torch runs every float dtype
+
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        return LinearWeights(weight.contiguous(), bias)
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        return F.linear(x, w.weight, w.bias)
+
+    def rms_norm(self, x, weight, eps):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+    def add_rms_norm(self, residual, delta, weight, eps):
+        """residual += delta in place; returns the normalized sum."""
+        residual.add_(delta)
+        return self.rms_norm(residual, weight, eps)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def add_layer_norm(self, residual, delta, weight, bias, eps):
+        residual.add_(delta)
+        return self.layer_norm(residual, weight, bias, eps)
+
+    def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split)."""
+        cos, sin = step.cos[:, :, None, :].to(x.dtype), step.sin[:, :, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def attention(self, q, k_cache, v_cache, step: Step, scale: float) -> torch.Tensor:
+        """q: [B, T, Hq, D]; caches: [B, Hkv, S, D]. Query t of sequence b sees keys
+        j <= q_start[b] + t and j < kv_len[b]. Returns [B, T, Hq, D]."""
+        longest = int(step.kv_len.max())
+        keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
+        mask = step.cache.get("mask")
+        if mask is None:
+            j = torch.arange(longest, device=q.device)
+            query_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
+            mask = (j <= query_pos) & (j < step.kv_len[:, None, None, None])
+            step.cache["mask"] = mask
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[2] != keys.shape[1])
+        return out.transpose(1, 2)
+
+    def silu_mul(self, gate, up):
+        return F.silu(gate) * up
+
+    def gelu(self, x):
+        return F.gelu(x, approximate="tanh")
+
+    def embedding(self, ids, table):
+        return F.embedding(ids, table)
+
+
+BACKENDS = {"torch": TorchBackend}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    return [name for name, cls in BACKENDS.items() if torch.device(device).type in getattr(cls, "devices", ("cpu", "cuda"))]
+
+
+def default_backend(device: torch.device | str = "cpu") -> str:
+    """The fastest backend that is exact (fp32-equivalent) on this device."""
+    names = available_backends(device)
+    return "fused" if "fused" in names else "torch"
+
+
+def make_backend(name: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    if name not in available_backends(device):
+        raise ValueError(f"backend {name!r} does not run on device {str(device)!r}; "
+                         f"available there: {', '.join(available_backends(device))}")
+    backend = BACKENDS[name]()
+    backend.check_dtype(dtype)
+    return backend

@@ -1,0 +1,98 @@
+"""`pyengine` command line: generate, bench, info."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyengine", description="LLM inference with per-token energy accounting")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text (streams to stdout)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="default", help="local HF model folder, or 'default' (SmolLM2-135M-Instruct)")
+    gen.add_argument("--backend", default=None, help="torch, fused or fused-int8 (default: fastest exact one)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--threads", type=int, default=None)
+    gen.set_defaults(func=_generate)
+
+    info = sub.add_parser("info", help="version, CPU ISA, CUDA, energy sources")
+    info.set_defaults(func=_info)
+
+    from pyengine import bench
+
+    bench.add_parser(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"pyengine: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    import pyengine
+    from pyengine import ops
+
+    if args.threads is not None:
+        ops.set_num_threads(args.threads)
+    engine = pyengine.load(args.model, backend=args.backend, device=args.device)
+    pieces = engine.stream(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _info(args) -> int:
+    import pyengine
+    from pyengine import _C, backends, ops
+
+    print(f"pyengine {pyengine.__version__}  (python {platform.python_version()}, torch {torch.__version__})")
+    print(f"cpu: {_cpu_model()}; {_C.num_threads()} threads")
+    print(f"cpu isa: {ops.active_isa()} (detected {ops.detected_isa()}; cap with PYENGINE_ISA=scalar|avx2|avx512)")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    print(f"cuda kernels built: {'yes' if _C.cuda_built else 'no'}; gpu: {gpu}")
+    print(f"backends: {', '.join(backends.available_backends('cpu'))} (default {backends.default_backend('cpu')})")
+    for line in _energy_lines():
+        print(line)
+    return 0
+
+
+def _energy_lines() -> list[str]:
+    try:
+        from pyengine import energy
+    except ImportError:
+        return ["energy sources: not yet available in this build"]
+    lines = ["energy sources:"]
+    for s in energy.available_sources():
+        lines.append(f"  {s.name:<9} {'yes' if s.available else 'no '}  {s.detail}")
+    return lines
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""What every architecture shares: rotary tables, the per-call Step, the final projection."""
+from __future__ import annotations
+
+import torch
+
+from pyengine.backends import Step
+from pyengine.config import ModelConfig, rope_inverse_frequencies
+from pyengine.kv_cache import KVCache
+
+
+class DecoderModel:
+    config: ModelConfig
+    uses_rope = True
+
+    def __init__(self, config: ModelConfig, backend, device):
+        self.config = config
+        self.backend = backend
+        self.device = torch.device(device)
+        self._inv_freq = rope_inverse_frequencies(config).to(self.device) if self.uses_rope else None
+        self._cos = self._sin = torch.empty(0, device=self.device)
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, dtype, self.device)
+
+    def make_step(self, n_new: int, cache: KVCache, lengths: torch.Tensor | None = None) -> Step:
+        """n_new tokens per row; `lengths` ([batch] int32) says how many of them are real in each row
+        (a right-padded batch of prompts), default all."""
+        q_start = cache.lengths.clone()
+        positions = q_start.long()[:, None] + torch.arange(n_new, device=self.device)
+        if int(positions.max()) >= cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; this step needs {int(positions.max()) + 1}")
+        first = int(q_start[0])
+        uniform = first if bool((q_start == first).all()) else None
+        kv_len = q_start + (n_new if lengths is None else lengths.to(q_start.device, torch.int32))
+        cos, sin = self._rope_tables(positions)
+        return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform, cos=cos, sin=sin)
+
+    def _rope_tables(self, positions: torch.Tensor):
+        if self._inv_freq is None:
+            return None, None
+        needed = int(positions.max()) + 1
+        if self._cos.shape[0] < needed:  # grow by doubling, up to the context length
+            size = min(max(needed, 2 * self._cos.shape[0], 256), max(self.config.max_context, needed))
+            angles = torch.outer(torch.arange(size, device=self.device).float(), self._inv_freq)
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos[positions], self._sin[positions]
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None,
+                n_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `tokens` ([batch, n_new]) through the model, appending to `cache`.
+
+        Returns logits [batch, n_new, vocab], or [batch, vocab] at index logits_at[b] of each row
+        (prefill needs only each sequence's last real token, which saves the large vocab projection).
+        """
+        step = self.make_step(tokens.shape[1], cache, n_new)
+        hidden = self.hidden_states(tokens, cache, step)
+        if logits_at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at]
+        return self.backend.linear(hidden, self.lm_head)
+
+    def hidden_states(self, tokens, cache, step) -> torch.Tensor:
+        raise NotImplementedError

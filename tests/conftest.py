@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random-weight models of each architecture, saved in HF format by
+transformers itself, so every test goes through the real loading path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# One tiny config per supported architecture; small enough that a forward pass takes milliseconds.
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-scaled": dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=160,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                          max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                          tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", vocab_size=384, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                    max_position_embeddings=256, sliding_window=None, rms_norm_eps=1e-5),
+    "qwen2": dict(model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, use_sliding_window=False),
+    "gpt2": dict(model_type="gpt2", vocab_size=384, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
+
+
+def _byte_level_tokenizer(folder: Path, vocab_size: int):
+    """A real byte-level BPE tokenizer trained on a few sentences, sized to the model's vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+            "Energy per token is measured in joules; int8 weights are a quarter of fp32.",
+            "Once upon a time there was a small language model that liked numbers 0123456789."] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}))
+
+
+def make_tiny_model(folder: Path, name: str, seed: int = 0) -> Path:
+    import transformers
+
+    fields = dict(TINY_CONFIGS[name])
+    model_type = fields.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=2, **fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger-than-init weights, so differences between implementations show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    _byte_level_tokenizer(folder, config.vocab_size)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: make_tiny_model(root / name, name) for name in TINY_CONFIGS}
+
+
+@pytest.fixture(params=list(TINY_CONFIGS))
+def tiny_model(request, tiny_models) -> Path:
+    return tiny_models[request.param]

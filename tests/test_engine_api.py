@@ -1,0 +1,155 @@
+"""The serving API: arguments, results, streaming, stop conditions, batching, threads."""
+import threading
+
+import pytest
+import torch
+
+import pyengine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return pyengine.load(tiny_models["llama"], backend="torch")
+
+
+def test_result_fields(engine):
+    r = engine.generate("The capital of France is", max_new_tokens=8, ignore_eos=True)
+    assert isinstance(r, pyengine.GenerationResult)
+    assert len(r.token_ids) == 8 and r.finish_reason == "length"
+    assert r.text == engine.tokenizer.decode(r.token_ids)
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode("The capital of France is"))
+    assert r.usage.completion_tokens == 8
+    assert r.usage.prefill_seconds > 0 and r.usage.decode_seconds > 0
+    assert engine.model_path.is_dir() and (engine.model_path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[10**9]), "stop_token_ids"),
+])
+def test_invalid_arguments_raise(engine, kwargs, message):
+    kwargs.setdefault("max_new_tokens", 4)
+    with pytest.raises(ValueError, match=message):
+        engine.generate("hello", **kwargs)
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate("", max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        engine.generate("word " * 400, max_new_tokens=2)  # tiny models have 256 positions
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate(None, max_new_tokens=2)
+
+
+def test_unknown_backend_and_device(tiny_models):
+    with pytest.raises(ValueError, match="unknown backend"):
+        pyengine.load(tiny_models["llama"], backend="tensorrt")
+    with pytest.raises(ValueError, match="device"):
+        pyengine.load(tiny_models["llama"], device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pyengine.load(tiny_models["llama"], device="cuda")
+
+
+def test_generation_stops_at_context(tiny_models):
+    engine = pyengine.load(tiny_models["gpt2"], backend="torch")  # 256 learned positions
+    prompt_ids = engine.tokenizer.encode("fox " * 60)
+    r = engine.generate("fox " * 60, max_new_tokens=1000, ignore_eos=True)
+    assert r.finish_reason == "length"
+    assert len(prompt_ids) + len(r.token_ids) == engine.config.max_context
+
+
+def test_stop_token_ids_and_stop_strings(engine):
+    free = engine.generate("Once upon a time", max_new_tokens=12, ignore_eos=True)
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    r = engine.generate("Once upon a time", max_new_tokens=12, stop_token_ids=[stop_id], ignore_eos=True)
+    assert r.finish_reason == "stop" and r.token_ids == free.token_ids[:first + 1]
+    # A stop string cuts the text before it.
+    target = free.text[len(free.text) // 2:][:3]
+    if target:
+        r = engine.generate("Once upon a time", max_new_tokens=12, stop=[target], ignore_eos=True)
+        assert r.finish_reason == "stop"
+        assert target not in r.text and free.text.startswith(r.text)
+
+
+def test_stream_yields_the_same_text(engine):
+    full = engine.generate("The quick brown fox", max_new_tokens=15, ignore_eos=True).text
+    pieces = list(engine.stream("The quick brown fox", max_new_tokens=15, ignore_eos=True))
+    assert len(pieces) > 1 and "".join(pieces) == full
+    assert "".join(engine.generate("The quick brown fox", max_new_tokens=15, ignore_eos=True, stream=True)) == full
+
+
+def test_stream_can_be_abandoned(engine):
+    it = engine.stream("The quick brown fox", max_new_tokens=50, ignore_eos=True)
+    next(it)
+    it.close()  # releases the engine: the next call must not deadlock
+    assert len(engine.generate("fox", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_sampling_is_seeded(engine):
+    a = engine.generate("Energy", max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = engine.generate("Energy", max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert a.token_ids == b.token_ids
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate("Energy", max_new_tokens=10, ignore_eos=True)
+    sampled = engine.generate("Energy", max_new_tokens=10, temperature=0.8, top_k=1, seed=3, ignore_eos=True)
+    assert sampled.token_ids == greedy.token_ids
+
+
+def test_chat_template(engine):
+    text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    r1 = engine.generate("hi", chat=True, max_new_tokens=5, ignore_eos=True)
+    r2 = engine.generate(messages=[{"role": "user", "content": "hi"}], max_new_tokens=5, ignore_eos=True)
+    assert r1.token_ids == r2.token_ids
+    assert r1.prompt_token_ids == engine.tokenizer.encode(text, add_special_tokens=False)
+    with pytest.raises(ValueError, match="role"):
+        engine.generate(messages=[{"content": "no role"}], max_new_tokens=2)
+
+
+def test_concurrent_calls_are_safe(engine):
+    expected = engine.generate("The capital", max_new_tokens=10, ignore_eos=True).token_ids
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(engine.generate("The capital", max_new_tokens=10, ignore_eos=True).token_ids)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [expected] * 4
+
+
+def test_logits_api(engine):
+    ids = engine.tokenizer.encode("The capital of France")
+    logits = engine.logits(ids)
+    assert logits.shape == (1, len(ids), engine.config.vocab_size)
+    # The last position's argmax is the first greedy token.
+    first = engine.generate("The capital of France", max_new_tokens=1, ignore_eos=True).token_ids[0]
+    assert int(logits[0, -1].argmax()) == first
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.logits([[1, 2, 10**6]])
+
+
+def test_module_level_generate_caches_engine(tiny_models):
+    a = pyengine.generate("fox", model=tiny_models["qwen2"], backend="torch", max_new_tokens=3, ignore_eos=True)
+    b = pyengine.generate("fox", model=tiny_models["qwen2"], backend="torch", max_new_tokens=3, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 3
