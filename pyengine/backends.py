@@ -23,9 +23,16 @@ class Step:
     kv_len: torch.Tensor  # [batch] int32: valid cache entries once this step's keys are written
     positions: torch.Tensor  # [batch, n_new] int64
     uniform_start: int | None  # the common q_start when all sequences start at the same position
-    cos: torch.Tensor  # [batch, n_new, head_dim / 2] rotary tables gathered at `positions`
-    sin: torch.Tensor
-    cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks)
+    rope_cos: torch.Tensor | None  # [positions, head_dim / 2] rotary tables (None: no rotary embedding)
+    rope_sin: torch.Tensor | None
+    cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
+
+    def cached(self, key, make):
+        """A value computed once per step and shared by every layer."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = make()
+        return value
 
 
 @dataclass
@@ -65,7 +72,8 @@ class TorchBackend:
 
     def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split)."""
-        cos, sin = step.cos[:, :, None, :].to(x.dtype), step.sin[:, :, None, :].to(x.dtype)
+        cos, sin = step.cached("rope", lambda: (step.rope_cos[step.positions][:, :, None, :].to(x.dtype),
+                                               step.rope_sin[step.positions][:, :, None, :].to(x.dtype)))
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -74,12 +82,13 @@ class TorchBackend:
         j <= q_start[b] + t and j < kv_len[b]. Returns [B, T, Hq, D]."""
         longest = int(step.kv_len.max())
         keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
-        mask = step.cache.get("mask")
-        if mask is None:
+
+        def visible():
             j = torch.arange(longest, device=q.device)
             query_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
-            mask = (j <= query_pos) & (j < step.kv_len[:, None, None, None])
-            step.cache["mask"] = mask
+            return (j <= query_pos) & (j < step.kv_len[:, None, None, None])
+
+        mask = step.cached("mask", visible)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[2] != keys.shape[1])
         return out.transpose(1, 2)

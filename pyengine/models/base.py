@@ -33,18 +33,19 @@ class DecoderModel:
         first = int(q_start[0])
         uniform = first if bool((q_start == first).all()) else None
         kv_len = q_start + (n_new if lengths is None else lengths.to(q_start.device, torch.int32))
-        cos, sin = self._rope_tables(positions)
-        return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform, cos=cos, sin=sin)
+        cos, sin = self._rope_tables(int(positions.max()) + 1)
+        return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform,
+                    rope_cos=cos, rope_sin=sin)
 
-    def _rope_tables(self, positions: torch.Tensor):
+    def _rope_tables(self, needed: int):
+        """cos/sin of every position's rotation angles, [positions, head_dim / 2], at least `needed` rows."""
         if self._inv_freq is None:
             return None, None
-        needed = int(positions.max()) + 1
         if self._cos.shape[0] < needed:  # grow by doubling, up to the context length
             size = min(max(needed, 2 * self._cos.shape[0], 256), max(self.config.max_context, needed))
             angles = torch.outer(torch.arange(size, device=self.device).float(), self._inv_freq)
             self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos[positions], self._sin[positions]
+        return self._cos, self._sin
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None,
                 n_new: torch.Tensor | None = None) -> torch.Tensor:
