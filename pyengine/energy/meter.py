@@ -1,0 +1,344 @@
+"""The one interface over every energy source: a meter of channels, read in windows.
+
+A meter owns *channels*. A channel is one hardware reading of one domain:
+
+* a ``"counter"`` channel returns a cumulative value in native units (RAPL microjoules, NVML
+  millijoules, process CPU seconds for the estimate); ``scale`` turns a delta into joules, and
+  ``wrap`` (the counter's range, or None) turns a reading lower than the previous one into one
+  wraparound;
+* a ``"power"`` channel returns watts now; the meter integrates successive readings with the
+  trapezoid rule, so it needs the background sampler.
+
+A domain's joules are the sum of its channels (e.g. "cpu_package" over the sockets).
+
+Windows: ``start()`` / ``stop()`` or ``with meter.measure() as w:`` (then ``w.measurement``).
+Windows may overlap (an outer per-request window and inner per-phase ones); each is a snapshot of
+the meter's running per-channel totals. ``mark(name)`` inside a window starts a named phase (the
+window's ``phases`` then gives joules per phase name, summed over repeats).
+
+Sampling: a background thread reads every channel every ``sample_interval_s`` while a window is
+open. It is on when asked for (``sample_interval_s=...``; the windows then carry a power
+timeline), when a power channel needs integrating (NVML without the energy counter, every 20 ms),
+and at a slow guard interval for wrapping counters so that at most one wrap happens between two
+reads (RAPL). A read error in the thread is raised by the next ``stop()``, never swallowed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pyengine.energy.measurement import HIGH, LOW, EnergyMeasurement, EnergySourceError
+
+
+@dataclass
+class Channel:
+    domain: str
+    label: str  # where the number comes from, e.g. "rapl:intel-rapl:0 (package-0) energy_uj"
+    read: Callable[[], float]
+    kind: str = "counter"  # or "power"
+    scale: float = 1.0  # native counter unit -> joules (counter channels)
+    wrap: float | None = None  # counter range in native units, None when it never wraps
+
+    def __post_init__(self):
+        if self.kind not in ("counter", "power"):
+            raise ValueError(f"channel kind must be 'counter' or 'power', got {self.kind!r}")
+
+
+class _ChannelState:
+    __slots__ = ("prev_raw", "prev_t", "joules", "updates", "wraps")
+
+    def __init__(self):
+        self.prev_raw = None
+        self.prev_t = None
+        self.joules = 0.0  # cumulative joules since the meter was created
+        self.updates = 0  # reads whose value differed from the previous read
+        self.wraps = 0
+
+
+class Window:
+    """One open measurement window; ``measurement`` is set when it is stopped."""
+
+    def __init__(self, meter: "EnergyMeter", t0: float, snap: list[tuple[float, int]], n_samples: int,
+                 tl_index: int, phase: str | None):
+        self.meter = meter
+        self.t0 = t0
+        self.start_snap = snap
+        self.samples_at_start = n_samples
+        self.timeline_index = tl_index
+        # (phase name or None, t, snapshot) at every phase boundary
+        self.segments: list[tuple[str | None, float, list[tuple[float, int]]]] = [(phase, t0, snap)]
+        self.measurement: EnergyMeasurement | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.measurement is None
+
+
+class EnergyMeter:
+    """Base meter: see the module docstring. Subclasses build the channels."""
+
+    name = "meter"
+    estimated = False
+
+    def __init__(self, channels: list[Channel], *, sample_interval_s: float | None = None,
+                 power_interval_s: float = 0.02, guard_interval_s: float | None = None,
+                 low_confidence_below_s: float = 0.0, min_window_s: float = 0.0,
+                 resolution_note: str = "", sync: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter, fallback_reason: str | None = None,
+                 estimate_note: str = ""):
+        if not channels:
+            raise EnergySourceError(f"{self.name}: no channels to read")
+        self.channels = list(channels)
+        self.domains = sorted({c.domain for c in self.channels}, key=[c.domain for c in self.channels].index)
+        self.record_timeline = sample_interval_s is not None
+        intervals = [x for x in (sample_interval_s, guard_interval_s) if x]
+        if any(c.kind == "power" for c in self.channels):
+            intervals.append(power_interval_s)
+        self.sample_interval_s = min(intervals) if intervals else None
+        self.low_confidence_below_s = low_confidence_below_s
+        self.min_window_s = min_window_s
+        self.resolution_note = resolution_note
+        self.estimate_note = estimate_note
+        self.sync = sync
+        self.clock = clock
+        self.fallback_reason = fallback_reason
+        self._state = [_ChannelState() for _ in self.channels]
+        self._lock = threading.RLock()
+        self._windows: list[Window] = []
+        self._timeline: list[tuple[float, dict[str, float]]] = []
+        self._n_samples = 0
+        self._thread: threading.Thread | None = None
+        self._stop_evt = threading.Event()
+        self._thread_error: BaseException | None = None
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def _sample(self, reset: bool = False) -> tuple[float, list[tuple[float, int]]]:
+        """Read every channel once, fold the readings into the running totals, return (t, snapshot)."""
+        with self._lock:
+            raws = [c.read() for c in self.channels]
+            t = self.clock()
+            watts: dict[str, float] = {}
+            for c, st, raw in zip(self.channels, self._state, raws):
+                raw = float(raw)
+                if not math.isfinite(raw):
+                    raise EnergySourceError(f"{c.label}: read a non-finite value {raw!r}")
+                if c.kind == "power" and raw < 0:
+                    raise EnergySourceError(f"{c.label}: read a negative power {raw!r} W")
+                if st.prev_raw is None or reset:
+                    st.prev_raw, st.prev_t = raw, t
+                    continue
+                dt = t - st.prev_t
+                if c.kind == "counter":
+                    delta = raw - st.prev_raw
+                    if delta < 0:
+                        if c.wrap is None:
+                            raise EnergySourceError(
+                                f"{c.label}: counter went backwards ({st.prev_raw:g} -> {raw:g}) and it has no "
+                                "wraparound range (driver reset?)")
+                        delta += c.wrap  # at most one wrap between two reads: the sampler guarantees it
+                        st.wraps += 1
+                    j = delta * c.scale
+                else:
+                    j = 0.5 * (st.prev_raw + raw) * dt
+                if raw != st.prev_raw:
+                    st.updates += 1
+                st.joules += j
+                if dt > 0:
+                    w = j / dt if c.kind == "counter" else raw
+                    watts[c.domain] = watts.get(c.domain, 0.0) + w
+                st.prev_raw, st.prev_t = raw, t
+            self._n_samples += 1
+            if self.record_timeline and self._windows and watts and not reset:
+                self._timeline.append((t, watts))
+            return t, [(st.joules, st.updates) for st in self._state]
+
+    def _sampler(self, stop_evt: threading.Event):
+        while not stop_evt.wait(self.sample_interval_s):
+            try:
+                self._sample()
+            except BaseException as e:  # reported by stop()
+                self._thread_error = e
+                return
+
+    def _sync(self):
+        if self.sync is not None:
+            self.sync()
+
+    # ---- windows -------------------------------------------------------------------------------
+
+    def start(self, phase: str | None = None) -> Window:
+        """Open a window (optionally already inside phase ``phase``) and return it."""
+        self._sync()
+        with self._lock:
+            first = not self._windows
+            if first:
+                self._thread_error = None
+                self._timeline.clear()
+            t, snap = self._sample(reset=first)
+            w = Window(self, t, snap, self._n_samples, len(self._timeline), phase)
+            self._windows.append(w)
+            if first and self.sample_interval_s:
+                self._stop_evt = threading.Event()
+                self._thread = threading.Thread(target=self._sampler, args=(self._stop_evt,),
+                                                name=f"pyengine-energy-{self.name}", daemon=True)
+                self._thread.start()
+            return w
+
+    def mark(self, phase: str | None, window: Window | None = None) -> None:
+        """From now on, the window's energy goes to phase ``phase`` (None: to no phase)."""
+        self._sync()
+        with self._lock:
+            w = window or self._last_open()
+            t, snap = self._sample()
+            w.segments.append((phase, t, snap))
+
+    @contextlib.contextmanager
+    def phase(self, name: str, window: Window | None = None):
+        """``with meter.phase("decode"):`` marks ``name`` inside the open window, then back."""
+        w = window or self._last_open()
+        previous = w.segments[-1][0]
+        self.mark(name, w)
+        try:
+            yield w
+        finally:
+            if w.open:
+                self.mark(previous, w)
+
+    def stop(self, window: Window | None = None) -> EnergyMeasurement:
+        """Close ``window`` (default: the most recently opened one) and return its measurement."""
+        self._sync()
+        thread = None
+        try:
+            with self._lock:
+                w = window or self._last_open()
+                if w not in self._windows:
+                    raise RuntimeError("this window is not open on this meter")
+                try:
+                    t, snap = self._sample()
+                finally:
+                    self._close(w)
+                    if not self._windows:
+                        thread = self._stop_thread()
+        finally:
+            if thread is not None:  # joined outside the lock: the sampler may be waiting for it
+                thread.join()
+        with self._lock:
+            err = self._thread_error
+            timeline = self._timeline[w.timeline_index:] if self.record_timeline else None
+            n_samples = self._n_samples - w.samples_at_start + 1
+            if err is not None:
+                raise EnergySourceError(f"{self.name}: the background sampler failed: {err}") from err
+            m = self._build(w.start_snap, snap, w.t0, t, n_samples, timeline)
+            phases: dict[str, EnergyMeasurement] = {}
+            bounds = w.segments + [(None, t, snap)]
+            for (name, t_a, s_a), (_, t_b, s_b) in zip(bounds[:-1], bounds[1:]):
+                if name is None:
+                    continue
+                pm = self._build(s_a, s_b, t_a, t_b, 2, None)
+                phases[name] = phases[name] + pm if name in phases else pm
+            m.phases = phases
+            w.measurement = m
+            return m
+
+    @contextlib.contextmanager
+    def measure(self, phase: str | None = None):
+        """``with meter.measure() as w: ...`` then ``w.measurement``."""
+        w = self.start(phase)
+        try:
+            yield w
+        except BaseException:
+            thread = None
+            with self._lock:
+                self._close(w)
+                if not self._windows:
+                    thread = self._stop_thread()
+            if thread is not None:
+                thread.join()
+            raise
+        self.stop(w)
+
+    def _last_open(self) -> Window:
+        if not self._windows:
+            raise RuntimeError(f"{self.name}: no measurement window is open (call start() first)")
+        return self._windows[-1]
+
+    def _close(self, w: Window):
+        if w in self._windows:
+            self._windows.remove(w)
+
+    def _stop_thread(self) -> threading.Thread | None:
+        """Tell the sampler to stop; return it for the caller to join once the lock is released."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop_evt.set()
+        return thread
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def _build(self, snap_a, snap_b, t_a, t_b, n_samples, timeline_pts) -> EnergyMeasurement:
+        seconds = max(0.0, t_b - t_a)
+        joules = {d: 0.0 for d in self.domains}
+        updates = {d: 0 for d in self.domains}
+        sources: dict[str, list[str]] = {d: [] for d in self.domains}
+        for c, (ja, ua), (jb, ub) in zip(self.channels, snap_a, snap_b):
+            joules[c.domain] += jb - ja
+            updates[c.domain] += ub - ua
+            sources[c.domain].append(c.label)
+        reasons = []
+        if self.estimated:
+            reasons.append(f"estimate, not a measurement: {self.estimate_note}".rstrip(": "))
+        if seconds < self.low_confidence_below_s:
+            reasons.append(f"window {seconds:.3f} s is shorter than {self.low_confidence_below_s:g} s"
+                           + (f" ({self.resolution_note})" if self.resolution_note else ""))
+        kinds = {c.domain: c.kind for c in self.channels}
+        for d in self.domains:
+            if kinds[d] == "counter" and seconds > 0 and updates[d] == 0 and not self.estimated:
+                reasons.append(f"the {d} counter did not change during the window")
+        conf = LOW if reasons else HIGH
+        reason = "; ".join(reasons) if reasons else (
+            f"hardware counter, window {seconds:.3f} s >= {self.low_confidence_below_s:g} s")
+        timeline = None
+        if timeline_pts is not None:
+            timeline = {d: [(tt - t_a, ws[d]) for tt, ws in timeline_pts if d in ws] for d in self.domains}
+        return EnergyMeasurement(
+            joules=joules, seconds=seconds, sources={d: " + ".join(v) for d, v in sources.items()},
+            source=self.name, estimated=self.estimated, counter_updates=min(updates.values()),
+            confidence=conf, confidence_reason=reason, samples=n_samples, timeline=timeline,
+            fallback_reason=self.fallback_reason, min_window_s=self.min_window_s)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def repeats_for(self, seconds_per_run: float) -> int:
+        """How many back-to-back runs of ``seconds_per_run`` fill the meter's minimum window."""
+        if seconds_per_run <= 0:
+            raise ValueError("seconds_per_run must be positive")
+        return max(1, math.ceil(self.min_window_s / seconds_per_run))
+
+    def describe(self) -> str:
+        s = f"{self.name}: " + "; ".join(f"{c.domain} <- {c.label}" for c in self.channels)
+        if self.estimated:
+            s += " [ESTIMATE]"
+        if self.fallback_reason:
+            s += f" [fallback: {self.fallback_reason}]"
+        return s
+
+    def close(self) -> None:
+        with self._lock:
+            thread = self._stop_thread()
+            self._windows.clear()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

@@ -1,0 +1,217 @@
+"""NVML through a stand-in module with the few pynvml functions the meter uses."""
+import time
+
+import pytest
+
+from pyengine.energy import EnergySourceError, EnergySourceUnavailable, NvmlMeter, make_meter
+from pyengine.energy.nvml import NVML_MIN_WINDOW_S, nvml_status
+
+
+class FakeNvml:
+    NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_FUNCTION_NOT_FOUND = 13
+    NVML_ERROR_LIBRARY_NOT_FOUND = 12
+
+    class NVMLError(Exception):
+        def __init__(self, value):
+            self.value = value
+            super().__init__({3: "Not Supported", 12: "NVML Shared Library Not Found"}.get(value, f"error {value}"))
+
+    def __init__(self, energy_mj=None, power_mw=250_000, init_error=None, gpus=1):
+        self.energy_mj = energy_mj  # None: the counter is not supported
+        self.power_mw = power_mw
+        self.init_error = init_error
+        self.gpus = gpus
+        self.inits = self.shutdowns = self.energy_reads = self.power_reads = 0
+
+    def nvmlInit(self):
+        if self.init_error is not None:
+            raise self.NVMLError(self.init_error)
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return self.gpus
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if i >= self.gpus:
+            raise self.NVMLError(2)
+        return ("handle", i)
+
+    def nvmlDeviceGetName(self, h):
+        return b"Fake H100"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if self.energy_mj is None:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        self.energy_reads += 1
+        return self.energy_mj
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        self.power_reads += 1
+        return self.power_mw
+
+
+def clock(*ts):
+    it = iter(ts)
+    return lambda: next(it)
+
+
+def test_counter_path(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nv = FakeNvml(energy_mj=1_000_000)
+    syncs = []
+    meter = NvmlMeter("cuda:0", nvml=nv, sync=lambda: syncs.append(1), clock=clock(10.0, 16.0))
+    assert meter.mode == "counter" and meter.min_window_s == NVML_MIN_WINDOW_S == 5.0
+    w = meter.start()
+    nv.energy_mj += 1_500_000  # 1500 J
+    m = meter.stop(w)
+    assert m.joules == {"gpu": pytest.approx(1500.0)}
+    assert m.seconds == 6.0 and m.average_watts == pytest.approx(250.0)
+    assert "total_energy_consumption" in m.sources["gpu"] and "Fake H100" in m.sources["gpu"]
+    assert m.confidence == "high" and not m.estimated and m.meets_min_window
+    assert len(syncs) == 2  # synchronized before the start and the stop reads
+    meter.close()
+    assert nv.shutdowns == nv.inits == 1
+
+
+def test_short_window_is_low_confidence():
+    nv = FakeNvml(energy_mj=0)
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, clock=clock(0.0, 0.4))
+    meter.start()
+    nv.energy_mj = 40_000
+    m = meter.stop()
+    assert m.confidence == "low" and "shorter than 1 s" in m.confidence_reason and "100 ms" in m.confidence_reason
+    assert not m.meets_min_window
+    assert meter.repeats_for(0.4) == 13  # ceil(5 / 0.4)
+
+
+def test_counter_that_did_not_move_is_low_confidence():
+    nv = FakeNvml(energy_mj=7)
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, clock=clock(0.0, 2.0))
+    meter.start()
+    m = meter.stop()
+    assert m.confidence == "low" and "did not change" in m.confidence_reason
+
+
+def test_counter_going_backwards_is_an_error():
+    nv = FakeNvml(energy_mj=1000)
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None)
+    meter.start()
+    nv.energy_mj = 10
+    with pytest.raises(EnergySourceError, match="went backwards"):
+        meter.stop()
+
+
+def test_not_supported_falls_back_to_power_polling():
+    nv = FakeNvml(energy_mj=None, power_mw=200_000)  # 200 W, constant
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None)
+    assert meter.mode == "power" and meter.sample_interval_s == pytest.approx(0.02)
+    assert "not supported" in meter.counter_missing_reason.lower()
+    with meter.measure() as w:
+        time.sleep(0.3)
+    m = w.measurement
+    assert "power_usage polled every 20 ms" in m.sources["gpu"]
+    assert m.joules["gpu"] == pytest.approx(200.0 * m.seconds, rel=1e-6)
+    assert nv.power_reads >= 5  # the background thread polled
+    assert m.confidence == "low"  # 0.3 s < 1 s
+
+
+def test_power_polling_trapezoid_with_scripted_clock():
+    nv = FakeNvml(energy_mj=None)
+    powers = iter([100_000, 100_000, 300_000, 300_000])  # first read is the probe in __init__
+    nv.nvmlDeviceGetPowerUsage = lambda h: next(powers)
+    # no background thread: power_interval_s huge, so only start / mark / stop read
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, power_interval_s=1e9, clock=clock(0.0, 2.0, 3.0),
+                      sample_interval_s=1e9)
+    meter.start("prefill")
+    meter.mark("decode")
+    m = meter.stop()
+    # 0-2 s: (100+300)/2 * 2 = 400 J; 2-3 s: 300 J
+    assert m.joules["gpu"] == pytest.approx(700.0)
+    assert m.phases["prefill"].joules["gpu"] == pytest.approx(400.0)
+    assert m.phases["decode"].joules["gpu"] == pytest.approx(300.0)
+    assert m.timeline is not None and [w for _, w in m.timeline["gpu"]] == [300.0, 300.0]
+
+
+def test_force_power_polling():
+    meter = NvmlMeter(0, nvml=FakeNvml(energy_mj=5), sync=lambda: None, force_power_polling=True)
+    assert meter.mode == "power"
+    meter.close()
+
+
+def test_other_counter_error_is_not_hidden():
+    nv = FakeNvml(energy_mj=0)
+
+    def boom(h):
+        raise nv.NVMLError(999)
+
+    nv.nvmlDeviceGetTotalEnergyConsumption = boom
+    with pytest.raises(EnergySourceError, match="energy counter failed"):
+        NvmlMeter(0, nvml=nv, sync=lambda: None)
+    assert nv.shutdowns == 1  # init balanced by shutdown on failure
+
+
+def test_init_failure():
+    nv = FakeNvml(init_error=FakeNvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    with pytest.raises(EnergySourceError, match="no NVIDIA driver.*Library Not Found"):
+        NvmlMeter(0, nvml=nv)
+    st = nvml_status(nv)
+    assert not st.available and "no NVIDIA driver" in st.detail
+    with pytest.raises(EnergySourceUnavailable, match="'nvml' is not available: nvml: no NVIDIA driver"):
+        make_meter("nvml", device="cuda:0", nvml=nv)
+
+
+def test_status_with_fake():
+    assert nvml_status(FakeNvml(energy_mj=0, gpus=2)).detail == "2 GPU(s) (0: energy counter; 1: energy counter)"
+    assert "power polling" in nvml_status(FakeNvml(energy_mj=None)).detail
+    assert not nvml_status(FakeNvml(gpus=0)).available
+
+
+def test_cuda_visible_devices_mapping(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    meter = NvmlMeter("cuda:0", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None)
+    assert meter.handle == ("handle", 1) and "NVML index 1" in meter.channels[0].label
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(EnergySourceError, match="not in CUDA_VISIBLE_DEVICES"):
+        NvmlMeter("cuda:1", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None)
+
+
+def test_auto_picks_nvml_for_cuda(tmp_path):
+    m = make_meter("auto", device="cuda:0", nvml=FakeNvml(energy_mj=0), rapl_root=str(tmp_path / "none"))
+    assert m.name == "nvml" and m.fallback_reason is None
+
+
+def test_auto_cuda_without_nvml_says_gpu_not_included(tmp_path):
+    m = make_meter("auto", device="cuda", nvml=FakeNvml(init_error=12), rapl_root=str(tmp_path / "none"))
+    assert m.name == "estimate"
+    assert "nvml unavailable: no NVIDIA driver" in m.fallback_reason
+    assert "rapl unavailable" in m.fallback_reason and "GPU energy is NOT included" in m.fallback_reason
+
+
+def _real_gpu_or_skip():
+    try:
+        import pynvml
+    except ImportError:
+        pytest.skip("pynvml not installed")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        pytest.skip(f"no NVIDIA GPU / driver here: {e}")
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            pytest.skip("NVML reports no GPU")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_real_nvml():
+    _real_gpu_or_skip()
+    with NvmlMeter(0) as meter:
+        with meter.measure() as w:
+            time.sleep(1.2)
+        m = w.measurement
+    assert m.joules["gpu"] > 0 and 1.0 < m.seconds < 5.0
+    assert m.source == "nvml" and not m.estimated
