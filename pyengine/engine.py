@@ -155,8 +155,6 @@ class Engine:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         extra_ids = list(stop_token_ids or [])
         self._check_ids(extra_ids, "stop_token_ids")
-        if measure_energy:
-            raise NotImplementedError("measure_energy needs pyengine.energy")  # replaced when energy lands
         prompt_ids = [self.tokenizer.encode(t, add_special_tokens=not templated) for t in texts]
         for i, ids in enumerate(prompt_ids):
             if not ids:
@@ -165,7 +163,17 @@ class Engine:
                 raise ValueError(f"prompt {i} is {len(ids)} tokens; the model's context is "
                                  f"{self.config.max_context} tokens (room is needed for at least one new token)")
         end_ids = set(extra_ids) | (set() if ignore_eos else set(self.eos_token_ids))
-        return _Run(self, prompt_ids, max_new_tokens, params, stops, end_ids)
+        meter = self.energy_meter() if measure_energy else None
+        return _Run(self, prompt_ids, max_new_tokens, params, stops, end_ids, meter)
+
+    def energy_meter(self, source: str = "auto"):
+        """The meter generate(measure_energy=True) uses: NVML on a GPU, RAPL on a CPU, else an estimate
+        (its fallback_reason says why). Created on first use and kept."""
+        if getattr(self, "_meter", None) is None:
+            from pyengine.energy import make_meter
+
+            self._meter = make_meter(source, device=self.device)
+        return self._meter
 
     def _check_ids(self, ids, what):
         vocab = self.config.vocab_size
@@ -191,9 +199,9 @@ class Engine:
 class _Run:
     """One generate() call: prefill, then decode steps, as an iterator of per-step events."""
 
-    def __init__(self, engine: Engine, prompt_ids, max_new_tokens, params, stops, end_ids):
+    def __init__(self, engine: Engine, prompt_ids, max_new_tokens, params, stops, end_ids, meter=None):
         self.engine, self.prompt_ids, self.max_new_tokens = engine, prompt_ids, max_new_tokens
-        self.params, self.stops, self.end_ids = params, stops, end_ids
+        self.params, self.stops, self.end_ids, self.meter = params, stops, end_ids, meter
         self.results: list[GenerationResult] = []
 
     def text_pieces(self) -> Iterator[str]:
@@ -223,7 +231,10 @@ class _Run:
         decoders = [IncrementalDecoder(engine.tokenizer) for _ in range(B)]
         texts = [""] * B
         finish = [None] * B
+        active_per_step = []  # which sequences each decode step computed for (energy attribution)
         with engine._lock:
+            if self.meter is not None:
+                self.meter.start("prefill")
             t0 = time.perf_counter()
             cache = model.new_cache(B, capacity, engine.dtype)
             tokens = torch.zeros(B, max(lengths), dtype=torch.long, device=engine.device)
@@ -234,6 +245,9 @@ class _Run:
             cache.lengths += torch.tensor(lengths, dtype=torch.int32, device=engine.device)
             next_ids = sample(logits, self.params, generator)
             prefill_seconds = time.perf_counter() - t0
+            if self.meter is not None:
+                prefill_energy = self.meter.stop()
+                self.meter.start("decode")
             t1 = time.perf_counter()
             for step in range(self.max_new_tokens):
                 ids = next_ids.tolist()
@@ -246,14 +260,19 @@ class _Run:
                 yield texts
                 if all(f is not None for f in finish) or step == self.max_new_tokens - 1:
                     break
+                active_per_step.append([b for b in range(B) if finish[b] is None])
                 active = torch.tensor([f is None for f in finish], dtype=torch.int32, device=engine.device)
                 logits = model.forward(next_ids[:, None], cache)[:, -1]
                 cache.lengths += active  # finished sequences stay put and rewrite their last slot
                 next_ids = sample(logits, self.params, generator)
             decode_seconds = time.perf_counter() - t1
+            energy = None
+            if self.meter is not None:
+                energy = _attribute_energy(prefill_energy, self.meter.stop(), active_per_step, lengths, generated)
         for b in range(B):
             usage = Usage(prompt_tokens=lengths[b], completion_tokens=len(generated[b]),
-                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
+                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                          energy=energy[b] if energy else None)
             self.results.append(GenerationResult(text=texts[b], token_ids=generated[b],
                                                  finish_reason=finish[b] or "length", usage=usage,
                                                  prompt_token_ids=self.prompt_ids[b]))
@@ -269,6 +288,38 @@ class _Run:
         if prompt_len + len(generated) >= context:
             return "length"
         return None
+
+
+def _attribute_energy(prefill, decode, active_per_step, prompt_lengths, generated) -> list[dict]:
+    """Each sequence's share of a batch's energy.
+
+    Rule: prefill energy is split in proportion to prompt tokens; decode energy is spread evenly
+    over the decode steps (one window covers them all, since a counter read per step would cost
+    more than the step on small models), and each step's share is split equally among the
+    sequences still generating in it. The shares add up to the measured total.
+    """
+    from pyengine.energy import attribute_batch
+
+    steps = max(len(active_per_step), 1)
+    per_step = decode.total_joules / steps
+    decode_steps = [(per_step, active) for active in active_per_step] or [(decode.total_joules, range(len(prompt_lengths)))]
+    prefill_shares = attribute_batch(prefill, [], prompt_lengths)
+    decode_shares = attribute_batch(0.0, decode_steps, prompt_lengths)
+    out = []
+    for b, ids in enumerate(generated):
+        joules = prefill_shares[b] + decode_shares[b]
+        out.append({
+            "joules": joules,
+            "prefill_joules": prefill_shares[b],
+            "decode_joules": decode_shares[b],
+            "joules_per_token": joules / len(ids) if ids else None,
+            "source": decode.source,
+            "estimated": decode.estimated,
+            "confidence": "low" if "low" in (prefill.confidence, decode.confidence) else "high",
+            "batch_joules": prefill.total_joules + decode.total_joules,
+            "fallback_reason": decode.fallback_reason,
+        })
+    return out
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -153,3 +153,23 @@ def test_module_level_generate_caches_engine(tiny_models):
     a = pyengine.generate("fox", model=tiny_models["qwen2"], backend="torch", max_new_tokens=3, ignore_eos=True)
     b = pyengine.generate("fox", model=tiny_models["qwen2"], backend="torch", max_new_tokens=3, ignore_eos=True)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 3
+
+
+def test_measure_energy_fills_usage(engine):
+    r = engine.generate("The capital", max_new_tokens=6, ignore_eos=True, measure_energy=True)
+    e = r.usage.energy
+    assert e["source"] == engine.energy_meter().name  # estimate on machines without counters
+    assert e["joules"] > 0 and e["joules"] == pytest.approx(e["prefill_joules"] + e["decode_joules"])
+    assert e["joules_per_token"] == pytest.approx(e["joules"] / 6)
+    if e["source"] == "estimate":
+        assert e["estimated"] and e["fallback_reason"]
+
+
+def test_batch_energy_shares_add_up(engine):
+    results = engine.generate(["The capital of France", "fox"], max_new_tokens=5, ignore_eos=True, measure_energy=True)
+    shares = [r.usage.energy["joules"] for r in results]
+    assert sum(shares) == pytest.approx(results[0].usage.energy["batch_joules"])
+    # prefill is split by prompt tokens
+    p = [r.usage.energy["prefill_joules"] for r in results]
+    n = [r.usage.prompt_tokens for r in results]
+    assert p[0] / p[1] == pytest.approx(n[0] / n[1])
