@@ -103,11 +103,117 @@ class TorchBackend:
         return F.embedding(ids, table)
 
 
-BACKENDS = {"torch": TorchBackend}
+class FusedBackend(TorchBackend):
+    """Our C++ kernels for attention, norms, rotary embedding and activations; fp32 weights.
+
+    Calls the raw bindings (pyengine._C) rather than the torch.library ops: the same kernels, without
+    the dispatcher's per-call cost, which adds up over hundreds of calls per decode step.
+    """
+
+    name = "fused"
+    devices = ("cpu",)
+    kernels = ("attention", "rope", "silu_mul", "gelu", "layer_norm", "add_layer_norm", "embedding", "rms_norm")
+
+    def __init__(self):
+        from pyengine import _C
+
+        self._C = _C
+
+    def check_dtype(self, dtype):
+        if dtype != torch.float32:
+            raise ValueError(f"backend {self.name!r} runs fp32 on the CPU, got dtype {dtype}")
+
+    def rms_norm(self, x, weight, eps):
+        out = torch.empty_like(x)
+        self._C.rms_norm(x, weight, out, eps)
+        return out
+
+    def add_rms_norm(self, residual, delta, weight, eps):
+        out = torch.empty_like(residual)
+        self._C.add_rms_norm(residual, delta.contiguous(), weight, out, eps)
+        return out
+
+    def layer_norm(self, x, weight, bias, eps):
+        out = torch.empty_like(x)
+        self._C.layer_norm(x, weight, bias, out, eps)
+        return out
+
+    def add_layer_norm(self, residual, delta, weight, bias, eps):
+        out = torch.empty_like(residual)
+        self._C.add_layer_norm(residual, delta.contiguous(), weight, bias, out, eps)
+        return out
+
+    def rope(self, x, step):
+        x = x.contiguous()
+        positions = step.cached("positions_i32", lambda: step.positions.to(torch.int32))
+        self._C.rope(x, step.rope_cos, step.rope_sin, positions, False)
+        return x
+
+    def attention(self, q, k_cache, v_cache, step, scale):
+        out = torch.empty(q.shape, dtype=q.dtype)
+        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale)
+        return out
+
+    def silu_mul(self, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        self._C.silu_mul(gate, up, out)
+        return out
+
+    def gelu(self, x):
+        out = torch.empty_like(x)
+        self._C.gelu(x.contiguous(), out)
+        return out
+
+    def embedding(self, ids, table):
+        out = torch.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
+        self._C.embedding(ids.reshape(-1).contiguous(), table, out.view(-1, table.shape[1]))
+        return out
+
+
+class FusedInt8Backend(FusedBackend):
+    """As fused, with every linear layer (the tied output projection too) in int8: weights
+    quantized per output channel at load time, activations per token at run time (W8A8)."""
+
+    name = "fused-int8"
+    kernels = FusedBackend.kernels + ("int8_linear",)
+
+    def __init__(self, preloaded=None):
+        super().__init__()
+        self.linears = []  # in construction order, for save_int8
+        self._preloaded = list(preloaded) if preloaded is not None else None
+
+    def prepare_linear(self, weight, bias=None):
+        from pyengine.quant import Int8Linear, quantize_per_channel
+
+        if self._preloaded is not None:
+            if not self._preloaded:
+                raise ValueError("the int8 weights file has fewer linear layers than this model")
+            lin = self._preloaded.pop(0)
+            if lin.shape != tuple(weight.shape):
+                raise ValueError(f"int8 weights file: layer {len(self.linears)} has shape {lin.shape}, "
+                                 f"the model needs {tuple(weight.shape)}")
+        else:
+            lin = Int8Linear(*quantize_per_channel(weight), None if bias is None else bias.float().contiguous())
+        self.linears.append(lin)
+        return lin
+
+    def linear(self, x, w):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty(rows.shape[0], w.qweight.shape[0], dtype=torch.float32)
+        self._C.int8_linear(rows, w.qweight, w.scale, out, w.bias)
+        return out.view(*x.shape[:-1], w.qweight.shape[0])
+
+
+BACKENDS = {"torch": TorchBackend, "fused": FusedBackend, "fused-int8": FusedInt8Backend}
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    return [name for name, cls in BACKENDS.items() if torch.device(device).type in getattr(cls, "devices", ("cpu", "cuda"))]
+    """Backends that run on `device` with the kernels this build has."""
+    from pyengine import _C
+
+    return [name for name, cls in BACKENDS.items()
+            if torch.device(device).type in cls.devices and all(hasattr(_C, k) for k in getattr(cls, "kernels", ()))]
 
 
 def default_backend(device: torch.device | str = "cpu") -> str:
@@ -116,12 +222,12 @@ def default_backend(device: torch.device | str = "cpu") -> str:
     return "fused" if "fused" in names else "torch"
 
 
-def make_backend(name: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def make_backend(name: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **options):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     if name not in available_backends(device):
         raise ValueError(f"backend {name!r} does not run on device {str(device)!r}; "
                          f"available there: {', '.join(available_backends(device))}")
-    backend = BACKENDS[name]()
+    backend = BACKENDS[name](**options)
     backend.check_dtype(dtype)
     return backend

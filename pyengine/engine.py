@@ -40,16 +40,24 @@ class Engine:
     pass a list of prompts to generate them as one batch."""
 
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
-                 dtype: torch.dtype | None = None, progress: bool = True):
+                 dtype: torch.dtype | None = None, int8_weights: str | Path | None = None, progress: bool = True):
         self.device = _check_device(device)
         self.dtype = dtype or torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         self.backend_name = backend or default_backend(self.device)
-        self.backend = make_backend(self.backend_name, device=self.device, dtype=self.dtype)
+        make_backend(self.backend_name, device=self.device, dtype=self.dtype)  # bad arguments fail before loading
         checkpoint = load_checkpoint(model, dtype=self.dtype, progress=progress)
         self.model_path: Path = checkpoint.path
         self.config = checkpoint.config
+        options = {}
+        if int8_weights is not None:
+            if self.backend_name != "fused-int8":
+                raise ValueError("int8_weights is for backend='fused-int8'")
+            from pyengine.quant import load_int8
+
+            options["preloaded"] = load_int8(int8_weights, self.config)
+        self.backend = make_backend(self.backend_name, device=self.device, dtype=self.dtype, **options)
         self.tokenizer = checkpoint.tokenizer
         reader = WeightReader(checkpoint.weights, checkpoint.path)
         self.model = ARCHITECTURES[self.config.arch](self.config, reader, self.backend, self.device)
@@ -118,6 +126,15 @@ class Engine:
         with self._lock:
             cache = self.model.new_cache(ids.shape[0], ids.shape[1], self.dtype)
             return self.model.forward(ids, cache).float()
+
+    def save_int8(self, path: str | Path) -> Path:
+        """Save this engine's int8 weights (backend 'fused-int8'), to reload with load(..., int8_weights=path)
+        and skip quantizing again."""
+        if self.backend_name != "fused-int8":
+            raise ValueError("save_int8 needs an engine loaded with backend='fused-int8'")
+        from pyengine.quant import save_int8
+
+        return save_int8(self.backend.linears, self.config, path, source=self.model_path)
 
     # ---- internals -----------------------------------------------------------------------------
 
@@ -350,9 +367,12 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def load(model="default", *, backend: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-         progress: bool = True) -> Engine:
-    """Load a model folder (or 'default', SmolLM2-135M-Instruct) for generation."""
-    return Engine(model, backend=backend, device=device, dtype=dtype, progress=progress)
+         int8_weights: str | Path | None = None, progress: bool = True) -> Engine:
+    """Load a model folder (or 'default', SmolLM2-135M-Instruct) for generation.
+
+    backend: 'torch' (reference), 'fused' (our fp32 kernels) or 'fused-int8'; default: the fastest
+    exact one here. int8_weights: a file from Engine.save_int8, reused instead of quantizing again."""
+    return Engine(model, backend=backend, device=device, dtype=dtype, int8_weights=int8_weights, progress=progress)
 
 
 def generate(prompt, model="default", *, backend: str | None = None, device: str = "cpu", dtype=None, **kwargs):

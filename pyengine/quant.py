@@ -1,0 +1,90 @@
+"""int8 weights: symmetric per-output-channel quantization, and saving/reloading it as safetensors.
+
+A weight matrix W [out, in] becomes int8 Q and one fp32 scale per output row, W ~= Q * scale[:, None],
+scale = max|W_row| / 127. Activations are quantized per token at run time by the int8 kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pyengine.errors import CheckpointError
+
+FORMAT = "pyengine-int8-v1"
+
+
+@dataclass
+class Int8Linear:
+    qweight: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] fp32
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self):
+        return tuple(self.qweight.shape)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (int8 [out, in], fp32 scale [out]); round half to even, clamp to +-127."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(linear: Int8Linear) -> torch.Tensor:
+    return linear.qweight.float() * linear.scale[:, None]
+
+
+def model_fingerprint(config) -> str:
+    """Identifies the architecture and shapes a saved int8 file belongs to."""
+    text = json.dumps({k: v for k, v in vars(config).items() if k != "notes"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_int8(linears: list[Int8Linear], config, path: Path | str, *, source: Path | str | None = None) -> Path:
+    """Write the quantized linears (in model construction order) to one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, lin in enumerate(linears):
+        tensors[f"linear.{i}.qweight"] = lin.qweight.contiguous()
+        tensors[f"linear.{i}.scale"] = lin.scale.contiguous()
+        if lin.bias is not None:
+            tensors[f"linear.{i}.bias"] = lin.bias.contiguous()
+    path = Path(path)
+    metadata = {"format": FORMAT, "fingerprint": model_fingerprint(config), "count": str(len(linears)),
+                "source": str(source or "")}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_int8(path: Path | str, config) -> list[Int8Linear]:
+    """Read a file written by save_int8, checking that it belongs to this model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "int8 weights file is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(path, f"not a {FORMAT} file (format {meta.get('format')!r})")
+            if meta.get("fingerprint") != model_fingerprint(config):
+                raise CheckpointError(path, "int8 weights were made for a different model (fingerprint mismatch)")
+            names = set(f.keys())
+            out = []
+            for i in range(int(meta["count"])):
+                bias = f.get_tensor(f"linear.{i}.bias") if f"linear.{i}.bias" in names else None
+                out.append(Int8Linear(f.get_tensor(f"linear.{i}.qweight"), f.get_tensor(f"linear.{i}.scale"), bias))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(path, f"cannot read int8 weights ({e})") from None
+    return out
