@@ -1,7 +1,7 @@
 """Carbon: grams CO2e = kWh x grid carbon intensity (gCO2e/kWh) x PUE.
 
 The grid intensities ship in ``pyengine/data/grid_intensity.json`` (Ember, 2023 annual averages;
-the file cites its source). Choose one with a region code ("WORLD", "FR", "US", ...) or give a
+the file cites its source). Choose one with a region code ("WORLD", "FR", "IN", ...) or give a
 number in gCO2e/kWh; the PYENGINE_GRID_INTENSITY environment variable (code or number) sets the
 default, else the world average. PUE (data-centre power usage effectiveness: facility energy /
 IT energy) defaults to 1.0, i.e. the energy measured at the chip is all that is counted; typical
