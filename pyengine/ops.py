@@ -86,3 +86,43 @@ def _(residual, delta, weight, eps):
 def add_rms_norm_reference(residual, delta, weight, eps):
     residual.add_(delta)
     return rms_norm_reference(residual, weight, eps)
+
+
+# ---- small fused ops: rope, silu_mul, gelu, layer_norm, embedding -------------------------------
+
+import math  # noqa: E402  (kept in this section: the sections above belong to other ops)
+
+
+@torch.library.custom_op("pyengine::silu_mul", mutates_args=())
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the elementwise half of a SwiGLU MLP."""
+    out = torch.empty_like(gate)
+    _C.silu_mul(gate, up, out)
+    return out
+
+
+@silu_mul.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@torch.library.custom_op("pyengine::gelu", mutates_args=())
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU (transformers' ``gelu_new``)."""
+    out = torch.empty_like(x)
+    _C.gelu(x, out)
+    return out
+
+
+@gelu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    # transformers.activations.NewGELUActivation, term for term.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
