@@ -126,3 +126,26 @@ def _(x):
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
     # transformers.activations.NewGELUActivation, term for term.
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@torch.library.custom_op("pyengine::rope", mutates_args=("x",))
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool) -> None:
+    """Rotates x [B, T, H, D] in place; cos/sin [P, D/2] tables, positions [B, T] int32."""
+    _C.rope(x, cos, sin, positions, interleaved)
+
+
+@rope.register_fake
+def _(x, cos, sin, positions, interleaved):
+    return None
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   interleaved: bool) -> torch.Tensor:
+    """The rotated x, out of place (x is left alone)."""
+    c = cos[positions.long()].unsqueeze(2)  # [B, T, 1, D/2]: one row of angles per token, all heads
+    s = sin[positions.long()].unsqueeze(2)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
