@@ -149,3 +149,41 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
         return torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
     a, b = x.chunk(2, dim=-1)
     return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+
+
+@torch.library.custom_op("pyengine::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _C.layer_norm(x, weight, bias, out, eps)
+    return out
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased, as LayerNorm uses
+    out = (x - mean) * torch.rsqrt(var + eps) * weight
+    return out + bias if bias is not None else out
+
+
+@torch.library.custom_op("pyengine::add_layer_norm", mutates_args=("residual",))
+def add_layer_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """residual += delta (in place); returns layer_norm(residual)."""
+    out = torch.empty_like(residual)
+    _C.add_layer_norm(residual, delta, weight, bias, out, eps)
+    return out
+
+
+@add_layer_norm.register_fake
+def _(residual, delta, weight, bias, eps):
+    return torch.empty_like(residual)
+
+
+def add_layer_norm_reference(residual, delta, weight, bias, eps):
+    residual.add_(delta)
+    return layer_norm_reference(residual, weight, bias, eps)

@@ -7,11 +7,13 @@ namespace pyengine::bind {
 void bind_rope(py::module_& m);
 void bind_silu_mul(py::module_& m);
 void bind_gelu(py::module_& m);
+void bind_layer_norm(py::module_& m);
 
 void bind_small_ops(py::module_& m) {
   bind_rope(m);
   bind_silu_mul(m);
   bind_gelu(m);
+  bind_layer_norm(m);
 }
 
 }  // namespace pyengine::bind
