@@ -187,3 +187,20 @@ def _(residual, delta, weight, bias, eps):
 def add_layer_norm_reference(residual, delta, weight, bias, eps):
     residual.add_(delta)
     return layer_norm_reference(residual, weight, bias, eps)
+
+
+@torch.library.custom_op("pyengine::embedding", mutates_args=())
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[ids]: ids int64 of any shape, table [V, D] fp32; returns ids.shape + (D,)."""
+    out = table.new_empty((*ids.shape, table.shape[1]))
+    _C.embedding(ids, table, out)
+    return out
+
+
+@embedding.register_fake
+def _(ids, table):
+    return table.new_empty((*ids.shape, table.shape[1]))
+
+
+def embedding_reference(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding(ids, table)
