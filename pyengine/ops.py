@@ -86,3 +86,121 @@ def _(residual, delta, weight, eps):
 def add_rms_norm_reference(residual, delta, weight, eps):
     residual.add_(delta)
     return rms_norm_reference(residual, weight, eps)
+
+
+# ---- small fused ops: rope, silu_mul, gelu, layer_norm, embedding -------------------------------
+
+import math  # noqa: E402  (kept in this section: the sections above belong to other ops)
+
+
+@torch.library.custom_op("pyengine::silu_mul", mutates_args=())
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the elementwise half of a SwiGLU MLP."""
+    out = torch.empty_like(gate)
+    _C.silu_mul(gate, up, out)
+    return out
+
+
+@silu_mul.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@torch.library.custom_op("pyengine::gelu", mutates_args=())
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU (transformers' ``gelu_new``)."""
+    out = torch.empty_like(x)
+    _C.gelu(x, out)
+    return out
+
+
+@gelu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    # transformers.activations.NewGELUActivation, term for term.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@torch.library.custom_op("pyengine::rope", mutates_args=("x",))
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool) -> None:
+    """Rotates x [B, T, H, D] in place; cos/sin [P, D/2] tables, positions [B, T] int32."""
+    _C.rope(x, cos, sin, positions, interleaved)
+
+
+@rope.register_fake
+def _(x, cos, sin, positions, interleaved):
+    return None
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   interleaved: bool) -> torch.Tensor:
+    """The rotated x, out of place (x is left alone)."""
+    c = cos[positions.long()].unsqueeze(2)  # [B, T, 1, D/2]: one row of angles per token, all heads
+    s = sin[positions.long()].unsqueeze(2)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+
+
+@torch.library.custom_op("pyengine::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _C.layer_norm(x, weight, bias, out, eps)
+    return out
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased, as LayerNorm uses
+    out = (x - mean) * torch.rsqrt(var + eps) * weight
+    return out + bias if bias is not None else out
+
+
+@torch.library.custom_op("pyengine::add_layer_norm", mutates_args=("residual",))
+def add_layer_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """residual += delta (in place); returns layer_norm(residual)."""
+    out = torch.empty_like(residual)
+    _C.add_layer_norm(residual, delta, weight, bias, out, eps)
+    return out
+
+
+@add_layer_norm.register_fake
+def _(residual, delta, weight, bias, eps):
+    return torch.empty_like(residual)
+
+
+def add_layer_norm_reference(residual, delta, weight, bias, eps):
+    residual.add_(delta)
+    return layer_norm_reference(residual, weight, bias, eps)
+
+
+@torch.library.custom_op("pyengine::embedding", mutates_args=())
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[ids]: ids int64 of any shape, table [V, D] fp32; returns ids.shape + (D,)."""
+    out = table.new_empty((*ids.shape, table.shape[1]))
+    _C.embedding(ids, table, out)
+    return out
+
+
+@embedding.register_fake
+def _(ids, table):
+    return table.new_empty((*ids.shape, table.shape[1]))
+
+
+def embedding_reference(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding(ids, table)

@@ -8,5 +8,6 @@ namespace pyengine::bind {
 namespace py = pybind11;
 
 void bind_rms_norm(py::module_& m);
+void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, layer_norm, embedding
 
 }  // namespace pyengine::bind

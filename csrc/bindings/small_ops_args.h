@@ -1,0 +1,40 @@
+// Argument checks shared by the small fused ops' bindings (rope, silu_mul, gelu, layer_norm,
+// embedding), on top of tensor_args.h.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+#include "bindings/tensor_args.h"
+
+namespace pyengine::bind {
+
+// t must have exactly ref's shape.
+inline void check_same_shape(const Tensor& t, const Tensor& ref) {
+  bool same = t.dim() == ref.dim();
+  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == ref.size(d);
+  if (!same) {
+    throw py::value_error(std::string(t.name()) + ": expected the shape of " + ref.name() + " " +
+                          ref.shape_str() + ", got " + t.shape_str());
+  }
+}
+
+// For kernels that read element i before writing element i: writing in place (out is exactly in)
+// is fine, a shifted overlap would read already-written values.
+inline void check_alias_or_disjoint(const Tensor& out, const Tensor& in) {
+  if (out.address() == in.address() && out.nbytes() == in.nbytes()) return;
+  check_no_overlap(out, in);
+}
+
+// Runs a kernel call whose C++ API reports a bad argument value with std::invalid_argument
+// (already naming the argument) and turns that into ValueError. The GIL is released for the call.
+template <typename Fn>
+void call_without_gil(Fn fn) {
+  try {
+    py::gil_scoped_release release;
+    fn();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+}  // namespace pyengine::bind

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.activations import NewGELUActivation
+
+from pyengine import _C, ops
+
+AWKWARD_DIMS = [1, 2, 7, 8, 9, 64, 576, 1001]
+
+
+@pytest.fixture(params=ops.supported_isas())
+def isa(request):
+    with ops.use_isa(request.param):
+        yield request.param
+
+
+def exact_gelu(x):
+    """gelu_new in float64, rounded once."""
+    return ops.gelu_reference(x.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dim", AWKWARD_DIMS)
+def test_gelu_matches_reference(isa, rows, dim):
+    torch.manual_seed(dim)
+    x = torch.randn(rows, dim) * 3
+    out = ops.gelu(x)
+    torch.testing.assert_close(out, exact_gelu(x), rtol=1e-6, atol=1e-6)
+    # transformers' own module, in float32 (its 1 + tanh cancels for negative x: hence atol).
+    torch.testing.assert_close(out, NewGELUActivation()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_large_tensor_uses_threads(isa):
+    torch.manual_seed(0)
+    x = torch.randn(9, 30001) * 4
+    torch.testing.assert_close(ops.gelu(x), exact_gelu(x), rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_extreme_inputs(isa):
+    x = torch.tensor([-3e38, -1e20, -1e4, -100.0, -20.0, -10.0, -5.0, -1e-30, 0.0, 1e-30,
+                      5.0, 10.0, 20.0, 100.0, 1e4, 1e20, 3e38])
+    out = ops.gelu(x)
+    assert torch.isfinite(out).all(), out
+    torch.testing.assert_close(out, exact_gelu(x), rtol=2e-6, atol=1e-30)
+    assert (out[:4].abs() < 1e-30).all()  # far left: 0, not NaN from inf * 0
+    assert out[-1] == 3e38 and out[-2] == 1e20
+
+
+def test_gelu_propagates_nan(isa):
+    assert ops.gelu(torch.full((11,), float("nan"))).isnan().all()
+
+
+def test_gelu_in_place(isa):
+    torch.manual_seed(1)
+    x = torch.randn(4, 333)
+    expected = exact_gelu(x)
+    _C.gelu(x, x)
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), scale=st.sampled_from([0.1, 3.0, 30.0]),
+       isa_name=st.sampled_from(ops.supported_isas()))
+def test_gelu_random_shapes(shape, scale, isa_name):
+    x = torch.randn(shape) * scale
+    with ops.use_isa(isa_name):
+        out = ops.gelu(x)
+    torch.testing.assert_close(out, exact_gelu(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (lambda: (torch.randn(2, 8).double(), torch.empty(2, 8)), TypeError, "x: expected dtype float32"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 8).half()), TypeError, "out: expected dtype float32"),
+        (lambda: (torch.randn(8, 2).t(), torch.empty(2, 8)), ValueError, "x: must be contiguous"),
+        (lambda: (torch.randn(2, 8), torch.empty(8, 2).t()), ValueError, "out: must be contiguous"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 9)), ValueError, "out: expected the shape of x"),
+        (lambda: (torch.randn(0), torch.empty(0)), ValueError, "x: must not be empty"),
+        (lambda: ("x", torch.empty(2, 8)), TypeError, "x: expected a torch.Tensor"),
+    ],
+)
+def test_gelu_rejects_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        _C.gelu(*args())
+
+
+def test_gelu_rejects_shifted_overlap():
+    buf = torch.randn(20)
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        _C.gelu(buf[:16], buf[4:])
