@@ -33,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind::bind_rms_norm(m);
   bind::bind_small_ops(m);
+  bind::bind_attention(m);
 }

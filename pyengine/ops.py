@@ -204,3 +204,43 @@ def _(ids, table):
 
 def embedding_reference(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(ids, table)
+
+# ---- attention ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyengine::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of q [B, T, Hq, D] over a KV cache [B, Hkv, S, D]; see _C.attention."""
+    out = torch.empty_like(q)
+    _C.attention(q, k_cache, v_cache, out, q_start, kv_len, scale)
+    return out
+
+
+@attention.register_fake
+def _(q, k_cache, v_cache, q_start, kv_len, scale):
+    return torch.empty_like(q)
+
+
+def attention_reference(q, k_cache, v_cache, q_start, kv_len, scale):
+    """Plain torch: expand KV heads, mask (causal and j < kv_len), softmax. Result is [B, T, Hq, D]."""
+    batch, q_len, num_q_heads, _ = q.shape
+    num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    k = k_cache.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    v = v_cache.repeat_interleave(group, dim=1)
+    scores = torch.einsum("bthd,bhsd->bhts", q, k) * scale
+    position = q_start.long()[:, None] + torch.arange(q_len)[None, :]  # [B, T]
+    key = torch.arange(cache_len)[None, None, :]
+    visible = (key <= position[:, :, None]) & (key < kv_len.long()[:, None, None])  # [B, T, S]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Entries past kv_len get probability 0, but 0 * garbage can still be NaN: zero them.
+    v = v.masked_fill(~(key[0, 0] < kv_len.long()[:, None])[:, None, :, None], 0.0)
+    return torch.einsum("bhts,bhsd->bthd", probs, v)

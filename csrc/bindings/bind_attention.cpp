@@ -1,0 +1,82 @@
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "bindings/bindings.h"
+#include "pyengine/attention.h"
+
+namespace pyengine::bind {
+namespace {
+
+// Tensor::is_cpu() reads get_device(), which is -1 for meta tensors too: check the device type,
+// or a meta tensor's null data pointer would reach the kernel.
+void check_really_cpu(py::handle obj, const Tensor& t) {
+  if (py::str(obj.attr("device").attr("type")).cast<std::string>() != "cpu") {
+    throw py::value_error(std::string(t.name()) + ": expected a CPU tensor");
+  }
+}
+
+}  // namespace
+
+void bind_attention(py::module_& m) {
+  m.def(
+      "attention",
+      [](py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle out_obj, py::handle q_start_obj,
+         py::handle kv_len_obj, double scale) {
+        Tensor q(q_obj, "q"), k_cache(k_obj, "k_cache"), v_cache(v_obj, "v_cache"), out(out_obj, "out"),
+            q_start(q_start_obj, "q_start"), kv_len(kv_len_obj, "kv_len");
+        const std::pair<py::handle, Tensor*> args[] = {{q_obj, &q},         {k_obj, &k_cache},
+                                                        {v_obj, &v_cache},   {out_obj, &out},
+                                                        {q_start_obj, &q_start}, {kv_len_obj, &kv_len}};
+        for (const auto& [obj, t] : args) {
+          check_dtype(*t, t == &q_start || t == &kv_len ? DType::I32 : DType::F32);
+          check_cpu(*t);
+          check_really_cpu(obj, *t);
+          check_dim(*t, t == &q_start || t == &kv_len ? 1 : 4);
+          // Before contiguity: an empty tensor's strides need not look contiguous.
+          check_nonempty(*t);
+          check_contiguous(*t);
+        }
+        const int64_t batch = q.size(0), q_len = q.size(1), num_q_heads = q.size(2), head_dim = q.size(3);
+        check_size(k_cache, 0, batch, "the batch size of q");
+        check_size(k_cache, 3, head_dim, "the head_dim of q");
+        const int64_t num_kv_heads = k_cache.size(1), cache_len = k_cache.size(2);
+        for (int64_t d = 0; d < 4; ++d) {
+          check_size(v_cache, d, k_cache.size(d), "the shape of k_cache");
+          check_size(out, d, q.size(d), "the shape of q");
+        }
+        check_size(q_start, 0, batch, "the batch size of q");
+        check_size(kv_len, 0, batch, "the batch size of q");
+        if (num_q_heads % num_kv_heads != 0) {
+          throw py::value_error("q: number of query heads (" + std::to_string(num_q_heads) +
+                                ") must be a multiple of k_cache's number of kv heads (" +
+                                std::to_string(num_kv_heads) + ")");
+        }
+        if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
+        for (const Tensor* input : {&q, &k_cache, &v_cache, &q_start, &kv_len}) check_no_overlap(out, *input);
+        const int32_t* starts = q_start.data<int32_t>();
+        const int32_t* lengths = kv_len.data<int32_t>();
+        for (int64_t b = 0; b < batch; ++b) {
+          if (lengths[b] < 1 || lengths[b] > cache_len) {
+            throw py::value_error("kv_len: entry " + std::to_string(b) + " is " + std::to_string(lengths[b]) +
+                                  ", must be in [1, " + std::to_string(cache_len) + "] (the cache length)");
+          }
+          if (starts[b] < 0) {
+            throw py::value_error("q_start: entry " + std::to_string(b) + " is " + std::to_string(starts[b]) +
+                                  ", must be >= 0");
+          }
+        }
+        const AttentionShape shape{batch, q_len, num_q_heads, num_kv_heads, cache_len, head_dim};
+        py::gil_scoped_release release;
+        attention(q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), out.data<float>(), starts,
+                  lengths, shape, static_cast<float>(scale));
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("q_start"),
+      py::arg("kv_len"), py::arg("scale"),
+      "Causal attention over a KV cache, written to out. q, out: [B, T, Hq, D] float32; k_cache, "
+      "v_cache: [B, Hkv, S, D] float32 (Hq % Hkv == 0); q_start, kv_len: [B] int32. Query t of "
+      "sequence b sits at position q_start[b] + t and sees cache entries j <= that position and "
+      "j < kv_len[b]. All contiguous; out must not overlap the inputs.");
+}
+
+}  // namespace pyengine::bind
