@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   bind::bind_rms_norm(m);
+  bind::bind_int8_matmul(m);
 }

@@ -8,5 +8,6 @@ namespace pyengine::bind {
 namespace py = pybind11;
 
 void bind_rms_norm(py::module_& m);
+void bind_int8_matmul(py::module_& m);
 
 }  // namespace pyengine::bind
