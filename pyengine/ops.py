@@ -244,3 +244,109 @@ def attention_reference(q, k_cache, v_cache, q_start, kv_len, scale):
     # Entries past kv_len get probability 0, but 0 * garbage can still be NaN: zero them.
     v = v.masked_fill(~(key[0, 0] < kv_len.long()[:, None])[:, None, :, None], 0.0)
     return torch.einsum("bhts,bhsd->bthd", probs, v)
+
+# ---- int8 matmul: quantize_rows, W8A8 and weight-only int8 Linear, fp32 Linear ----------------
+# Weights are [N, K] int8 (torch Linear layout) with one fp32 scale per output row; activations
+# may have any leading dims ([..., K]), flattened to rows for the kernels.
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op("pyengine::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (q [..., K] int8, scale [...] fp32), x ~= q * scale."""
+    x2 = _rows(x)
+    q = torch.empty(x2.shape, dtype=torch.int8)
+    scale = torch.empty(x2.shape[0], dtype=torch.float32)
+    _C.quantize_rows(x2, q, scale)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+@quantize_rows.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[:-1], dtype=torch.float32)
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(-1) / 127
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).unsqueeze(-1)
+    q = torch.where(scale.unsqueeze(-1) == 0, torch.zeros_like(x), torch.round(x / safe))
+    return q.clamp(-127, 127).to(torch.int8), scale
+
+
+@torch.library.custom_op("pyengine::int8_matmul_i32", mutates_args=())
+def int8_matmul_i32(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a_q @ b_q^T for int8 [M, K] x [N, K] (values in [-127, 127])."""
+    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=torch.int32)
+    _C.int8_matmul_i32(a_q, b_q, out)
+    return out
+
+
+@int8_matmul_i32.register_fake
+def _(a_q, b_q):
+    return a_q.new_empty(a_q.shape[0], b_q.shape[0], dtype=torch.int32)
+
+
+def int8_matmul_i32_reference(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    return (a_q.long() @ b_q.long().T).to(torch.int32)
+
+
+@torch.library.custom_op("pyengine::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 Linear with dynamic per-token activation quantization. x [..., K] -> [..., N]."""
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w_q.shape[0], dtype=torch.float32)
+    _C.int8_linear(x2, w_q, w_scale, out, bias)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@int8_linear.register_fake
+def _(x, w_q, w_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], w_q.shape[0])
+
+
+def int8_linear_reference(x, w_q, w_scale, bias=None):
+    x_q, x_scale = quantize_rows_reference(_rows(x))
+    acc = int8_matmul_i32_reference(x_q, w_q).float()
+    out = acc * (x_scale[:, None] * w_scale[None, :])
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@torch.library.custom_op("pyengine::int8_linear_wo", mutates_args=())
+def int8_linear_wo(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 Linear: x @ (w_q * w_scale[:, None])^T + bias, fp32 activations."""
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w_q.shape[0], dtype=torch.float32)
+    _C.int8_linear_wo(x2, w_q, w_scale, out, bias)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@int8_linear_wo.register_fake
+def _(x, w_q, w_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], w_q.shape[0])
+
+
+def int8_linear_wo_reference(x, w_q, w_scale, bias=None):
+    return torch.nn.functional.linear(x, w_q.float() * w_scale[:, None], bias)
+
+
+@torch.library.custom_op("pyengine::linear_f32", mutates_args=())
+def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 Linear: x @ w^T + bias. x [..., K], w [N, K]."""
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w.shape[0], dtype=torch.float32)
+    _C.linear_f32(x2, w, out, bias)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear_f32.register_fake
+def _(x, w, bias=None):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def linear_f32_reference(x, w, bias=None):
+    return torch.nn.functional.linear(x, w, bias)

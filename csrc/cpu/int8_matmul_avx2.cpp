@@ -1,0 +1,177 @@
+// AVX2/FMA blocks for int8_matmul.cpp. Compiled with -mavx2 -mfma; called only when cpuid says so.
+//
+// int8 products: vpmaddubsw multiplies UNSIGNED bytes by SIGNED bytes and saturates its int16 pair
+// sums, so we feed it |a| (unsigned) and b with a's sign applied (vpsignb). With both operands in
+// [-127, 127] a pair sum is at most 2 * 127 * 127 = 32258 < 32767: no saturation, exact.
+// vpmaddwd with ones then widens the pairs to int32.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/int8_matmul_isa.h"
+
+#define PE_INLINE inline __attribute__((always_inline))
+
+namespace pyengine::cpu {
+namespace {
+
+PE_INLINE int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+PE_INLINE float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---- int8 x int8 -> int32 ----
+
+// acc[m][n] += 32 products of a row m and b row n, starting at a / b.
+template <int MR, int NR>
+PE_INLINE void i8_step(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, __m256i (&acc)[MR][NR]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i bv[NR];
+  for (int n = 0; n < NR; ++n) bv[n] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n * ldb));
+  for (int m = 0; m < MR; ++m) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + m * lda));
+    const __m256i a_abs = _mm256_abs_epi8(av);
+    for (int n = 0; n < NR; ++n) {
+      const __m256i pairs = _mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(bv[n], av));
+      acc[m][n] = _mm256_add_epi32(acc[m][n], _mm256_madd_epi16(pairs, ones));
+    }
+  }
+}
+
+template <int MR, int NR>
+void i8_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc, int64_t K) {
+  __m256i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) i8_step<MR, NR>(a + k, lda, b + k, ldb, acc);
+  if (k < K) {  // tail: zero-padded copies, so no byte past a row is read
+    alignas(32) int8_t a_tail[MR][32] = {}, b_tail[NR][32] = {};
+    for (int m = 0; m < MR; ++m) std::memcpy(a_tail[m], a + m * lda + k, K - k);
+    for (int n = 0; n < NR; ++n) std::memcpy(b_tail[n], b + n * ldb + k, K - k);
+    i8_step<MR, NR>(&a_tail[0][0], 32, &b_tail[0][0], 32, acc);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) c[m * ldc + n] = hsum_epi32(acc[m][n]);
+}
+
+// ---- fp32 x int8 -> fp32 (weight-only) ----
+
+template <int MR, int NR>
+void f32i8_tile(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c, int64_t ldc, int64_t K) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 bf[NR];
+    for (int n = 0; n < NR; ++n) {
+      const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + n * ldb + k));
+      bf[n] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 av = _mm256_loadu_ps(a + m * lda + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(av, bf[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int n = 0; n < NR; ++n) {
+      float sum = hsum_ps(acc[m][n]);
+      for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * static_cast<float>(b[n * ldb + kk]);
+      c[m * ldc + n] = sum;
+    }
+  }
+}
+
+// ---- fp32 x fp32 -> fp32 ----
+
+template <int MR, int NR>
+void f32_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t K) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 bv[NR];
+    for (int n = 0; n < NR; ++n) bv[n] = _mm256_loadu_ps(b + n * ldb + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 av = _mm256_loadu_ps(a + m * lda + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(av, bv[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int n = 0; n < NR; ++n) {
+      float sum = hsum_ps(acc[m][n]);
+      for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
+      c[m * ldc + n] = sum;
+    }
+  }
+}
+
+template <class T>
+using TileTable = T[4][4];
+
+#define PE_TILE_TABLE(tile)                                              \
+  {                                                                      \
+    {tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},                    \
+        {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},                \
+        {tile<3, 1>, tile<3, 2>, tile<3, 3>, tile<3, 4>},                \
+    {                                                                    \
+      tile<4, 1>, tile<4, 2>, tile<4, 3>, tile<4, 4>                     \
+    }                                                                    \
+  }
+
+// Walks the block in tiles of up to 4 rows of a by nr_for_mr[mr] rows of b: the a rows stay in
+// registers/L1 while the b rows of the block stream past.
+template <class Fn, class A, class B, class C>
+PE_INLINE void tile_grid(const TileTable<Fn>& table, const int (&nr_for_mr)[5], const A* a, int64_t lda,
+                         const B* b, int64_t ldb, C* c, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+    const int nr_max = nr_for_mr[mr];
+    for (int64_t n = 0; n < N; n += nr_max) {
+      const int nr = static_cast<int>(std::min<int64_t>(nr_max, N - n));
+      table[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+    }
+  }
+}
+
+using I8TileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int64_t);
+using F32I8TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*, int64_t, int64_t);
+using F32TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+
+// Rows of b per tile for 1..4 rows of a, so accumulators and operands fit in 16 ymm registers.
+constexpr int kI8Nr[5] = {0, 4, 4, 2, 2};
+constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
+
+}  // namespace
+
+void i8_dot_block_avx2(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc,
+                       int64_t M, int64_t N, int64_t K) {
+  static constexpr TileTable<I8TileFn> table = PE_TILE_TABLE(i8_tile);
+  tile_grid(table, kI8Nr, a, lda, b, ldb, c, ldc, M, N, K);
+}
+
+void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c, int64_t ldc,
+                          int64_t M, int64_t N, int64_t K) {
+  static constexpr TileTable<F32I8TileFn> table = PE_TILE_TABLE(f32i8_tile);
+  tile_grid(table, kF32Nr, a, lda, b, ldb, c, ldc, M, N, K);
+}
+
+void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                        int64_t M, int64_t N, int64_t K) {
+  static constexpr TileTable<F32TileFn> table = PE_TILE_TABLE(f32_tile);
+  tile_grid(table, kF32Nr, a, lda, b, ldb, c, ldc, M, N, K);
+}
+
+}  // namespace pyengine::cpu

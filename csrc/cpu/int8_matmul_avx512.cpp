@@ -1,0 +1,94 @@
+// AVX-512 VNNI int8 block for int8_matmul.cpp. Compiled with AVX-512 F/BW/VL/DQ/VNNI flags; called
+// only when cpuid says so.
+//
+// vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes and adds groups of 4 straight into int32 (no
+// int16 stage, no saturation). We offset a by +128 (a XOR 0x80 maps [-128, 127] to [0, 255]):
+//   sum_k (a_k + 128) * b_k = sum_k a_k * b_k + 128 * sum_k b_k,
+// and subtract 128 * sum_k b_k, which a second vpdpbusd with all-ones bytes gives per b row (its
+// cost is shared by the tile's rows of a). All sums wrap mod 2^32, so the result is exactly the
+// int32 dot product whenever that fits in int32.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/int8_matmul_isa.h"
+
+#define PE_INLINE inline __attribute__((always_inline))
+
+namespace pyengine::cpu {
+namespace {
+
+// Hand-written: GCC 12 warns (-Wuninitialized) inside its own _mm512_reduce_add_epi32 and
+// unmasked extract / cast intrinsics; the zero-masked extracts compile to the same code.
+PE_INLINE uint32_t hsum_epi32(__m512i v) {
+  const __m256i h = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xFF, v, 0),
+                                     _mm512_maskz_extracti64x4_epi64(0xFF, v, 1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
+}
+
+template <int MR, int NR>
+PE_INLINE void i8_step(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, __mmask64 mask,
+                       __m512i (&acc)[MR][NR], __m512i (&b_sum)[NR]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i bv[NR];
+  for (int n = 0; n < NR; ++n) {
+    bv[n] = _mm512_maskz_loadu_epi8(mask, b + n * ldb);  // masked-off bytes read as 0
+    b_sum[n] = _mm512_dpbusd_epi32(b_sum[n], ones, bv[n]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    // Masked-off bytes of a become 0x80 (=128) but meet b bytes of 0.
+    const __m512i a_off = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + m * lda), flip);
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], a_off, bv[n]);
+  }
+}
+
+template <int MR, int NR>
+void i8_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc, int64_t K) {
+  __m512i acc[MR][NR], b_sum[NR];
+  for (int n = 0; n < NR; ++n) {
+    b_sum[n] = _mm512_setzero_si512();
+    for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_setzero_si512();
+  }
+  const __mmask64 all = ~__mmask64{0};
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) i8_step<MR, NR>(a + k, lda, b + k, ldb, all, acc, b_sum);
+  if (k < K) {
+    const __mmask64 tail = (__mmask64{1} << (K - k)) - 1;  // K - k < 64
+    i8_step<MR, NR>(a + k, lda, b + k, ldb, tail, acc, b_sum);
+  }
+  for (int n = 0; n < NR; ++n) {
+    const uint32_t offset = 128u * hsum_epi32(b_sum[n]);
+    for (int m = 0; m < MR; ++m) {
+      const uint32_t biased = hsum_epi32(acc[m][n]);
+      c[m * ldc + n] = static_cast<int32_t>(biased - offset);  // unsigned: wraps without UB
+    }
+  }
+}
+
+using I8TileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int64_t);
+
+}  // namespace
+
+void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc,
+                         int64_t M, int64_t N, int64_t K) {
+  // 4 x 4 tiles: 16 accumulators + 4 row sums + 4 b vectors + a few constants < 32 zmm registers.
+  static constexpr I8TileFn table[4][4] = {
+      {i8_tile<1, 1>, i8_tile<1, 2>, i8_tile<1, 3>, i8_tile<1, 4>},
+      {i8_tile<2, 1>, i8_tile<2, 2>, i8_tile<2, 3>, i8_tile<2, 4>},
+      {i8_tile<3, 1>, i8_tile<3, 2>, i8_tile<3, 3>, i8_tile<3, 4>},
+      {i8_tile<4, 1>, i8_tile<4, 2>, i8_tile<4, 3>, i8_tile<4, 4>},
+  };
+  for (int64_t m = 0; m < M; m += 4) {
+    const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+    for (int64_t n = 0; n < N; n += 4) {
+      const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
+      table[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+    }
+  }
+}
+
+}  // namespace pyengine::cpu

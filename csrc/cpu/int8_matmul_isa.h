@@ -1,0 +1,39 @@
+// Per-ISA blocks of the int8 / fp32 matmuls; tiling, threading and epilogues live in
+// int8_matmul.cpp, quantization in quantize.cpp.
+#pragma once
+#include <cstdint>
+
+namespace pyengine::cpu {
+
+// c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k] for m < M, n < N (int32, exact).
+// Values in [-127, 127]. Reads exactly K bytes of each row (no over-read).
+using I8DotBlockFn = void (*)(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                              int64_t ldc, int64_t M, int64_t N, int64_t K);
+void i8_dot_block_scalar(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                         int64_t ldc, int64_t M, int64_t N, int64_t K);
+void i8_dot_block_avx2(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                       int64_t ldc, int64_t M, int64_t N, int64_t K);
+void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                         int64_t ldc, int64_t M, int64_t N, int64_t K);
+
+// c[m * ldc + n] = sum_k a[m * lda + k] * float(b[n * ldb + k])  (fp32 x int8 weights, fp32 sums).
+using F32I8DotBlockFn = void (*)(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
+                                 int64_t ldc, int64_t M, int64_t N, int64_t K);
+void f32i8_dot_block_scalar(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
+                            int64_t ldc, int64_t M, int64_t N, int64_t K);
+void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t M, int64_t N, int64_t K);
+
+// c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k]  (fp32).
+using F32DotBlockFn = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                               int64_t ldc, int64_t M, int64_t N, int64_t K);
+void f32_dot_block_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                          int64_t M, int64_t N, int64_t K);
+void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                        int64_t M, int64_t N, int64_t K);
+
+// One row of quantize_rows.
+void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols);
+void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols);
+
+}  // namespace pyengine::cpu

@@ -1,0 +1,37 @@
+#include "pyengine/quantize.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/int8_matmul_isa.h"
+#include "pyengine/cpu_features.h"
+
+namespace pyengine {
+namespace cpu {
+
+// The reference every ISA must match bit for bit: a true division (not a multiply by 127 / amax)
+// so the result equals torch's round(x / scale).
+void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.0f;
+  *scale = s;
+  if (s == 0.0f) {  // all-zero row (or amax so small that amax / 127 underflows)
+    std::fill(q, q + cols, int8_t{0});
+    return;
+  }
+  for (int64_t i = 0; i < cols; ++i) {
+    const float r = std::nearbyint(x[i] / s);  // default rounding mode: half to even
+    q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+}
+
+}  // namespace cpu
+
+void quantize_rows(const float* x, int8_t* q, float* scale, int64_t rows, int64_t cols) {
+  const auto row_fn = active_isa() >= Isa::Avx2 ? cpu::quantize_row_avx2 : cpu::quantize_row_scalar;
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) row_fn(x + r * cols, q + r * cols, scale + r, cols);
+}
+
+}  // namespace pyengine

@@ -1,0 +1,28 @@
+// int8 matrix products for Linear layers (torch layout: weight [N, K], row-major), plus an fp32
+// Linear for comparison. All tensors contiguous; outputs must not alias inputs.
+#pragma once
+#include <cstdint>
+
+namespace pyengine {
+
+// out_i32[m, n] = sum_k a[m, k] * b[n, k], exact int32 (wraps mod 2^32 like an int32 reference).
+// a: [M, K], b: [N, K] int8 with values in [-127, 127] (-128 is not allowed: the AVX2 kernel's
+// |a| trick needs it). out_i32: [M, N].
+void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t M, int64_t N, int64_t K);
+
+// W8A8 Linear with dynamic per-token activation quantization:
+//   xq, x_scale = quantize_rows(x)
+//   out[m, n] = float(sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]
+// x: [M, K] fp32, w_q: [N, K] int8 in [-127, 127], w_scale: [N], bias: [N] or null, out: [M, N].
+void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                 int64_t M, int64_t N, int64_t K);
+
+// Weight-only int8 Linear: out[m, n] = w_scale[n] * sum_k x[m, k] * float(w_q[n, k]) + bias[n]
+// (fp32 accumulation; the weight is dequantized in registers).
+void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                    int64_t M, int64_t N, int64_t K);
+
+// fp32 Linear: out = x @ w^T + bias. x: [M, K], w: [N, K], bias: [N] or null, out: [M, N].
+void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K);
+
+}  // namespace pyengine

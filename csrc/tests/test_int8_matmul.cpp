@@ -1,0 +1,80 @@
+#include "pyengine/int8_matmul.h"
+
+#include <cstdint>
+
+#include "pyengine/quantize.h"
+#include "tests/test_util.h"
+
+using namespace pyengine;
+
+namespace {
+
+std::vector<int8_t> random_i8(size_t n, unsigned seed, bool extreme) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> dist(-127, 127);
+  std::vector<int8_t> v(n);
+  for (auto& x : v) x = static_cast<int8_t>(extreme ? (dist(rng) < 0 ? -127 : 127) : dist(rng));
+  return v;
+}
+
+std::vector<int32_t> reference_i32(const std::vector<int8_t>& a, const std::vector<int8_t>& b, int64_t M,
+                                   int64_t N, int64_t K) {
+  std::vector<int32_t> c(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += int64_t{a[m * K + k]} * b[n * K + k];
+      c[m * N + n] = static_cast<int32_t>(s);
+    }
+  return c;
+}
+
+}  // namespace
+
+int main() {
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 5, 33}, {7, 1, 1000}, {7, 33, 576}, {64, 70, 65}, {20, 9, 1536}};
+  for (const auto& s : shapes) {
+    const int64_t M = s[0], N = s[1], K = s[2];
+    for (bool extreme : {false, true}) {
+      auto a = random_i8(M * K, 1, extreme), b = random_i8(N * K, 2, extreme);
+      const auto ref = reference_i32(a, b, M, N, K);
+      auto x = testing::random_floats(M * K, 3);
+      auto w = testing::random_floats(N * K, 4, 0.05f);
+      std::vector<int8_t> wq(N * K), wq_scalar(N * K);
+      std::vector<float> ws(N), ws_scalar(N);
+      set_isa(Isa::Scalar);
+      quantize_rows(w.data(), wq_scalar.data(), ws_scalar.data(), N, K);
+      std::vector<float> lin_scalar(M * N), wo_scalar(M * N), f32_scalar(M * N);
+      int8_linear(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, lin_scalar.data(), M, N, K);
+      int8_linear_wo(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, wo_scalar.data(), M, N, K);
+      linear_f32(x.data(), w.data(), nullptr, f32_scalar.data(), M, N, K);
+      for (Isa isa : testing::supported_isas()) {
+        set_isa(isa);
+        std::vector<int32_t> c(M * N);
+        int8_matmul_i32(a.data(), b.data(), c.data(), M, N, K);
+        PE_CHECK(c == ref);  // exact on every ISA
+        quantize_rows(w.data(), wq.data(), ws.data(), N, K);
+        PE_CHECK(wq == wq_scalar && ws == ws_scalar);  // bitwise on every ISA
+        std::vector<float> lin(M * N), wo(M * N), f32(M * N);
+        int8_linear(x.data(), wq.data(), ws.data(), nullptr, lin.data(), M, N, K);
+        PE_CHECK(testing::max_abs_diff(lin, lin_scalar) == 0.0f);
+        int8_linear_wo(x.data(), wq.data(), ws.data(), nullptr, wo.data(), M, N, K);
+        PE_CHECK(testing::max_abs_diff(wo, wo_scalar) < 1e-3f);
+        linear_f32(x.data(), w.data(), nullptr, f32.data(), M, N, K);
+        PE_CHECK(testing::max_abs_diff(f32, f32_scalar) < 1e-3f);
+      }
+    }
+  }
+  // An all-zero row quantizes to scale 0 and zeros.
+  std::vector<float> zeros(40, 0.0f);
+  std::vector<int8_t> q(40, 5);
+  float scale = -1.0f;
+  for (Isa isa : testing::supported_isas()) {
+    set_isa(isa);
+    quantize_rows(zeros.data(), q.data(), &scale, 1, 40);
+    PE_CHECK(scale == 0.0f);
+    for (int8_t v : q) PE_CHECK(v == 0);
+  }
+  std::printf("test_int8_matmul: ok\n");
+  return 0;
+}

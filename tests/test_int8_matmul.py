@@ -1,0 +1,307 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyengine import _C, ops
+
+ALL_ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    if request.param not in ops.supported_isas():
+        pytest.skip(f"this CPU lacks {request.param} (detected: {ops.detected_isa()}); path compiled, not run")
+    with ops.use_isa(request.param):
+        yield request.param
+
+
+def rand_i8(*shape, gen=None):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+
+
+# ---- quantize_rows ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 33), (7, 576), (64, 1000), (2, 31)])
+def test_quantize_rows_matches_reference_bitwise(isa, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 5
+    q, scale = ops.quantize_rows(x)
+    q_ref, scale_ref = ops.quantize_rows_reference(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q, q_ref)
+    assert q.abs().max() <= 127
+
+
+def test_quantize_rows_ties_round_half_to_even(isa):
+    # amax 127 gives scale exactly 1, so x / scale is x itself: halves must go to the even integer.
+    row = torch.tensor([127.0, 2.5, -2.5, 3.5, -3.5, 0.5, -0.5, 1.5, 126.5] + [0.0] * 40)
+    q, scale = ops.quantize_rows(row[None])
+    assert scale.item() == 1.0
+    assert q[0, :9].tolist() == [127, 2, -2, 4, -4, 0, 0, 2, 126]
+
+
+def test_quantize_rows_zero_row_gives_zero_scale_and_values(isa):
+    x = torch.randn(3, 40)
+    x[1] = 0
+    q, scale = ops.quantize_rows(x)
+    assert scale[1].item() == 0.0 and not q[1].any()
+    assert not (q[1].float() * scale[1]).any()  # dequantizes back to 0, not NaN
+    assert scale[0] > 0 and scale[2] > 0
+
+
+def test_quantize_rows_constant_row_is_all_max(isa):
+    x = torch.full((2, 37), -3.25)
+    q, scale = ops.quantize_rows(x)
+    assert (q == -127).all()
+    torch.testing.assert_close(q.float() * scale[:, None], x)
+
+
+# ---- int8_matmul_i32: exact against an int32 reference --------------------------------------
+
+SHAPES = [  # (M, N, K): K off the 32/64 SIMD widths, N=1, M=1/7/64, M above the decode cutoff
+    (1, 1, 1), (1, 1, 5), (1, 5, 33), (7, 1, 1000), (7, 33, 576), (64, 3, 5), (64, 70, 1000),
+    (1, 576, 576), (2, 192, 576), (3, 11, 65), (100, 300, 96),
+]
+
+
+@pytest.mark.parametrize("M, N, K", SHAPES)
+def test_int8_matmul_i32_exact_random(isa, M, N, K):
+    gen = torch.Generator().manual_seed(M * 1000 + N + K)
+    a, b = rand_i8(M, K, gen=gen), rand_i8(N, K, gen=gen)
+    assert torch.equal(ops.int8_matmul_i32(a, b), ops.int8_matmul_i32_reference(a, b))
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (7, 5, 33), (64, 64, 1000), (1, 9, 576), (5, 3, 1536)])
+def test_int8_matmul_i32_exact_extremes(isa, M, N, K):
+    gen = torch.Generator().manual_seed(7)
+    signs = lambda *s: torch.where(torch.rand(s, generator=gen) < 0.5, -127, 127).to(torch.int8)  # noqa: E731
+    cases = [
+        (torch.full((M, K), 127, dtype=torch.int8), torch.full((N, K), 127, dtype=torch.int8)),
+        (torch.full((M, K), 127, dtype=torch.int8), torch.full((N, K), -127, dtype=torch.int8)),
+        (torch.full((M, K), -127, dtype=torch.int8), torch.full((N, K), -127, dtype=torch.int8)),
+        (signs(M, K), signs(N, K)),
+        (signs(M, K), torch.full((N, K), 127, dtype=torch.int8)),
+    ]
+    for a, b in cases:
+        assert torch.equal(ops.int8_matmul_i32(a, b), ops.int8_matmul_i32_reference(a, b))
+    # Activation rows all equal to the max, as quantize_rows makes of a constant row.
+    x_q, _ = ops.quantize_rows(torch.full((M, K), 0.7))
+    b = signs(N, K)
+    assert torch.equal(ops.int8_matmul_i32(x_q, b), ops.int8_matmul_i32_reference(x_q, b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_int8_matmul_i32_random_shapes_every_isa(M, N, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = rand_i8(M, K, gen=gen), rand_i8(N, K, gen=gen)
+    expected = ops.int8_matmul_i32_reference(a, b)
+    for name in ops.supported_isas():
+        with ops.use_isa(name):
+            assert torch.equal(ops.int8_matmul_i32(a, b), expected), name
+
+
+def test_int8_matmul_i32_every_isa_agrees_single_thread():
+    a, b = rand_i8(9, 333), rand_i8(17, 333)
+    expected = ops.int8_matmul_i32_reference(a, b)
+    previous = _C.num_threads()
+    _C.set_num_threads(1)
+    try:
+        for name in ops.supported_isas():
+            with ops.use_isa(name):
+                assert torch.equal(ops.int8_matmul_i32(a, b), expected)
+    finally:
+        _C.set_num_threads(previous)
+
+
+# ---- int8_linear (W8A8), int8_linear_wo, linear_f32 --------------------------------------------
+
+LINEAR_SHAPES = [(1, 1, 1), (1, 576, 576), (1, 192, 576), (7, 33, 1000), (64, 64, 5), (70, 130, 576), (3, 1, 1536)]
+
+
+@pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_matches_reference(isa, M, N, K, with_bias):
+    torch.manual_seed(M + N + K)
+    x = torch.randn(M, K) * 2
+    w_q, w_scale = ops.quantize_rows(torch.randn(N, K) * 0.05)
+    bias = torch.randn(N) if with_bias else None
+    # Same integer sums and the same fp32 epilogue ops: bitwise equal.
+    torch.testing.assert_close(ops.int8_linear(x, w_q, w_scale, bias),
+                               ops.int8_linear_reference(x, w_q, w_scale, bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_wo_matches_reference(isa, M, N, K, with_bias):
+    torch.manual_seed(M + N + K + 1)
+    x = torch.randn(M, K)
+    w_q, w_scale = ops.quantize_rows(torch.randn(N, K) * 0.05)
+    bias = torch.randn(N) if with_bias else None
+    torch.testing.assert_close(ops.int8_linear_wo(x, w_q, w_scale, bias),
+                               ops.int8_linear_wo_reference(x, w_q, w_scale, bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_f32_matches_torch(isa, M, N, K, with_bias):
+    torch.manual_seed(M + N + K + 2)
+    x, w = torch.randn(M, K), torch.randn(N, K) * 0.05
+    bias = torch.randn(N) if with_bias else None
+    torch.testing.assert_close(ops.linear_f32(x, w, bias), ops.linear_f32_reference(x, w, bias),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_linears_close_to_fp32_on_random_data():
+    # The quality the quantization buys: per-channel weights alone lose less than W8A8.
+    torch.manual_seed(3)
+    x, w = torch.randn(16, 576), torch.randn(1536, 576) * 0.05
+    exact = x @ w.T
+    w_q, w_scale = ops.quantize_rows(w)
+    rel = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
+    err_w8a8, err_wo = rel(ops.int8_linear(x, w_q, w_scale)), rel(ops.int8_linear_wo(x, w_q, w_scale))
+    assert err_wo < 0.01
+    assert err_w8a8 < 0.02
+    assert err_wo < err_w8a8
+
+
+def test_linear_ops_accept_leading_dims():
+    x = torch.randn(2, 3, 64)
+    w = torch.randn(10, 64)
+    w_q, w_scale = ops.quantize_rows(w)
+    assert ops.int8_linear(x, w_q, w_scale).shape == (2, 3, 10)
+    assert ops.int8_linear_wo(x, w_q, w_scale).shape == (2, 3, 10)
+    torch.testing.assert_close(ops.linear_f32(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
+    q, s = ops.quantize_rows(x)
+    assert q.shape == (2, 3, 64) and s.shape == (2, 3)
+
+
+def test_custom_ops_pass_opcheck():
+    x, w = torch.randn(3, 40), torch.randn(6, 40)
+    w_q, w_scale = ops.quantize_rows(w)
+    torch.library.opcheck(ops.int8_linear, (x, w_q, w_scale, torch.randn(6)))
+    torch.library.opcheck(ops.int8_linear_wo, (x, w_q, w_scale))
+    torch.library.opcheck(ops.linear_f32, (x, w))
+    torch.library.opcheck(ops.quantize_rows, (x,))
+    torch.library.opcheck(ops.int8_matmul_i32, (w_q, w_q))
+
+
+# ---- bad arguments ---------------------------------------------------------------------------
+
+I8, F32 = torch.int8, torch.float32
+
+
+def _linear_args(M=2, N=3, K=8):
+    return dict(x=torch.randn(M, K), w_q=torch.zeros(N, K, dtype=I8), w_scale=torch.ones(N), out=torch.empty(M, N))
+
+
+@pytest.mark.parametrize("fn", ["int8_linear", "int8_linear_wo"])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(x=torch.randn(2, 8).double()), TypeError, "x: expected dtype float32"),
+        (dict(x=torch.randn(8, 2).t()), ValueError, "x: must be contiguous"),
+        (dict(x=torch.randn(2, 2, 8)), ValueError, "x: expected 2 dimensions"),
+        (dict(x=torch.randn(0, 8), out=torch.empty(0, 3)), ValueError, "x: must not be empty"),
+        (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
+        (dict(w_q=torch.zeros(3, 8)), TypeError, "w_q: expected dtype int8"),
+        (dict(w_q=torch.zeros(3, 7, dtype=I8)), ValueError, "w_q: dimension 1"),
+        (dict(w_q=torch.zeros(8, 3, dtype=I8).t()), ValueError, "w_q: must be contiguous"),
+        (dict(w_scale=torch.ones(4)), ValueError, "w_scale: dimension 0"),
+        (dict(w_scale=torch.ones(3, dtype=torch.float16)), TypeError, "w_scale: expected dtype float32"),
+        (dict(out=torch.empty(2, 4)), ValueError, "out: dimension 1"),
+        (dict(out=torch.empty(3, 3)), ValueError, "out: dimension 0"),
+        (dict(out=torch.empty(2, 3, dtype=torch.float64)), TypeError, "out: expected dtype float32"),
+        (dict(bias=torch.ones(4)), ValueError, "bias: dimension 0"),
+        (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias: expected dtype float32"),
+        (dict(bias=torch.ones(3, 1)), ValueError, "bias: expected 1 dimensions"),
+    ],
+)
+def test_int8_linears_reject_bad_arguments(fn, change, error, message):
+    args = _linear_args()
+    args.update(change)
+    with pytest.raises(error, match=message):
+        getattr(_C, fn)(**args)
+
+
+def test_linears_reject_aliasing():
+    x = torch.randn(3, 3)
+    w_q = torch.zeros(3, 3, dtype=I8)
+    for fn in (_C.int8_linear, _C.int8_linear_wo):
+        with pytest.raises(ValueError, match="out: must not share memory with x"):
+            fn(x, w_q, torch.ones(3), x)
+        bias = torch.zeros(3, 3)
+        with pytest.raises(ValueError, match="out: must not share memory with bias"):
+            fn(torch.randn(3, 3), w_q, torch.ones(3), bias, bias[0])
+    with pytest.raises(ValueError, match="out: must not share memory with w"):
+        w = torch.randn(3, 3)
+        _C.linear_f32(torch.randn(3, 3), w, w)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (lambda: (torch.randn(2, 8), torch.zeros(3, 8, dtype=I8), torch.empty(2, 3)), TypeError, "w: expected dtype float32"),
+        (lambda: (torch.randn(2, 8), torch.randn(3, 9), torch.empty(2, 3)), ValueError, "w: dimension 1"),
+        (lambda: (torch.randn(2, 8), torch.randn(3, 8), torch.empty(2, 2)), ValueError, "out: dimension 1"),
+        (lambda: (torch.randn(2, 8), torch.randn(0, 8), torch.empty(2, 0)), ValueError, "w: must not be empty"),
+    ],
+)
+def test_linear_f32_rejects_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        _C.linear_f32(*args())
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (lambda: (torch.zeros(2, 8), torch.zeros(3, 8, dtype=I8), torch.empty(2, 3, dtype=torch.int32)), TypeError,
+         "a_q: expected dtype int8"),
+        (lambda: (torch.zeros(2, 8, dtype=I8), torch.zeros(3, 8, dtype=torch.uint8), torch.empty(2, 3, dtype=torch.int32)),
+         TypeError, "b_q: expected dtype int8"),
+        (lambda: (torch.zeros(2, 8, dtype=I8), torch.zeros(3, 7, dtype=I8), torch.empty(2, 3, dtype=torch.int32)),
+         ValueError, "b_q: dimension 1"),
+        (lambda: (torch.zeros(2, 8, dtype=I8), torch.zeros(3, 8, dtype=I8), torch.empty(2, 3)), TypeError,
+         "out_i32: expected dtype int32"),
+        (lambda: (torch.zeros(2, 8, dtype=I8), torch.zeros(3, 8, dtype=I8), torch.empty(3, 2, dtype=torch.int32)),
+         ValueError, "out_i32: dimension 0"),
+        (lambda: (torch.zeros(2, 0, dtype=I8), torch.zeros(3, 0, dtype=I8), torch.empty(2, 3, dtype=torch.int32)),
+         ValueError, "a_q: must not be empty"),
+    ],
+)
+def test_int8_matmul_i32_rejects_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        _C.int8_matmul_i32(*args())
+
+
+def test_int8_matmul_i32_rejects_aliasing():
+    buf = torch.zeros(64, dtype=I8)
+    a = buf[:16].view(2, 8)
+    with pytest.raises(ValueError, match="out_i32: must not share memory with a_q"):
+        _C.int8_matmul_i32(a, torch.zeros(2, 8, dtype=I8), buf.view(torch.int32)[:4].view(2, 2))
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (lambda: (torch.randn(2, 8).double(), torch.empty(2, 8, dtype=I8), torch.empty(2)), TypeError, "x: expected"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 8), torch.empty(2)), TypeError, "q_out: expected dtype int8"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 7, dtype=I8), torch.empty(2)), ValueError, "q_out: dimension 1"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 8, dtype=I8), torch.empty(3)), ValueError, "scale_out: dimension 0"),
+        (lambda: (torch.randn(2, 8), torch.empty(2, 8, dtype=I8), torch.empty(2).half()), TypeError, "scale_out: expected"),
+        (lambda: (torch.randn(8, 2).t(), torch.empty(2, 8, dtype=I8), torch.empty(2)), ValueError, "x: must be contiguous"),
+        (lambda: (torch.randn(0, 8), torch.empty(0, 8, dtype=I8), torch.empty(0)), ValueError, "x: must not be empty"),
+        (lambda: (torch.randn(8), torch.empty(8, dtype=I8), torch.empty(1)), ValueError, "x: expected 2 dimensions"),
+    ],
+)
+def test_quantize_rows_rejects_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        _C.quantize_rows(*args())
+
+
+def test_quantize_rows_rejects_aliasing():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="scale_out: must not share memory with x"):
+        _C.quantize_rows(x, torch.empty(2, 8, dtype=I8), x[0, :2])
