@@ -1,5 +1,7 @@
 #include "bindings/tensor_args.h"
 
+#include <array>
+
 #include <sstream>
 
 namespace pyengine::bind {
@@ -44,14 +46,29 @@ Tensor::Tensor(py::handle obj, const char* name) : name_(name) {
     throw py::type_error(std::string(name) + ": expected a torch.Tensor, got " +
                          std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   }
-  py::object dtype = obj.attr("dtype");
+  // Attribute names interned once: these lookups are most of a small op's call cost.
+  static const auto* names = new std::array<py::str, 6>{py::str("dtype"), py::str("device"), py::str("type"),
+                                                        py::str("shape"), py::str("stride"), py::str("data_ptr")};
+  const auto& [k_dtype, k_device, k_type, k_shape, k_stride, k_data_ptr] = *names;
+  py::object dtype = obj.attr(k_dtype);
   for (const auto& [torch_dtype, ours] : types.dtypes) {
     if (dtype.is(torch_dtype)) dtype_ = ours;
   }
-  device_index_ = obj.attr("get_device")().cast<int>();
-  for (py::handle v : obj.attr("shape")) shape_.push_back(v.cast<int64_t>());
-  for (py::handle v : obj.attr("stride")()) strides_.push_back(v.cast<int64_t>());
-  data_ = obj.attr("data_ptr")().cast<uintptr_t>();
+  py::object device = obj.attr(k_device);
+  const std::string device_type = device.attr(k_type).cast<std::string>();
+  if (device_type == "cpu") {
+    device_index_ = -1;
+  } else if (device_type == "cuda") {
+    py::object index = device.attr("index");
+    device_index_ = index.is_none() ? 0 : index.cast<int>();
+  } else {
+    // meta, mps, xpu...: no memory we can address from here.
+    throw py::value_error(std::string(name) + ": tensors on device '" + device_type +
+                          "' are not supported (expected cpu or cuda)");
+  }
+  for (py::handle v : obj.attr(k_shape)) shape_.push_back(v.cast<int64_t>());
+  for (py::handle v : obj.attr(k_stride)()) strides_.push_back(v.cast<int64_t>());
+  data_ = obj.attr(k_data_ptr)().cast<uintptr_t>();
 }
 
 int64_t Tensor::numel() const {
@@ -63,6 +80,7 @@ int64_t Tensor::numel() const {
 int64_t Tensor::nbytes() const { return numel() * element_size(dtype_); }
 
 bool Tensor::is_contiguous() const {
+  if (numel() == 0) return true;  // nothing to lay out; emptiness is checked separately
   int64_t expected = 1;
   for (int64_t d = dim() - 1; d >= 0; --d) {
     if (shape_[d] != 1 && strides_[d] != expected) return false;
