@@ -449,10 +449,12 @@ def measure(runner, kind, rows, cfg, meter, idle, runs_per_window=1):
     method = "one window per phase"
     if runs_per_window > 1 and outer_m is not None:
         # one window over k runs (NVML minimum window): split its energy by the phases' time share
+        # (HF runs its prefill twice: the separate forward and again inside generate; that second
+        # prefill's share of the window is not counted, as decode = generate - prefill elsewhere)
         per_run = outer_m.total_joules / runs_per_window
-        run_s = p_sec + (d_sec or 0.0)
+        run_s = p_sec + (d_sec or 0.0) + (p_sec if runs[0].decode_is_total else 0.0)
         p_j = per_run * (p_sec / run_s) if run_s > 0 else per_run
-        d_j = per_run - p_j if kind == "generate" else None
+        d_j = per_run * (d_sec / run_s) if kind == "generate" and run_s > 0 else None
         energies = [outer_m]
         method = f"{runs_per_window} runs in one window, energy split between phases by time share"
     idle_w = idle.total_watts if idle is not None else None

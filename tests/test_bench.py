@@ -363,3 +363,56 @@ def test_bench_default_model(tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     _validate(report)
     assert report["quality"]["backends"]["hf-eager"]["kl"] < 1e-4
+
+
+# ---- measure(): phase accounting with a scripted runner ------------------------------------------
+
+
+class _ScriptedRunner:
+    """Sleeps through fixed phase lengths; `hf=True` reports like HFRunner (decode = the whole generate)."""
+
+    def __init__(self, meter, hf):
+        self.meter, self.hf = meter, hf
+
+    def _phase(self, seconds, meter, name):
+        import time
+
+        w = meter.start(name) if meter else None
+        time.sleep(seconds)
+        return (seconds, meter.stop(w) if meter else None)
+
+    def run_prefill(self, rows, meter):
+        return bench.Phases(prefill=self._phase(0.02, meter, "prefill"), decode=None)
+
+    def run_generate(self, rows, new_tokens, meter):
+        p = self._phase(0.02, meter, "prefill")
+        if self.hf:
+            g = self._phase(0.08, meter, "generate")  # = prefill 0.02 + decode 0.06
+            return bench.Phases(prefill=p, decode=(g[0] - p[0], g[1]), decode_is_total=True)
+        return bench.Phases(prefill=p, decode=self._phase(0.06, meter, "decode"))
+
+
+@pytest.mark.parametrize("hf", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_measure_splits_phases_at_constant_power(hf, k):
+    from types import SimpleNamespace
+
+    from pyengine.energy import ConstantPowerMeter, IdlePower
+
+    meter = ConstantPowerMeter({"gpu": 100.0}, sample_interval_s=0.005)
+    idle = IdlePower({"gpu": 25.0}, 1.0, "constant")
+    rows = [("a", [1, 2, 3, 4]), ("b", [5, 6, 7, 8])]
+    cfg = SimpleNamespace(new_tokens=5)
+    try:
+        m = bench.measure(_ScriptedRunner(meter, hf), "generate", rows, cfg, meter, idle, runs_per_window=k)
+    finally:
+        meter.close()
+    assert m["runs_per_window"] == k
+    assert m["prefill"]["tokens"] == 8 and m["decode"]["tokens"] == 8 and m["generate"]["tokens"] == 10
+    # 100 W throughout: joules = 100 x seconds per phase (sleep overshoot and sampling make it approximate)
+    assert m["prefill"]["joules"] == pytest.approx(100.0 * m["prefill"]["seconds"], rel=0.25)
+    assert m["decode"]["joules"] == pytest.approx(100.0 * m["decode"]["seconds"], rel=0.25)
+    assert m["decode"]["seconds"] == pytest.approx(0.06, rel=0.5)
+    assert m["decode"]["active_joules"] == pytest.approx(m["decode"]["joules"] - 25.0 * m["decode"]["seconds"])
+    assert m["energy"]["source"] == "constant" and m["energy"]["estimated"] is False
+    assert m["timeline"]["phases"][0][0] == "prefill"
