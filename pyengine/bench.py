@@ -329,6 +329,18 @@ class HFRunner:
         return Phases(prefill=(prefill_s, mp), decode=(max(gen_s - prefill_s, 0.0), mg), decode_is_total=True)
 
     @torch.inference_mode()
+    def run_generate_only(self, rows, new_tokens, meter):
+        """generate() alone in one window (no separate prefill forward): (seconds, measurement)."""
+        ids = self._ids(rows)
+        w = meter.start("generate") if meter else None
+        t0 = time.perf_counter()
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, **self.gen_kwargs)
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        return seconds, (meter.stop(w) if meter else None)
+
+    @torch.inference_mode()
     def logits(self, ids):
         t = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(input_ids=t).logits[0].float().cpu()
