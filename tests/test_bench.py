@@ -416,3 +416,36 @@ def test_measure_splits_phases_at_constant_power(hf, k):
     assert m["decode"]["active_joules"] == pytest.approx(m["decode"]["joules"] - 25.0 * m["decode"]["seconds"])
     assert m["energy"]["source"] == "constant" and m["energy"]["estimated"] is False
     assert m["timeline"]["phases"][0][0] == "prefill"
+
+
+# ---- the int8 trade-off lines --------------------------------------------------------------------
+
+
+def _fake_report(j_int8, j_fp32, idle=False):
+    key = "decode_active_joules_per_token" if idle else "decode_joules_per_token"
+    results = []
+    for name, js in (("fused", j_fp32), ("fused-int8", j_int8)):
+        for b, j in zip((1, 4, 16), js):
+            results.append({"backend": name, "batch_size": b, "summary": {key: {"median": j}}})
+    quality = {"backends": {"fused": {"perplexity": 10.0, "kl": 0.0, "top1_agreement": 1.0, "reference": "torch"},
+                            "fused-int8": {"perplexity": 10.5, "kl": 0.01, "top1_agreement": 0.97,
+                                           "reference": "torch"}}}
+    return {"results": results, "energy": {"idle": {"total_watts": 1.0} if idle else None},
+            "config": {"batch_sizes": [1, 4, 16]}, "quality": quality}
+
+
+def test_tradeoff_break_even_batch():
+    from pyengine import bench_report
+
+    t = bench_report.tradeoffs(_fake_report([2.0, 0.9, 0.5], [1.0, 1.0, 1.0], idle=True))
+    assert t["fp32"] == "fused" and t["break_even_batch"] == 4
+    assert t["basis"] == "decode_active_joules_per_token"
+    b16 = t["by_batch"][2]
+    assert b16["energy_saved_pct"] == pytest.approx(50.0) and b16["ppl_delta"] == pytest.approx(0.5)
+    assert b16["ppl_delta_pct"] == pytest.approx(5.0) and b16["top1_agreement"] == 0.97
+    assert "batch 1: fused-int8 vs fused" in t["lines"][0] and "costs 100.0%" in t["lines"][0]
+    assert "saves 50.0%" in t["lines"][2] and "ppl +0.500" in t["lines"][2]
+    assert t["lines"][-1].endswith("(fused): 4")
+    never = bench_report.tradeoffs(_fake_report([2.0, 1.5, 1.1], [1.0, 1.0, 1.0]))
+    assert never["break_even_batch"] is None
+    assert never["lines"][-1] == "int8 did not save energy at any measured batch size"
