@@ -1,0 +1,451 @@
+"""`pyengine bench`: end to end on tiny models (JSON schema, plot, labels), the quality maths against
+hand-computed values, and the argument checks."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pyengine import bench, quality
+from pyengine.cli import main
+
+# ---- JSON schema ---------------------------------------------------------------------------------
+
+NUM = {"type": "number"}
+NUM_OR_NULL = {"type": ["number", "null"]}
+STAT = {"type": ["object", "null"], "required": ["median", "min", "max", "q1", "q3", "n"],
+        "properties": {k: NUM for k in ("median", "min", "max", "q1", "q3")}}
+PHASE = {"type": "object", "required": ["tokens", "seconds", "joules", "active_joules", "tokens_per_s",
+                                        "joules_per_token"],
+         "properties": {"tokens": {"type": "integer", "minimum": 0}, "seconds": NUM, "joules": NUM_OR_NULL,
+                        "active_joules": NUM_OR_NULL, "tokens_per_s": NUM_OR_NULL, "joules_per_token": NUM_OR_NULL}}
+ENERGY = {"type": "object", "required": ["source", "estimated", "confidence", "fallback_reason"],
+          "properties": {"source": {"type": "string"}, "estimated": {"type": "boolean"},
+                         "confidence": {"enum": ["high", "low"]}, "fallback_reason": {"type": ["string", "null"]}}}
+REPEAT = {"type": "object", "required": ["prefill", "decode", "generate", "energy", "runs_per_window"],
+          "properties": {"prefill": PHASE, "decode": PHASE, "generate": PHASE, "energy": ENERGY,
+                         "runs_per_window": {"type": "integer", "minimum": 1}}}
+SUMMARY_KEYS = ["prefill_tokens_per_s", "decode_tokens_per_s", "prefill_joules_per_token", "decode_joules_per_token",
+                "prefill_active_joules_per_token", "decode_active_joules_per_token", "average_watts",
+                "g_co2e_per_1k_tokens"]
+RESULT = {"type": "object",
+          "required": ["backend", "batch_size", "dtype", "load_seconds", "energy", "summary", "vs_hf_eager", "repeats"],
+          "properties": {"backend": {"type": "string"}, "batch_size": {"type": "integer", "minimum": 1},
+                         "energy": ENERGY, "repeats": {"type": "array", "minItems": 1, "items": REPEAT},
+                         "summary": {"type": "object", "required": SUMMARY_KEYS,
+                                     "properties": {k: STAT for k in SUMMARY_KEYS}},
+                         "vs_hf_eager": {"type": ["object", "null"]}}}
+QUALITY_ENTRY = {"type": "object", "required": ["perplexity", "positions", "kl", "top1_agreement", "ppl_delta"],
+                 "properties": {"perplexity": NUM, "positions": {"type": "integer"}, "kl": NUM_OR_NULL,
+                                "top1_agreement": NUM_OR_NULL, "ppl_delta": NUM_OR_NULL}}
+SCHEMA = {
+    "type": "object",
+    "required": ["schema_version", "config", "model", "machine", "energy", "carbon", "prompts", "results", "quality",
+                 "tradeoffs", "notes"],
+    "properties": {
+        "schema_version": {"const": 1},
+        "config": {"type": "object", "required": ["backends", "batch_sizes", "new_tokens", "prompt_tokens", "repeats",
+                                                  "warmup", "energy_source", "pue", "quality_tokens", "quality_window"]},
+        "machine": {"type": "object", "required": ["cpu_model", "isa", "threads", "torch", "transformers", "pyengine",
+                                                   "gpu", "gpu_driver"],
+                    "properties": {"cpu_model": {"type": "string"}, "isa": {"type": "string"},
+                                   "threads": {"type": "integer"}}},
+        "energy": {"type": "object", "required": ["source", "estimated", "fallback_reason", "idle", "idle_note"]},
+        "carbon": {"type": "object", "required": ["g_per_kwh", "pue", "source"],
+                   "properties": {"g_per_kwh": NUM, "pue": NUM}},
+        "results": {"type": "array", "minItems": 1, "items": RESULT},
+        "quality": {"type": ["object", "null"], "required": ["reference", "backends", "tokens", "window"],
+                    "properties": {"backends": {"type": "object", "additionalProperties": QUALITY_ENTRY}}},
+        "tradeoffs": {"type": "object", "required": ["lines", "break_even_batch"]},
+    },
+}
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _type_ok(value, name):
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, _TYPES[name])
+
+
+def check_schema(value, schema, where="$"):
+    """A small JSON-schema subset (type, required, properties, additionalProperties, items, minItems,
+    minimum, enum, const): returns a list of problems, empty when ``value`` conforms."""
+    errors = []
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(_type_ok(value, t) for t in types):
+            return [f"{where}: expected {'/'.join(types)}, got {type(value).__name__} {value!r:.60}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where}: expected {schema['const']!r}, got {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        errors.append(f"{where}: {value} < {schema['minimum']}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: missing key {key!r}")
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += check_schema(value[key], sub, f"{where}.{key}")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key, v in value.items():
+                if key not in schema.get("properties", {}):
+                    errors += check_schema(v, extra, f"{where}.{key}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: {len(value)} items < {schema['minItems']}")
+        if "items" in schema:
+            for i, v in enumerate(value):
+                errors += check_schema(v, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def _validate(report):
+    problems = check_schema(report, SCHEMA)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_schema_checker_rejects_bad_reports():
+    good = {"a": 1, "b": [{"c": "x"}]}
+    schema = {"type": "object", "required": ["a", "b"],
+              "properties": {"a": {"type": "integer", "minimum": 1},
+                             "b": {"type": "array", "minItems": 1,
+                                   "items": {"type": "object", "required": ["c"], "properties": {"c": {"enum": ["x"]}}}}}}
+    assert check_schema(good, schema) == []
+    assert check_schema({"a": 0, "b": []}, schema) == ["$.a: 0 < 1", "$.b: 0 items < 1"]
+    assert check_schema({"a": True, "b": [{"c": "y"}]}, schema)[0].startswith("$.a: expected integer")
+    assert check_schema({"b": [{}]}, schema) == ["$: missing key 'a'", "$.b[0]: missing key 'c'"]
+    assert check_schema({"a": float("nan")}, {"properties": {"a": NUM}})
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-16:]
+
+
+TINY_ARGS = ["--prompt-tokens", "8", "--new-tokens", "4", "--prefill-tokens", "24", "--repeats", "2",
+             "--warmup", "1", "--quality-tokens", "96", "--quality-window", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny_models, tmp_path_factory):
+    """One real run: hf-eager + torch, batch sizes 1 and 2, the estimate on this machine."""
+    out = tmp_path_factory.mktemp("bench")
+    capture = pytest.MonkeyPatch()
+    import io
+    import sys
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", stdout)
+    capture.setattr(sys, "stderr", stderr)
+    try:
+        rc = main(["bench", "--model", str(tiny_models["llama"]), "--backends", "hf-eager,torch", "--batch-sizes", "1,2",
+                   "--energy-source", "estimate", "--json", str(out / "r.json"), "--plot", str(out / "r.png"),
+                   *TINY_ARGS])
+    finally:
+        capture.undo()
+    return rc, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_bench_end_to_end(e2e):
+    rc, stdout, stderr, out = e2e
+    assert rc == 0, stderr
+    report = json.loads((out / "r.json").read_text())
+    _validate(report)
+    seen = {(r["backend"], r["batch_size"]) for r in report["results"]}
+    assert seen == {(b, n) for b in ("hf-eager", "torch") for n in (1, 2)}
+    for r in report["results"]:
+        assert r["energy"]["source"] == "estimate" and r["energy"]["estimated"] is True
+        assert len(r["repeats"]) == 2
+        for rep in r["repeats"]:
+            assert rep["decode"]["tokens"] == r["batch_size"] * 3  # new_tokens - 1
+            assert rep["prefill"]["tokens"] == r["batch_size"] * 24  # the long-prompt prefill
+            assert rep["generate"]["tokens"] == r["batch_size"] * 4
+            assert rep["decode"]["joules"] >= 0 and rep["prefill"]["joules"] >= 0
+        assert r["summary"]["decode_tokens_per_s"]["median"] > 0
+    assert report["energy"]["idle"] is None and "estimate" in report["energy"]["idle_note"]
+    # prompts: every batch row has exactly --prompt-tokens ids, all different
+    for b, rows in report["prompts"]["token_ids"].items():
+        assert len(rows) == int(b) and all(len(ids) == 8 for ids in rows)
+        assert len({tuple(ids) for ids in rows}) == len(rows)
+    q = report["quality"]
+    assert q["reference"] == "torch" and q["backends"]["torch"]["kl"] is None
+    # HF eager and our torch backend compute the same model in fp32: the same distribution
+    assert q["backends"]["hf-eager"]["kl"] < 1e-6
+    assert q["backends"]["hf-eager"]["top1_agreement"] > 0.99
+    assert abs(q["backends"]["hf-eager"]["ppl_delta_pct"]) < 1e-3
+    assert report["tradeoffs"]["lines"] and "fused-int8" in report["tradeoffs"]["lines"][0]
+    assert _is_png(out / "r.png")
+
+
+def test_bench_terminal_table(e2e):
+    rc, stdout, stderr, _ = e2e
+    assert rc == 0
+    for word in ("backend", "decode tok/s", "decode J/tok", "gCO2e/1k tok", "speedup", "top-1", "hf-eager", "torch"):
+        assert word in stdout
+    assert "~" in stdout and "estimate: process CPU time x W/core, not a measurement" in stdout
+    assert "energy source: estimate" in stdout and "fallback:" in stdout
+    assert "idle power: skipped" in stdout
+    assert "PUE 1" in stdout and "machine:" in stdout
+
+
+class _NvmlLike:
+    """A constant-power meter that calls itself nvml, with a short minimum window: exercises the
+    idle baseline, active energy, the timeline and the repeat-inside-one-window path."""
+
+    @staticmethod
+    def make(cfg):
+        from pyengine.energy import ConstantPowerMeter
+
+        meter = ConstantPowerMeter({"gpu": 40.0}, sample_interval_s=0.01, min_window_s=5.0)
+        meter.name = "nvml"
+        meter.repeats_for = lambda seconds: 3  # as if every run were shorter than the minimum window
+        return meter
+
+
+def test_bench_measured_source_idle_timeline_and_min_window(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "make_bench_meter", _NvmlLike.make)
+    rc = main(["bench", "--model", str(tiny_models["gpt2"]), "--backends", "torch", "--idle-seconds", "0.1",
+               "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--no-quality", *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    _validate(report)
+    assert report["quality"] is None
+    assert report["energy"]["idle"]["total_watts"] == pytest.approx(40.0, rel=0.05)
+    r = report["results"][0]
+    rep = r["repeats"][0]
+    assert r["energy"]["estimated"] is False and r["energy"]["source"] == "nvml"
+    assert rep["runs_per_window"] == 3 and "one window" in rep["energy_method"]
+    assert rep["decode"]["active_joules"] is not None
+    assert rep["timeline"]["power"]["gpu"] and rep["timeline"]["phases"]
+    # constant power: J/token is watts x seconds per token
+    d = rep["decode"]
+    assert d["joules"] == pytest.approx(40.0 * d["seconds"], rel=0.3)
+    assert "~" not in captured.out.split("\n\n")[0]
+    assert "idle power: 40" in captured.out
+    assert _is_png(tmp_path / "r.png")
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def test_prompts_have_exact_token_counts(tiny_models):
+    from pyengine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_models["qwen2"])
+    for n, b in ((1, 1), (7, 3), (50, 4)):
+        rows = bench.build_prompts(tok, n, b)
+        assert len(rows) == b and len({tuple(ids) for _, ids in rows}) == b
+        for text, ids in rows:
+            assert tok.encode(text) == ids and len(ids) == n
+    assert bench.build_prompts(tok, 9, 2) == bench.build_prompts(tok, 9, 2)  # deterministic
+
+
+# ---- quality maths -------------------------------------------------------------------------------
+
+
+def test_perplexity_of_uniform_is_vocab_size():
+    for vocab in (2, 17, 384):
+        logits = torch.zeros(10, vocab)
+        targets = torch.randint(0, vocab, (10,))
+        assert quality.perplexity(logits, targets) == pytest.approx(vocab, rel=1e-12)
+
+
+def test_perplexity_hand_computed():
+    # two positions: p(target) = 0.5 then 0.25 -> ppl = exp(-(ln .5 + ln .25) / 2) = sqrt(8)
+    logits = torch.log(torch.tensor([[0.5, 0.5, 0.0 + 1e-30], [0.25, 0.25, 0.5]]))
+    assert quality.perplexity(logits, torch.tensor([0, 1])) == pytest.approx(math.sqrt(8), rel=1e-9)
+
+
+def test_kl_identical_is_zero_and_hand_computed():
+    x = torch.randn(5, 11)
+    assert quality.kl_divergence(x, x) == 0.0
+    assert quality.kl_divergence(x, x + 3.0) == pytest.approx(0.0, abs=1e-12)  # shift-invariant
+    p, q = torch.tensor([[0.5, 0.5]], dtype=torch.float64), torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert quality.kl_divergence(p.log(), q.log()) == pytest.approx(expected, rel=1e-9)
+    # KL(ref || cand) is not symmetric: the reverse is a different number
+    reverse = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert quality.kl_divergence(q.log(), p.log()) == pytest.approx(reverse, rel=1e-9)
+
+
+def test_top1_agreement():
+    ref = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    cand = torch.tensor([[0.0, 5.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
+    assert quality.top1_agreement(ref, cand) == 0.5
+    assert quality.top1_agreement(ref, ref) == 1.0
+
+
+def test_windows_and_evaluate():
+    ids = list(range(10))
+    assert quality.windows(ids, 10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert quality.windows(ids, 9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a 1-token tail predicts nothing
+    torch.manual_seed(0)
+    table = torch.randn(10, 10)
+    res, kept = quality.evaluate(lambda w: table[w], quality.windows(ids, 10, 4), keep=True)
+    assert res.positions == 3 + 3 + 1 and res.windows == 3 and res.kl is None
+    same, _ = quality.evaluate(lambda w: table[w], quality.windows(ids, 10, 4), reference=kept, reference_name="x")
+    assert same.kl == 0.0 and same.top1_agreement == 1.0 and same.perplexity == res.perplexity
+    uniform, _ = quality.evaluate(lambda w: torch.zeros(len(w), 10), quality.windows(ids, 10, 4))
+    assert uniform.perplexity == pytest.approx(10.0)
+
+
+# ---- argument errors -----------------------------------------------------------------------------
+
+
+def _rc(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own type errors exit 2 after printing usage
+        return e.code
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backends", "hf-eager,warp-drive"], "unknown backend 'warp-drive'"),
+    (["--batch-sizes", "0"], "batch-sizes: 0 is not a positive integer"),
+    (["--batch-sizes", "1,-4"], "batch-sizes: -4 is not a positive integer"),
+    (["--batch-sizes", "1.5"], "'1.5' is not an integer"),
+    (["--batch-sizes", "two"], "'two' is not an integer"),
+    (["--new-tokens", "0"], "--new-tokens must be at least 1"),
+    (["--new-tokens", "many"], "invalid int value"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--corpus", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt does not exist"),
+    (["--energy-source", "wattmeter"], "unknown energy source 'wattmeter'"),
+    (["--pue", "0.5"], "--pue is facility energy / IT energy and must be >= 1.0"),
+    (["--grid-intensity", "ATLANTIS"], "unknown grid region"),
+    (["--quality-window", "1"], "--quality-window must be at least 2"),
+])
+def test_bad_arguments_exit_nonzero(tiny_models, capsys, extra, message):
+    rc = _rc(["bench", "--model", str(tiny_models["llama"]), "--no-progress", *extra])
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert message in captured.err
+    assert captured.out == ""  # failed before any work
+
+
+def test_unloadable_model_exits_nonzero(tmp_path, capsys):
+    assert _rc(["bench", "--model", str(tmp_path / "missing"), "--no-progress"]) != 0
+    assert "no such model folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _rc(["bench", "--model", str(empty), "--no-progress"]) != 0
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_context_too_small_exits_nonzero(tiny_models, capsys):
+    assert _rc(["bench", "--model", str(tiny_models["llama"]), "--prompt-tokens", "200", "--new-tokens", "100",
+                "--no-progress"]) != 0
+    assert "exceeds the model's context" in capsys.readouterr().err
+
+
+# ---- the default model ---------------------------------------------------------------------------
+
+
+@pytest.mark.default_model
+def test_bench_default_model(tmp_path, capsys):
+    pytest.importorskip("pyengine.default_model", reason="pyengine.default_model is not in this build")
+    rc = main(["bench", "--model", "default", "--backends", "hf-eager,torch", "--prompt-tokens", "8",
+               "--new-tokens", "4", "--prefill-tokens", "16", "--repeats", "1", "--warmup", "0",
+               "--quality-tokens", "64", "--quality-window", "32", "--energy-source", "estimate", "--no-progress",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    _validate(report)
+    assert report["quality"]["backends"]["hf-eager"]["kl"] < 1e-4
+
+
+# ---- measure(): phase accounting with a scripted runner ------------------------------------------
+
+
+class _ScriptedRunner:
+    """Sleeps through fixed phase lengths; `hf=True` reports like HFRunner (decode = the whole generate)."""
+
+    def __init__(self, meter, hf):
+        self.meter, self.hf = meter, hf
+
+    def _phase(self, seconds, meter, name):
+        import time
+
+        w = meter.start(name) if meter else None
+        time.sleep(seconds)
+        return (seconds, meter.stop(w) if meter else None)
+
+    def run_prefill(self, rows, meter):
+        return bench.Phases(prefill=self._phase(0.02, meter, "prefill"), decode=None)
+
+    def run_generate(self, rows, new_tokens, meter):
+        p = self._phase(0.02, meter, "prefill")
+        if self.hf:
+            g = self._phase(0.08, meter, "generate")  # = prefill 0.02 + decode 0.06
+            return bench.Phases(prefill=p, decode=(g[0] - p[0], g[1]), decode_is_total=True)
+        return bench.Phases(prefill=p, decode=self._phase(0.06, meter, "decode"))
+
+
+@pytest.mark.parametrize("hf", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_measure_splits_phases_at_constant_power(hf, k):
+    from types import SimpleNamespace
+
+    from pyengine.energy import ConstantPowerMeter, IdlePower
+
+    meter = ConstantPowerMeter({"gpu": 100.0}, sample_interval_s=0.005)
+    idle = IdlePower({"gpu": 25.0}, 1.0, "constant")
+    rows = [("a", [1, 2, 3, 4]), ("b", [5, 6, 7, 8])]
+    cfg = SimpleNamespace(new_tokens=5)
+    try:
+        m = bench.measure(_ScriptedRunner(meter, hf), "generate", rows, cfg, meter, idle, runs_per_window=k)
+    finally:
+        meter.close()
+    assert m["runs_per_window"] == k
+    assert m["prefill"]["tokens"] == 8 and m["decode"]["tokens"] == 8 and m["generate"]["tokens"] == 10
+    # 100 W throughout: joules = 100 x seconds per phase (sleep overshoot and sampling make it approximate)
+    assert m["prefill"]["joules"] == pytest.approx(100.0 * m["prefill"]["seconds"], rel=0.25)
+    assert m["decode"]["joules"] == pytest.approx(100.0 * m["decode"]["seconds"], rel=0.25)
+    assert m["decode"]["seconds"] == pytest.approx(0.06, rel=0.5)
+    assert m["decode"]["active_joules"] == pytest.approx(m["decode"]["joules"] - 25.0 * m["decode"]["seconds"])
+    assert m["energy"]["source"] == "constant" and m["energy"]["estimated"] is False
+    assert m["timeline"]["phases"][0][0] == "prefill"
+
+
+# ---- the int8 trade-off lines --------------------------------------------------------------------
+
+
+def _fake_report(j_int8, j_fp32, idle=False):
+    key = "decode_active_joules_per_token" if idle else "decode_joules_per_token"
+    results = []
+    for name, js in (("fused", j_fp32), ("fused-int8", j_int8)):
+        for b, j in zip((1, 4, 16), js):
+            results.append({"backend": name, "batch_size": b, "summary": {key: {"median": j}}})
+    quality = {"backends": {"fused": {"perplexity": 10.0, "kl": 0.0, "top1_agreement": 1.0, "reference": "torch"},
+                            "fused-int8": {"perplexity": 10.5, "kl": 0.01, "top1_agreement": 0.97,
+                                           "reference": "torch"}}}
+    return {"results": results, "energy": {"idle": {"total_watts": 1.0} if idle else None},
+            "config": {"batch_sizes": [1, 4, 16]}, "quality": quality}
+
+
+def test_tradeoff_break_even_batch():
+    from pyengine import bench_report
+
+    t = bench_report.tradeoffs(_fake_report([2.0, 0.9, 0.5], [1.0, 1.0, 1.0], idle=True))
+    assert t["fp32"] == "fused" and t["break_even_batch"] == 4
+    assert t["basis"] == "decode_active_joules_per_token"
+    b16 = t["by_batch"][2]
+    assert b16["energy_saved_pct"] == pytest.approx(50.0) and b16["ppl_delta"] == pytest.approx(0.5)
+    assert b16["ppl_delta_pct"] == pytest.approx(5.0) and b16["top1_agreement"] == 0.97
+    assert "batch 1: fused-int8 vs fused" in t["lines"][0] and "costs 100.0%" in t["lines"][0]
+    assert "saves 50.0%" in t["lines"][2] and "ppl +0.500" in t["lines"][2]
+    assert t["lines"][-1].endswith("(fused): 4")
+    never = bench_report.tradeoffs(_fake_report([2.0, 1.5, 1.1], [1.0, 1.0, 1.0]))
+    assert never["break_even_batch"] is None
+    assert never["lines"][-1] == "int8 did not save energy at any measured batch size"
