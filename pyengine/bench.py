@@ -358,19 +358,17 @@ class EngineRunner:
         self.name = name
         self.engine = pyengine.load(path, backend=name, device=str(device), progress=False)
         self.dtype = self.engine.dtype
-        # generate(measure_energy=True) uses engine.energy_meter(): give it the bench's meter, so
-        # every backend is measured by the same source the idle baseline came from.
-        self.engine._meter = meter
 
     def run_prefill(self, rows, meter):
+        # The bench's meter, so every backend is measured by the source the idle baseline came from.
         res = self.engine.generate([t for t, _ in rows], max_new_tokens=1, ignore_eos=True,
-                                   measure_energy=meter is not None)
+                                   measure_energy=meter or False)
         u = res[0].usage
         return Phases(prefill=(u.prefill_seconds, _usage_joules(res, "prefill_joules")), decode=None)
 
     def run_generate(self, rows, new_tokens, meter):
         res = self.engine.generate([t for t, _ in rows], max_new_tokens=new_tokens, ignore_eos=True,
-                                   measure_energy=meter is not None)
+                                   measure_energy=meter or False)
         for r in res:
             if len(r.token_ids) != new_tokens:
                 raise RuntimeError(f"{self.name}: generated {len(r.token_ids)} tokens, expected {new_tokens} "
@@ -383,7 +381,6 @@ class EngineRunner:
         return self.engine.logits([ids])[0].cpu()
 
     def close(self):
-        self.engine._meter = None
         del self.engine
 
 

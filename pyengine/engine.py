@@ -80,6 +80,7 @@ class Engine:
         prompt: str or list of str. messages: a conversation (list of {"role", "content"}) or a list
         of them, rendered with the model's chat template; chat=True wraps plain prompts as a user turn.
         stream=True returns an iterator of text pieces instead (one prompt only).
+        measure_energy: True (this engine's meter, see energy_meter()) or a pyengine.energy meter.
         """
         if stream:
             return self.stream(prompt, messages=messages, chat=chat, max_new_tokens=max_new_tokens,
@@ -180,7 +181,9 @@ class Engine:
                 raise ValueError(f"prompt {i} is {len(ids)} tokens; the model's context is "
                                  f"{self.config.max_context} tokens (room is needed for at least one new token)")
         end_ids = set(extra_ids) | (set() if ignore_eos else set(self.eos_token_ids))
-        meter = self.energy_meter() if measure_energy else None
+        # measure_energy: True for this engine's meter, or a meter object (e.g. the bench's, so that
+        # every backend is measured by the source its idle baseline came from).
+        meter = measure_energy if hasattr(measure_energy, "start") else self.energy_meter() if measure_energy else None
         return _Run(self, prompt_ids, max_new_tokens, params, stops, end_ids, meter)
 
     def energy_meter(self, source: str = "auto"):

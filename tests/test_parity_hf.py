@@ -5,7 +5,7 @@ import transformers
 
 import pyengine
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "fused"]  # the exact (fp32) backends; fused-int8 is checked for quality in test_int8_engine.py
 
 
 def hf_model(folder):
