@@ -6,23 +6,10 @@
 #include <limits>
 
 #include "cpu/attention_isa.h"
+#include "cpu/avx2_math.h"
 
 namespace pyengine::cpu {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Horizontal sums of eight vectors at once: lane i of the result is the sum of a[i].
 inline __m256 hsum8(const __m256 a[8]) {
@@ -32,34 +19,11 @@ inline __m256 hsum8(const __m256 a[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// e^x, Cephes-style: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (~1e-7
-// relative), 2^n built in the exponent bits. Inputs below -87 (and -inf) give exactly 0.
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
-  const __m256i pow2n =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-  float s = hsum(acc);
+  float s = avx2::hsum_ps(acc);
   for (; d < n; ++d) s += a[d] * b[d];
   return s;
 }
@@ -172,18 +136,18 @@ void attend_key_block_avx2(const AttnKeyBlock& a) {
     __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-    float block_max = hmax(vmax);
+    float block_max = avx2::hmax_ps(vmax);
     for (; j < n; ++j) block_max = std::max(block_max, s[j]);
     const float old_max = a.row_max[r], new_max = std::max(old_max, block_max);
     const float rescale = std::exp(old_max - new_max);  // 0 on the first block (old_max = -inf)
     const __m256 vnew_max = _mm256_set1_ps(new_max);
     __m256 vsum = _mm256_setzero_ps();
     for (j = 0; j + 8 <= n; j += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vnew_max));
+      const __m256 e = avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vnew_max));
       _mm256_storeu_ps(s + j, e);
       vsum = _mm256_add_ps(vsum, e);
     }
-    float sum = hsum(vsum);
+    float sum = avx2::hsum_ps(vsum);
     for (; j < n; ++j) {
       s[j] = std::exp(s[j] - new_max);
       sum += s[j];

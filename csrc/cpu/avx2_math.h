@@ -4,6 +4,21 @@
 
 namespace pyengine::cpu::avx2 {
 
+// Horizontal sum and max of 8 floats.
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax_ps(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // exp(x) for 8 floats, within ~2 ulp over the whole float range. Cody-Waite range reduction
 // x = n*ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r (Cephes' expf coefficients),
 // scaled by 2^n built directly in the exponent bits. Results above ~2.4e38 (x > 88.376) are +inf, below

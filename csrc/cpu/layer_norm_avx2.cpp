@@ -8,13 +8,6 @@
 
 namespace pyengine::cpu {
 
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 void layer_norm_row_avx2(const float* x, const float* delta, float* sum_out, const float* weight,
                          const float* bias, float* out, int64_t dim, float eps) {
   // Pass 1: (residual add and) a first estimate of the mean. Masked tails keep every element on the vector path; masked-off
@@ -42,7 +35,7 @@ void layer_norm_row_avx2(const float* x, const float* delta, float* sum_out, con
     acc0 = _mm256_add_ps(acc0, a);
   }
   const float* src = delta != nullptr ? sum_out : x;
-  const float rough_mean = hsum(_mm256_add_ps(acc0, acc1)) / static_cast<float>(dim);
+  const float rough_mean = avx2::hsum_ps(_mm256_add_ps(acc0, acc1)) / static_cast<float>(dim);
 
   // Pass 2: deviations d from that mean, summing d^2 and d. The float sum in pass 1 is off by
   // O(eps * |mean|); sum(d) / dim measures that error, which then corrects both the mean and the
@@ -66,8 +59,8 @@ void layer_norm_row_avx2(const float* x, const float* delta, float* sum_out, con
     acc0 = _mm256_add_ps(acc0, a);
     sq0 = _mm256_fmadd_ps(a, a, sq0);
   }
-  const float mean_error = hsum(_mm256_add_ps(acc0, acc1)) / static_cast<float>(dim);
-  const float var = hsum(_mm256_add_ps(sq0, sq1)) / static_cast<float>(dim) - mean_error * mean_error;
+  const float mean_error = avx2::hsum_ps(_mm256_add_ps(acc0, acc1)) / static_cast<float>(dim);
+  const float var = avx2::hsum_ps(_mm256_add_ps(sq0, sq1)) / static_cast<float>(dim) - mean_error * mean_error;
   const __m256 mean = _mm256_set1_ps(rough_mean + mean_error);
   const __m256 inv_std = _mm256_set1_ps(1.0f / std::sqrt(std::fmax(var, 0.0f) + eps));
 

@@ -3,16 +3,10 @@
 
 #include <cmath>
 
+#include "cpu/avx2_math.h"
 #include "cpu/rms_norm_isa.h"
 
 namespace pyengine::cpu {
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 void rms_norm_row_avx2(const float* x, const float* delta, float* sum_out, const float* weight,
                        float* out, int64_t dim, float eps) {
@@ -29,7 +23,7 @@ void rms_norm_row_avx2(const float* x, const float* delta, float* sum_out, const
     acc0 = _mm256_fmadd_ps(a, a, acc0);
     acc1 = _mm256_fmadd_ps(b, b, acc1);
   }
-  float sum_sq = hsum(_mm256_add_ps(acc0, acc1));
+  float sum_sq = avx2::hsum_ps(_mm256_add_ps(acc0, acc1));
   for (; i < dim; ++i) {
     float v = x[i];
     if (delta != nullptr) {

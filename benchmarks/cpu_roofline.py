@@ -1,0 +1,202 @@
+"""End-to-end CPU figures for the default model, all in one process, against the machine's own limits.
+
+    python benchmarks/cpu_roofline.py [--threads 2] [--repeats 3] [--json benchmarks/results/cpu-<kind>.json]
+
+Measures, in this order and in one run:
+  * the machine: read bandwidth (a 1 GB fp32 sum, best of 5) and fp32 GEMM rate (torch.mm 1024^3);
+  * decode tokens/s (32-token prompt, 128 new tokens, batch 1) and prefill tokens/s (512-token prompt)
+    for HF transformers eager fp32 (the baseline), HF + torch dynamic int8 (quantize_dynamic, the int8
+    a PyTorch user reaches first), and pyengine's torch, fused and fused-int8 backends;
+  * each decode figure as a fraction of its roofline: bytes read per token (every weight matrix,
+    lm_head included, at 4 bytes fp32 or 1 byte + a 4-byte scale per row int8; norms, one embedding
+    row and the KV cache) / the measured bandwidth;
+  * a batch sweep of decode tokens/s.
+Medians over --repeats runs after a warm-up. Timings on shared machines are noisy: compare ratios
+within one run, never absolute numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import pyengine
+from pyengine import ops
+from pyengine.cli import _cpu_model
+
+PROMPT = ("The history of the city begins with a small settlement on the river, where traders met to "
+          "exchange grain, salt and cloth. Over the centuries the town grew into a market, then a port, "
+          "and finally the capital of a region known for its bridges, its libraries and its music. ") * 20
+
+
+def read_bandwidth_gbs(repeats: int = 5) -> float:
+    x = torch.ones(256 * 1024 * 1024)  # 1 GiB of fp32
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_time(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bytes_per_token(config, int8: bool, context: int) -> dict:
+    """Bytes one decode step reads at batch 1 (weights once, plus this context's KV)."""
+    c = config
+    H, D, I, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    matrices = [((c.num_heads + 2 * c.num_kv_heads) * D, H), (H, c.num_heads * D), (2 * I, H), (H, I)]
+    weight_elems = c.num_layers * sum(n * k for n, k in matrices) + V * H  # + lm_head
+    rows = c.num_layers * sum(n for n, _ in matrices) + V
+    weights = weight_elems * (1 if int8 else 4) + (rows * 4 if int8 else 0)
+    small = (2 * c.num_layers + 1) * H * 4 + H * 4  # norms, one embedding row
+    kv = 2 * c.num_layers * c.num_kv_heads * D * 4 * context
+    return {"weights": weights, "other": small + kv, "total": weights + small + kv}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats):
+    prompts = [engine.tokenizer.decode(prompt_ids)] * batch
+    engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+    out = []
+    for _ in range(repeats):
+        r = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)[0]
+        out.append(batch * (new_tokens - 1) / r.usage.decode_seconds)
+    return out
+
+
+def pyengine_prefill(engine, prompt_ids, repeats):
+    text = engine.tokenizer.decode(prompt_ids)
+    engine.generate(text, max_new_tokens=1)
+    return [len(prompt_ids) / engine.generate(text, max_new_tokens=1).usage.prefill_seconds for _ in range(repeats)]
+
+
+def hf_runs(model, prompt_ids, new_tokens, batch, repeats):
+    ids = torch.tensor([prompt_ids] * batch)
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
+        out = []
+        for _ in range(repeats):
+            prefill = _time(lambda: model(ids))
+            total = _time(lambda: model.generate(ids, **kwargs))
+            out.append(batch * (new_tokens - 1) / (total - prefill))  # decode = generate - prefill
+    return out
+
+
+def hf_prefill(model, prompt_ids, repeats):
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        model(ids)
+        return [len(prompt_ids) / _time(lambda: model(ids)) for _ in range(repeats)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--skip-hf", action="store_true", help="skip both HF baselines")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    ops.set_num_threads(args.threads)
+    import transformers
+
+    machine = {"cpu": _cpu_model(), "isa": ops.active_isa(), "threads": args.threads,
+               "python": platform.python_version(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "pyengine": pyengine.__version__,
+               "load_average": list(__import__("os").getloadavg())}
+    print(f"machine: {machine['cpu']}, isa {machine['isa']}, {args.threads} threads", flush=True)
+    bandwidth = read_bandwidth_gbs()
+    gflops = gemm_gflops()
+    print(f"read bandwidth {bandwidth:.1f} GB/s, fp32 GEMM {gflops:.0f} GFLOP/s", flush=True)
+
+    reference = pyengine.load(args.model, backend="torch")
+    path, config = reference.model_path, reference.config
+    ids = reference.tokenizer.encode(PROMPT)
+    prompt_ids, prefill_ids = ids[: args.prompt_tokens], ids[: args.prefill_tokens]
+    del reference
+    context = args.prompt_tokens + args.new_tokens // 2  # average KV length during decode
+    roofline = {kind: bandwidth * 1e9 / bytes_per_token(config, kind == "int8", context)["total"]
+                for kind in ("fp32", "int8")}
+    print(f"decode roofline at batch 1: fp32 {roofline['fp32']:.1f} tok/s, int8 {roofline['int8']:.1f} tok/s",
+          flush=True)
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = []
+
+    def record(name, precision, decode_by_batch, prefill):
+        row = {"backend": name, "precision": precision,
+               "decode_tok_s": {b: median(v) for b, v in decode_by_batch.items()},
+               "decode_tok_s_runs": decode_by_batch, "prefill_tok_s": median(prefill), "prefill_runs": prefill}
+        row["decode_roofline_fraction"] = row["decode_tok_s"][1] / roofline[precision] if 1 in decode_by_batch else None
+        rows.append(row)
+        fraction = row["decode_roofline_fraction"]
+        print(f"{name:<18} decode b1 {row['decode_tok_s'].get(1, float('nan')):7.1f} tok/s "
+              f"({(fraction or 0) * 100:5.1f}% of {precision} roofline)  prefill {row['prefill_tok_s']:7.1f} tok/s  "
+              f"batches {', '.join(f'{b}: {v:.1f}' for b, v in row['decode_tok_s'].items())}", flush=True)
+
+    if not args.skip_hf:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+        record("hf-eager", "fp32", {b: hf_runs(hf, prompt_ids, args.new_tokens, b, args.repeats) for b in batch_sizes},
+               hf_prefill(hf, prefill_ids, args.repeats))
+        try:
+            from torch.ao.quantization import quantize_dynamic
+
+            hf8 = quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+            record("hf-dynamic-int8", "int8", {1: hf_runs(hf8, prompt_ids, args.new_tokens, 1, args.repeats)},
+                   hf_prefill(hf8, prefill_ids, args.repeats))
+            del hf8
+        except Exception as e:  # report, don't hide: this baseline may disappear from torch
+            print(f"hf-dynamic-int8: not measured ({type(e).__name__}: {e})")
+        del hf
+
+    for backend in ("torch", "fused", "fused-int8"):
+        engine = pyengine.load(path, backend=backend)
+        record(backend, "int8" if backend == "fused-int8" else "fp32",
+               {b: pyengine_runs(engine, prompt_ids, args.new_tokens, b, args.repeats) for b in batch_sizes},
+               pyengine_prefill(engine, prefill_ids, args.repeats))
+        del engine
+
+    base = next((r for r in rows if r["backend"] == "hf-eager"), None)
+    if base:
+        for r in rows:
+            r["decode_speedup_vs_hf_eager"] = r["decode_tok_s"].get(1, 0) / base["decode_tok_s"][1]
+            r["prefill_speedup_vs_hf_eager"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+    result = {"machine": machine, "read_bandwidth_gb_s": bandwidth, "fp32_gemm_gflop_s": gflops,
+              "roofline_tok_s": roofline, "bytes_per_token": {k: bytes_per_token(config, k == "int8", context)
+                                                               for k in ("fp32", "int8")},
+              "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
