@@ -30,6 +30,18 @@ PE_INLINE float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Decode streams each weight row once, and rows of a few hundred bytes are too short for the
+// hardware prefetcher to learn. With few rows of a (MR <= 2) each k-step therefore prefetches the
+// matching slice of the b rows two tiles ahead (prefetches never fault, so running past the end
+// of b is harmless).
+template <int MR, int NR>
+PE_INLINE void prefetch_ahead(const int8_t* b, int64_t ldb, int64_t k, int64_t bytes_per_step) {
+  if constexpr (MR <= 2) {
+    const char* p = reinterpret_cast<const char*>(b) + 2 * NR * ldb + k * NR;
+    for (int64_t off = 0; off < NR * bytes_per_step; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  }
+}
+
 // ---- int8 x int8 -> int32 ----
 
 // acc[m][n] += 32 products of a row m and b row n, starting at a / b.
@@ -54,7 +66,10 @@ void i8_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_si256();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) i8_step<MR, NR>(a + k, lda, b + k, ldb, acc);
+  for (; k + 32 <= K; k += 32) {
+    prefetch_ahead<MR, NR>(b, ldb, k, 32);
+    i8_step<MR, NR>(a + k, lda, b + k, ldb, acc);
+  }
   if (k < K) {  // tail: zero-padded copies, so no byte past a row is read
     alignas(32) int8_t a_tail[MR][32] = {}, b_tail[NR][32] = {};
     for (int m = 0; m < MR; ++m) std::memcpy(a_tail[m], a + m * lda + k, K - k);
@@ -74,6 +89,7 @@ void f32i8_tile(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if ((k & 31) == 0) prefetch_ahead<MR, NR>(b, ldb, k, 32);
     __m256 bf[NR];
     for (int n = 0; n < NR; ++n) {
       const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + n * ldb + k));

@@ -55,7 +55,15 @@ void i8_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t
   }
   const __mmask64 all = ~__mmask64{0};
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) i8_step<MR, NR>(a + k, lda, b + k, ldb, all, acc, b_sum);
+  for (; k + 64 <= K; k += 64) {
+    if constexpr (MR <= 2) {
+      // Decode: weight rows are too short for the hardware prefetcher to learn; fetch the slice
+      // of the b rows two tiles ahead (a prefetch never faults, even past the end of b).
+      const char* ahead = reinterpret_cast<const char*>(b) + 2 * NR * ldb + k * NR;
+      for (int line = 0; line < NR; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    }
+    i8_step<MR, NR>(a + k, lda, b + k, ldb, all, acc, b_sum);
+  }
   if (k < K) {
     const __mmask64 tail = (__mmask64{1} << (K - k)) - 1;  // K - k < 64
     i8_step<MR, NR>(a + k, lda, b + k, ldb, tail, acc, b_sum);
