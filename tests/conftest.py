@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # One tiny config per supported architecture; small enough that a forward pass takes milliseconds.
 TINY_CONFIGS = {
