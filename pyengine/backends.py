@@ -102,6 +102,11 @@ class TorchBackend:
     def embedding(self, ids, table):
         return F.embedding(ids, table)
 
+    def make_llama_decoder(self, model):
+        """An object whose step() runs a whole Llama decode step in one call, or None: this backend
+        runs the layers op by op."""
+        return None
+
 
 class FusedBackend(TorchBackend):
     """Our C++ kernels for attention, norms, rotary embedding and activations; fp32 weights.
@@ -169,6 +174,17 @@ class FusedBackend(TorchBackend):
         out = torch.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
         self._C.embedding(ids.reshape(-1).contiguous(), table, out.view(-1, table.shape[1]))
         return out
+
+    def make_llama_decoder(self, model):
+        """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead
+        of ~15 Python op calls per layer. Its linears are this backend's (fp32 or int8) weights."""
+        c = model.config
+        if model.device.type != "cpu" or model.embed.dtype != torch.float32:
+            return None
+        return self._C.LlamaDecoder(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim, intermediate_size=c.intermediate_size, norm_eps=c.norm_eps,
+            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers)
 
 
 class FusedInt8Backend(FusedBackend):

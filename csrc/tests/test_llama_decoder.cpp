@@ -1,0 +1,194 @@
+// LlamaDecoder::step against a plain scalar decoder written out here, for every ISA; bad tokens and
+// positions throw before anything is written.
+#include "pyengine/llama_decoder.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "tests/test_util.h"
+
+using namespace pyengine;
+using pyengine::testing::random_floats;
+
+namespace {
+
+constexpr int64_t V = 37, H = 16, Hq = 4, Hkv = 2, D = 4, I = 24, L = 2, S = 8, B = 2;
+constexpr float kEps = 1e-5f;
+
+struct Weights {
+  std::vector<float> embed = random_floats(V * H, 1), final_norm = random_floats(H, 2, 0.2f);
+  std::vector<std::vector<float>> attn_norm, qkv, qkv_bias, out, mlp_norm, gate_up, down;
+  Weights() {
+    for (int64_t l = 0; l < L; ++l) {
+      const unsigned s = 10 + 10 * static_cast<unsigned>(l);
+      attn_norm.push_back(random_floats(H, s, 0.2f));
+      qkv.push_back(random_floats((Hq + 2 * Hkv) * D * H, s + 1, 0.3f));
+      qkv_bias.push_back(random_floats((Hq + 2 * Hkv) * D, s + 2, 0.1f));
+      out.push_back(random_floats(H * Hq * D, s + 3, 0.3f));
+      mlp_norm.push_back(random_floats(H, s + 4, 0.2f));
+      gate_up.push_back(random_floats(2 * I * H, s + 5, 0.3f));
+      down.push_back(random_floats(H * I, s + 6, 0.3f));
+    }
+    for (auto& x : final_norm) x += 1.0f;
+    for (auto& n : attn_norm) for (auto& x : n) x += 1.0f;
+    for (auto& n : mlp_norm) for (auto& x : n) x += 1.0f;
+  }
+};
+
+DecoderLinear f32_linear(const std::vector<float>& w, const float* bias, int64_t n, int64_t k) {
+  DecoderLinear d;
+  d.weight_f32 = w.data();
+  d.bias = bias;
+  d.out_features = n;
+  d.in_features = k;
+  return d;
+}
+
+void ref_linear(const float* x, const std::vector<float>& w, const float* bias, float* y, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < n; ++i) {
+    double acc = bias ? bias[i] : 0.0;
+    for (int64_t j = 0; j < k; ++j) acc += double(x[j]) * w[i * k + j];
+    y[i] = float(acc);
+  }
+}
+
+void ref_norm(const float* x, const float* w, float* y) {
+  double ss = 0;
+  for (int64_t i = 0; i < H; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / H) + kEps);
+  for (int64_t i = 0; i < H; ++i) y[i] = x[i] * r * w[i];
+}
+
+void ref_rope(float* v, int64_t heads, int64_t pos, const std::vector<float>& cos, const std::vector<float>& sin) {
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < D / 2; ++i) {
+      float& a = v[h * D + i];
+      float& b = v[h * D + i + D / 2];
+      const float c = cos[pos * D / 2 + i], s = sin[pos * D / 2 + i], a0 = a, b0 = b;
+      a = a0 * c - b0 * s;
+      b = b0 * c + a0 * s;
+    }
+  }
+}
+
+// One sequence's decode step, caches [L, B, Hkv, S, D] (writes slot pos of sequence b).
+void ref_step(const Weights& w, int64_t token, int64_t b, int64_t pos, std::vector<float>& kc, std::vector<float>& vc,
+              const std::vector<float>& cos, const std::vector<float>& sin, float* logits) {
+  std::vector<float> x(w.embed.begin() + token * H, w.embed.begin() + (token + 1) * H), h(H),
+      qkv((Hq + 2 * Hkv) * D), attn(Hq * D), delta(H), gu(2 * I), act(I);
+  for (int64_t l = 0; l < L; ++l) {
+    ref_norm(x.data(), w.attn_norm[l].data(), h.data());
+    ref_linear(h.data(), w.qkv[l], w.qkv_bias[l].data(), qkv.data(), (Hq + 2 * Hkv) * D, H);
+    ref_rope(qkv.data(), Hq, pos, cos, sin);
+    ref_rope(qkv.data() + Hq * D, Hkv, pos, cos, sin);
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t slot = (((l * B + b) * Hkv + kvh) * S + pos) * D + d;
+        kc[slot] = qkv[Hq * D + kvh * D + d];
+        vc[slot] = qkv[(Hq + Hkv) * D + kvh * D + d];
+      }
+    }
+    for (int64_t qh = 0; qh < Hq; ++qh) {
+      const int64_t base = ((l * B + b) * Hkv + qh / (Hq / Hkv)) * S * D;
+      std::vector<double> score(pos + 1);
+      double mx = -1e30, sum = 0;
+      for (int64_t j = 0; j <= pos; ++j) {
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(qkv[qh * D + d]) * kc[base + j * D + d];
+        score[j] = s / std::sqrt(double(D));
+        mx = std::max(mx, score[j]);
+      }
+      for (auto& s : score) sum += (s = std::exp(s - mx));
+      for (int64_t d = 0; d < D; ++d) {
+        double acc = 0;
+        for (int64_t j = 0; j <= pos; ++j) acc += score[j] * vc[base + j * D + d];
+        attn[qh * D + d] = float(acc / sum);
+      }
+    }
+    ref_linear(attn.data(), w.out[l], nullptr, delta.data(), H, Hq * D);
+    for (int64_t i = 0; i < H; ++i) x[i] += delta[i];
+    ref_norm(x.data(), w.mlp_norm[l].data(), h.data());
+    ref_linear(h.data(), w.gate_up[l], nullptr, gu.data(), 2 * I, H);
+    for (int64_t i = 0; i < I; ++i) act[i] = gu[i] / (1.0f + std::exp(-gu[i])) * gu[I + i];
+    ref_linear(act.data(), w.down[l], nullptr, delta.data(), H, I);
+    for (int64_t i = 0; i < H; ++i) x[i] += delta[i];
+  }
+  ref_norm(x.data(), w.final_norm.data(), h.data());
+  ref_linear(h.data(), w.embed, nullptr, logits, V, H);  // tied lm_head
+}
+
+void test_matches_reference(Isa isa) {
+  set_isa(isa);
+  const Weights w;
+  std::vector<LlamaLayerWeights> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    layers[l].attn_norm = w.attn_norm[l].data();
+    layers[l].qkv = f32_linear(w.qkv[l], w.qkv_bias[l].data(), (Hq + 2 * Hkv) * D, H);
+    layers[l].out = f32_linear(w.out[l], nullptr, H, Hq * D);
+    layers[l].mlp_norm = w.mlp_norm[l].data();
+    layers[l].gate_up = f32_linear(w.gate_up[l], nullptr, 2 * I, H);
+    layers[l].down = f32_linear(w.down[l], nullptr, H, I);
+  }
+  LlamaDims dims{V, H, Hq, Hkv, D, I, kEps};
+  LlamaDecoder dec(dims, w.embed.data(), w.final_norm.data(), f32_linear(w.embed, nullptr, V, H), layers);
+
+  std::vector<float> cos(S * D / 2), sin(S * D / 2);
+  for (int64_t p = 0; p < S; ++p) {
+    for (int64_t i = 0; i < D / 2; ++i) {
+      cos[p * D / 2 + i] = std::cos(p * std::pow(100.0f, -2.0f * i / D));
+      sin[p * D / 2 + i] = std::sin(p * std::pow(100.0f, -2.0f * i / D));
+    }
+  }
+  std::vector<float> kc(L * B * Hkv * S * D, 0.0f), vc(kc), ref_kc(kc), ref_vc(kc), logits(B * V), ref(V);
+  // Ragged: sequence 1 starts 3 positions later.
+  for (int step = 0; step < 4; ++step) {
+    const int64_t tokens[B] = {(5 * step + 1) % V, (7 * step + 30) % V};
+    const int32_t positions[B] = {step, step + 3};
+    dec.step(tokens, B, kc.data(), vc.data(), S, positions, cos.data(), sin.data(), S, logits.data());
+    for (int64_t b = 0; b < B; ++b) {
+      ref_step(w, tokens[b], b, positions[b], ref_kc, ref_vc, cos, sin, ref.data());
+      for (int64_t v = 0; v < V; ++v) PE_CHECK(std::fabs(logits[b * V + v] - ref[v]) < 1e-4f);
+    }
+  }
+  for (size_t i = 0; i < kc.size(); ++i) PE_CHECK(std::fabs(kc[i] - ref_kc[i]) < 1e-4f && std::fabs(vc[i] - ref_vc[i]) < 1e-4f);
+
+  // Bad arguments throw before writing anything.
+  const std::vector<float> kc_before = kc;
+  const int64_t bad_token[B] = {1, V};
+  const int32_t ok_pos[B] = {0, 1}, bad_pos[B] = {0, S};
+  bool threw = false;
+  try {
+    dec.step(bad_token, B, kc.data(), vc.data(), S, ok_pos, cos.data(), sin.data(), S, logits.data());
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  PE_CHECK(threw);
+  threw = false;
+  const int64_t ok_token[B] = {1, 2};
+  try {
+    dec.step(ok_token, B, kc.data(), vc.data(), S, bad_pos, cos.data(), sin.data(), S, logits.data());
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  PE_CHECK(threw);
+  PE_CHECK(kc == kc_before);
+
+  // Construction rejects a linear of the wrong shape.
+  layers[1].down.in_features = I + 1;
+  threw = false;
+  try {
+    LlamaDecoder bad(dims, w.embed.data(), w.final_norm.data(), f32_linear(w.embed, nullptr, V, H), layers);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  PE_CHECK(threw);
+}
+
+}  // namespace
+
+int main() {
+  for (Isa isa : pyengine::testing::supported_isas()) test_matches_reference(isa);
+  std::printf("test_llama_decoder: ok\n");
+  return 0;
+}
