@@ -90,6 +90,7 @@ void f32i8_tile(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (k % 64 == 0) prefetch_ahead<NR>(b, ldb, k);  // one prefetch per cache line
     __m256 bf[NR];
     for (int n = 0; n < NR; ++n) {
       const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + n * ldb + k));

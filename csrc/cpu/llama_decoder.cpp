@@ -110,7 +110,8 @@ void LlamaDecoder::reserve(int64_t batch) {
 
 void LlamaDecoder::linear(const DecoderLinear& w, const float* x, float* out, int64_t rows) const {
   if (w.weight_i8 != nullptr) {
-    int8_linear(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
+    // Weight-only int8, as the Python fused-int8 path (see FusedInt8Backend for the measurement).
+    int8_linear_wo(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
   } else {
     linear_f32(x, w.weight_f32, w.bias, out, rows, w.out_features, w.in_features);
   }
