@@ -10,7 +10,9 @@ Measures, in this order and in one run:
   * each decode figure as a fraction of its roofline: bytes read per token (every weight matrix,
     lm_head included, at 4 bytes fp32 or 1 byte + a 4-byte scale per row int8; norms, one embedding
     row and the KV cache) / the measured bandwidth;
-  * a batch sweep of decode tokens/s.
+  * a batch sweep of decode tokens/s;
+  * fused and fused-int8 decode with the C++ decode step switched off (the same kernels called op by op
+    from Python), and a per-phase profile of one C++ decode step.
 Medians over --repeats runs after a warm-up. Timings on shared machines are noisy: compare ratios
 within one run, never absolute numbers across runs.
 """
@@ -110,6 +112,18 @@ def hf_prefill(model, prompt_ids, repeats):
         return [len(prompt_ids) / _time(lambda: model(ids)) for _ in range(repeats)]
 
 
+def profile_step(engine, steps: int = 20) -> dict:
+    """Seconds per phase of one C++ decode step (the decoder's own timers), averaged over `steps`."""
+    decoder = engine.model._decoder
+    decoder.set_profiling(True)
+    decoder.reset_profile()
+    engine.generate("Profile this.", max_new_tokens=steps + 1, ignore_eos=True)
+    profile = decoder.profile()
+    decoder.set_profiling(False)
+    n = profile.pop("steps")
+    return {k: v / n for k, v in profile.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -175,12 +189,25 @@ def main(argv=None) -> int:
             print(f"hf-dynamic-int8: not measured ({type(e).__name__}: {e})")
         del hf
 
+    profiles = {}
     for backend in ("torch", "fused", "fused-int8"):
         engine = pyengine.load(path, backend=backend)
-        record(backend, "int8" if backend == "fused-int8" else "fp32",
+        precision = "int8" if backend == "fused-int8" else "fp32"
+        record(backend, precision,
                {b: pyengine_runs(engine, prompt_ids, args.new_tokens, b, args.repeats) for b in batch_sizes},
                pyengine_prefill(engine, prefill_ids, args.repeats))
+        if backend != "torch":
+            # The same kernels driven op by op from Python: what the C++ decode step saves.
+            engine.model.cpp_decode = False
+            record(f"{backend} (python)", precision,
+                   {1: pyengine_runs(engine, prompt_ids, args.new_tokens, 1, args.repeats)}, [float("nan")])
+            engine.model.cpp_decode = True
+            profiles[backend] = profile_step(engine)
         del engine
+    for backend, profile in profiles.items():
+        total = sum(profile.values())
+        print(f"profile of one C++ decode step, {backend}: {total * 1e3:.2f} ms: " +
+              ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(profile.items(), key=lambda kv: -kv[1])[:6]))
 
     base = next((r for r in rows if r["backend"] == "hf-eager"), None)
     if base:
@@ -190,7 +217,8 @@ def main(argv=None) -> int:
     result = {"machine": machine, "read_bandwidth_gb_s": bandwidth, "fp32_gemm_gflop_s": gflops,
               "roofline_tok_s": roofline, "bytes_per_token": {k: bytes_per_token(config, k == "int8", context)
                                                                for k in ("fp32", "int8")},
-              "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows}
+              "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows,
+              "decode_step_profile_s": profiles}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
