@@ -35,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_small_ops(m);
   bind::bind_attention(m);
   bind::bind_int8_matmul(m);
+  bind::bind_cuda(m);
 }
