@@ -7,7 +7,7 @@ int device_count() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err == cudaSuccess) return count;
-  cudaGetLastError();  // clear the sticky-free error so later calls do not see it
+  cudaGetLastError();  // clear it, so the next runtime call does not report it again
   switch (err) {
     // No GPU, no libcuda (or only its stub), or a driver older than this runtime: no devices.
     case cudaErrorNoDevice:
