@@ -29,6 +29,8 @@ SHAPES = {  # name: (N, K), torch Linear weight layout
 }
 POOL_BYTES = 192 << 20  # >> 32 MiB L3
 IMPLS = ["int8_w8a8", "int8_weight_only", "pyengine_f32", "torch_f32", "torch_dynamic_qint8"]
+GEMV_IMPLS = IMPLS + ["int8_w8a16"]  # W8A16 is the decode (few-row) kernel: GEMV only
+INT8_KERNELS = {"int8_w8a8": "int8_linear", "int8_weight_only": "int8_linear_wo", "int8_w8a16": "int8_linear_a16"}
 RESULTS = {"gemv": {}, "gemm": {}}
 
 
@@ -72,10 +74,10 @@ def _pool(name, impl):
     gen = torch.Generator().manual_seed(0)
     if elem == 4 or impl == "torch_dynamic_qint8":
         weights = [torch.randn(N, K, generator=gen) * 0.05 for _ in range(copies)]
-    if impl in ("int8_w8a8", "int8_weight_only"):
+    if impl in INT8_KERNELS:
         w_q = torch.randint(-127, 128, (copies, N, K), dtype=torch.int8, generator=gen)
         w_scale = torch.rand(copies, N, generator=gen) * 1e-3
-        kernel = _C.int8_linear if impl == "int8_w8a8" else _C.int8_linear_wo
+        kernel = getattr(_C, INT8_KERNELS[impl])
         calls = [lambda i=i: kernel(x, w_q[i], w_scale[i], out) for i in range(copies)]
     elif impl == "pyengine_f32":
         calls = [lambda w=w: _C.linear_f32(x, w, out) for w in weights]
@@ -98,7 +100,7 @@ def test_read_bandwidth(benchmark):
     RESULTS["read_GBps"] = gbps
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GEMV_IMPLS)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_gemv(benchmark, name, impl):
     calls, weight_bytes = _pool(name, impl)
@@ -157,6 +159,7 @@ def _errors():
     qlin = _torch_dynamic([w])[0]
     return {"int8_w8a8": rel(ops.int8_linear(x, w_q, w_scale)),
             "int8_weight_only": rel(ops.int8_linear_wo(x, w_q, w_scale)),
+            "int8_w8a16": rel(ops.int8_linear_a16(x, w_q, w_scale)),
             "torch_dynamic_qint8": rel(qlin(x))}
 
 
@@ -169,7 +172,7 @@ def test_zz_summary():
     lines.append("GEMV M=1, weights from DRAM: weight GB/s median/best (fraction of read bandwidth), median us")
     for name in SHAPES:
         cells = []
-        for impl in IMPLS:
+        for impl in GEMV_IMPLS:
             if (name, impl) in RESULTS["gemv"]:
                 t, g, best = RESULTS["gemv"][(name, impl)]
                 frac = f" ({g / read:.0%}/{best / read:.0%})" if read else ""

@@ -350,3 +350,38 @@ def _(x, w, bias=None):
 
 def linear_f32_reference(x, w, bias=None):
     return torch.nn.functional.linear(x, w, bias)
+
+
+# ---- int8_linear_a16: W8A16 Linear for decode (int16 activations x int8 weights, exact sums) ----
+
+
+@torch.library.custom_op("pyengine::int8_linear_a16", mutates_args=())
+def int8_linear_a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A16 Linear: x rows quantized to int16 per row, exact integer dot products with the int8
+    weights, then scaled. x [..., K] -> [..., N]. Meant for few rows (decode)."""
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w_q.shape[0], dtype=torch.float32)
+    _C.int8_linear_a16(x2, w_q, w_scale, out, bias)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@int8_linear_a16.register_fake
+def _(x, w_q, w_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], w_q.shape[0])
+
+
+def quantize_rows_i16_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int16 (as int8_linear_a16 quantizes activations): scale = max|x| / 32767."""
+    scale = x.abs().amax(-1) / 32767
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).unsqueeze(-1)
+    q = torch.where(scale.unsqueeze(-1) == 0, torch.zeros_like(x), torch.round(x / safe))
+    return q.clamp(-32767, 32767).to(torch.int16), scale
+
+
+def int8_linear_a16_reference(x, w_q, w_scale, bias=None):
+    x_q, x_scale = quantize_rows_i16_reference(_rows(x))
+    acc = (x_q.long() @ w_q.long().T).float()  # exact int64 sums, rounded to fp32 once
+    out = acc * (x_scale[:, None] * w_scale[None, :])
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], w_q.shape[0])

@@ -305,3 +305,159 @@ def test_quantize_rows_rejects_aliasing():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="scale_out: must not share memory with x"):
         _C.quantize_rows(x, torch.empty(2, 8, dtype=I8), x[0, :2])
+
+
+# ---- int8_linear_a16 (W8A16): exact integer sums, bitwise equal to the int64 reference ---------
+
+A16_M = [1, 2, 7, 16]
+A16_N = [1, 3, 64]
+A16_K = [1, 5, 17, 576, 1536, 2049, 4100]  # off the 16-wide step; 2049 and 4100 cross the 2048 flush
+
+
+@pytest.mark.parametrize("K", A16_K)
+def test_int8_linear_a16_exact_awkward_shapes(isa, K):
+    for M in A16_M:
+        for N in A16_N:
+            gen = torch.Generator().manual_seed(M * 100000 + N * 10000 + K)
+            x = torch.randn(M, K, generator=gen) * 3
+            w_q = rand_i8(N, K, gen=gen)
+            w_scale = torch.rand(N, generator=gen) * 0.01 + 1e-3
+            bias = torch.randn(N, generator=gen) if (M + N) % 2 else None
+            assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale, bias),
+                               ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
+
+
+@pytest.mark.parametrize("M, N", [(1, 9), (2, 3), (7, 17), (16, 64)])
+def test_int8_linear_a16_exact_extremes(isa, M, N):
+    # Every product at its largest magnitude (32767 * 127) over K = 4100: the per-lane int32 sums
+    # would overflow without the 2048-wide flush, and the row total exceeds 2^31 (needs int64).
+    K = 4100
+    gen = torch.Generator().manual_seed(11)
+    w_scale = torch.full((N,), 0.5)
+    signs = lambda *s: torch.where(torch.rand(s, generator=gen) < 0.5, -1.0, 1.0)  # noqa: E731
+    weights = [torch.full((N, K), 127, dtype=torch.int8), torch.full((N, K), -127, dtype=torch.int8),
+               (signs(N, K) * 127).to(torch.int8)]
+    activations = [torch.full((M, K), 2.5), torch.full((M, K), -0.1), signs(M, K) * 3.0]
+    for w_q in weights:
+        for x in activations:
+            x_q, _ = ops.quantize_rows_i16_reference(x)
+            assert (x_q.abs() == 32767).all()
+            out = ops.int8_linear_a16(x, w_q, w_scale)
+            assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale))
+    # The all-+max case really reaches K * 32767 * 127 (> 2^34): not wrapped.
+    out = ops.int8_linear_a16(torch.full((M, K), 1.0), torch.full((N, K), 127, dtype=torch.int8), torch.ones(N))
+    torch.testing.assert_close(out, torch.full((M, N), float(K * 127)), rtol=1e-6, atol=0)
+
+
+def test_int8_linear_a16_zero_rows_and_bias(isa):
+    x = torch.randn(5, 100)
+    x[1] = 0
+    x[4] = 0
+    w_q, w_scale = ops.quantize_rows(torch.randn(7, 100))
+    bias = torch.randn(7)
+    out = ops.int8_linear_a16(x, w_q, w_scale, bias)
+    assert torch.equal(out[1], bias) and torch.equal(out[4], bias)  # no NaN from a 0 scale
+    assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale, bias))
+    assert not ops.int8_linear_a16(x[1:2], w_q, w_scale).any()
+
+
+def test_int8_linear_a16_rounds_half_to_even(isa):
+    # amax 32767 gives x_scale exactly 1: halves must go to the even integer.
+    x = torch.tensor([[32767.0, 2.5, -2.5, 3.5, -3.5, 0.5, -0.5] + [0.0] * 20])
+    w_q = torch.zeros(7, 27, dtype=torch.int8)
+    for i in range(7):
+        w_q[i, i] = 1
+    out = ops.int8_linear_a16(x, w_q, torch.ones(7))
+    assert out[0].tolist() == [32767.0, 2.0, -2.0, 4.0, -4.0, 0.0, 0.0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_int8_linear_a16_random_shapes_every_isa(M, N, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    w_q, w_scale = rand_i8(N, K, gen=gen), torch.rand(N, generator=gen) + 0.01
+    expected = ops.int8_linear_a16_reference(x, w_q, w_scale)
+    for name in ops.supported_isas():
+        with ops.use_isa(name):
+            assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale), expected), name
+
+
+def test_int8_linear_a16_single_thread_and_large_n_match():
+    # Decode-sized: several threads split N; one thread must give the same bits.
+    x = torch.randn(3, 576)
+    w_q, w_scale = ops.quantize_rows(torch.randn(3000, 576))
+    expected = ops.int8_linear_a16_reference(x, w_q, w_scale)
+    previous = _C.num_threads()
+    try:
+        for threads in (1, 2):
+            _C.set_num_threads(threads)
+            for name in ops.supported_isas():
+                with ops.use_isa(name):
+                    assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale), expected), (threads, name)
+    finally:
+        _C.set_num_threads(previous)
+
+
+def test_int8_linear_a16_close_to_fp32_dequantized():
+    # 16-bit activations: the only error left is int16 rounding of x (~1e-5 relative) and fp32 sums.
+    torch.manual_seed(4)
+    x, w = torch.randn(16, 1536), torch.randn(576, 1536) * 0.05
+    w_q, w_scale = ops.quantize_rows(w)
+    dequantized = x @ (w_q.float() * w_scale[:, None]).T
+    out = ops.int8_linear_a16(x, w_q, w_scale)
+    rel = ((out - dequantized).norm() / dequantized.norm()).item()
+    assert rel < 2e-4
+    # Far closer to the weight-only result than W8A8 is.
+    rel_w8a8 = ((ops.int8_linear(x, w_q, w_scale) - dequantized).norm() / dequantized.norm()).item()
+    assert rel < rel_w8a8 / 10
+
+
+def test_int8_linear_a16_leading_dims_and_opcheck():
+    x = torch.randn(2, 3, 64)
+    w_q, w_scale = ops.quantize_rows(torch.randn(10, 64))
+    assert ops.int8_linear_a16(x, w_q, w_scale).shape == (2, 3, 10)
+    torch.library.opcheck(ops.int8_linear_a16, (torch.randn(3, 40), w_q[:, :40].contiguous(), w_scale, torch.randn(10)))
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(x=torch.randn(2, 8).double()), TypeError, "x: expected dtype float32"),
+        (dict(x=torch.randn(8, 2).t()), ValueError, "x: must be contiguous"),
+        (dict(x=torch.randn(2, 2, 8)), ValueError, "x: expected 2 dimensions"),
+        (dict(x=torch.randn(0, 8), out=torch.empty(0, 3)), ValueError, "x: must not be empty"),
+        (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
+        (dict(w_q=torch.zeros(3, 8)), TypeError, "w_q: expected dtype int8"),
+        (dict(w_q=torch.zeros(3, 7, dtype=I8)), ValueError, "w_q: dimension 1"),
+        (dict(w_q=torch.zeros(8, 3, dtype=I8).t()), ValueError, "w_q: must be contiguous"),
+        (dict(w_q=torch.zeros(0, 8, dtype=I8), w_scale=torch.ones(0), out=torch.empty(2, 0)), ValueError,
+         "w_q: must not be empty"),
+        (dict(w_scale=torch.ones(4)), ValueError, "w_scale: dimension 0"),
+        (dict(w_scale=torch.ones(3, dtype=torch.float16)), TypeError, "w_scale: expected dtype float32"),
+        (dict(out=torch.empty(2, 4)), ValueError, "out: dimension 1"),
+        (dict(out=torch.empty(3, 3)), ValueError, "out: dimension 0"),
+        (dict(out=torch.empty(2, 3, dtype=torch.float64)), TypeError, "out: expected dtype float32"),
+        (dict(bias=torch.ones(4)), ValueError, "bias: dimension 0"),
+        (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias: expected dtype float32"),
+        (dict(bias=torch.ones(3, 1)), ValueError, "bias: expected 1 dimensions"),
+    ],
+)
+def test_int8_linear_a16_rejects_bad_arguments(change, error, message):
+    args = _linear_args()
+    args.update(change)
+    with pytest.raises(error, match=message):
+        _C.int8_linear_a16(**args)
+
+
+def test_int8_linear_a16_rejects_aliasing():
+    x = torch.randn(3, 3)
+    w_q = torch.zeros(3, 3, dtype=I8)
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        _C.int8_linear_a16(x, w_q, torch.ones(3), x)
+    bias = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="out: must not share memory with bias"):
+        _C.int8_linear_a16(torch.randn(3, 3), w_q, torch.ones(3), bias, bias[0])
+    scale = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="out: must not share memory with w_scale"):
+        _C.int8_linear_a16(torch.randn(2, 3), w_q, scale[0], scale)

@@ -104,9 +104,12 @@ def test_ragged_batch_matches_one_by_one(engines, backend):
     model = engines("qwen2", backend).model
     prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 61], [100, 200, 300, 1, 2, 3]]
     batch, _ = decode_logits(model, prompts, 5, cpp=True)
+    # fused-int8 prefills a prompt alone (<= 16 rows) with W8A16 but the padded batch (33 rows) with
+    # weight-only int8: the KV caches then differ by the int16 rounding of the activations (~1e-5).
+    tol = dict(atol=1e-4, rtol=1e-4) if backend == "fused-int8" else dict(atol=2e-5, rtol=1e-5)
     for b, p in enumerate(prompts):
         alone, _ = decode_logits(model, [p], 5, cpp=True)
-        torch.testing.assert_close(batch[b], alone[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(batch[b], alone[0], **tol)
     ref, _ = decode_logits(model, prompts, 5, cpp=False)
     torch.testing.assert_close(batch, ref, atol=2e-5, rtol=1e-5)
 

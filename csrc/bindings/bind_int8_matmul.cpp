@@ -109,6 +109,21 @@ void bind_int8_matmul(py::module_& m) {
       "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
 
   m.def(
+      "int8_linear_a16",
+      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
+        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
+        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
+        py::gil_scoped_release release;
+        int8_linear_a16(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(),
+                        x.size(0), w.size(0), x.size(1));
+      },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
+      "W8A16 Linear (for few rows: decode): x rows quantized to int16 (x_scale = max|x_row| / 32767, "
+      "round half to even), out[m, n] = float(exact sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * "
+      "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], w_scale [N], out [M, N], "
+      "bias None or [N].");
+
+  m.def(
       "linear_f32",
       [](py::handle x_obj, py::handle w_obj, py::handle out_obj, py::handle bias_obj) {
         Tensor x(x_obj, "x"), w(w_obj, "w"), out(out_obj, "out");

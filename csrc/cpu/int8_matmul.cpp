@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/int8_matmul_isa.h"
@@ -46,6 +47,33 @@ void f32_dot_block_scalar(const float* a, int64_t lda, const float* b, int64_t l
       for (int64_t k = 0; k < K; ++k) acc += a[m * lda + k] * b[n * ldb + k];
       c[m * ldc + n] = acc;
     }
+  }
+}
+
+void i16i8_dot_block_scalar(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                            int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t acc = 0;  // |sum| <= K * 32767 * 127: no overflow for any K below 2^40
+      for (int64_t k = 0; k < K; ++k) acc += int64_t{a[m * lda + k]} * int64_t{b[n * ldb + k]};
+      c[m * ldc + n] = acc;
+    }
+  }
+}
+
+// As quantize_row_scalar with 32767 levels: a true division, so it equals torch's round(x / scale).
+void quantize_row_i16_scalar(const float* x, int16_t* q, float* scale, int64_t cols) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 32767.0f;
+  *scale = s;
+  if (s == 0.0f) {
+    std::fill(q, q + cols, int16_t{0});
+    return;
+  }
+  for (int64_t i = 0; i < cols; ++i) {
+    const float r = std::nearbyint(x[i] / s);  // default rounding mode: half to even
+    q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, r)));
   }
 }
 
@@ -97,6 +125,10 @@ cpu::I8DotBlockFn i8_block() {
 
 cpu::F32I8DotBlockFn f32i8_block() {
   return active_isa() >= Isa::Avx2 ? cpu::f32i8_dot_block_avx2 : cpu::f32i8_dot_block_scalar;
+}
+
+cpu::I16I8DotBlockFn i16i8_block() {
+  return active_isa() >= Isa::Avx2 ? cpu::i16i8_dot_block_avx2 : cpu::i16i8_dot_block_scalar;
 }
 
 cpu::F32DotBlockFn f32_block() {
@@ -152,6 +184,36 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
         for (int64_t n = n0; n < n1; ++n) o[n] = o[n] * w_scale[n] + bias[n];
       } else {
         for (int64_t n = n0; n < n1; ++n) o[n] *= w_scale[n];
+      }
+    }
+  });
+}
+
+void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                     int64_t M, int64_t N, int64_t K) {
+  thread_local std::vector<int16_t> x_q;  // reused: decode calls this hundreds of times per token
+  thread_local std::vector<float> x_scale;
+  x_q.resize(M * K);
+  x_scale.resize(M);
+  const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
+  const int16_t* xq = x_q.data();
+  const float* xs = x_scale.data();
+  const cpu::I16I8DotBlockFn block = i16i8_block();
+  for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    thread_local std::vector<int64_t> acc;  // per OpenMP thread
+    const int64_t tm = m1 - m0, tn = n1 - n0;
+    acc.resize(tm * tn);
+    block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
+    // Same fp32 ops in the same order as int8_linear_a16_reference (this file has no FMA).
+    for (int64_t m = 0; m < tm; ++m) {
+      float* o = out + (m0 + m) * N + n0;
+      const int64_t* c = acc.data() + m * tn;
+      const float sx = xs[m0 + m];
+      if (bias != nullptr) {
+        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]) + bias[n0 + n];
+      } else {
+        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]);
       }
     }
   });

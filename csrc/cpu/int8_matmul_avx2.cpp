@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/int8_matmul_isa.h"
@@ -110,6 +111,67 @@ void f32i8_tile(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float
   }
 }
 
+// ---- int16 activations x int8 weights -> exact sums (W8A16) ----
+//
+// Per 16 weights: one 16-byte load, vpmovsxbw to int16, vpmaddwd with 16 int16 activations (pairs
+// summed to int32), vpaddd: about half the uops of the fp32 x int8 path, whose convert + FMA per 8
+// weights keeps one core below memory bandwidth at decode.
+// A vpmaddwd lane is at most 2 * 32767 * 127 = 8.3e6 in magnitude, so an int32 lane can take
+// 2048 / 16 = 128 of them (1.07e9 < 2^31): every kI16Block values of k the lanes are added, in
+// int64, to the row total, and restart from 0.
+constexpr int64_t kI16Block = 2048;
+
+PE_INLINE int64_t hsum_epi32_to_i64(__m256i v) {
+  const __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+  return _mm_cvtsi128_si64(t);
+}
+
+// acc[m][n] += 16 products of a row m and b row n, starting at a / b.
+template <int MR, int NR>
+PE_INLINE void i16i8_step(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+                          __m256i (&acc)[MR][NR]) {
+  __m256i bw[NR];
+  for (int n = 0; n < NR; ++n) {
+    bw[n] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + n * ldb)));
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + m * lda));
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_add_epi32(acc[m][n], _mm256_madd_epi16(av, bw[n]));
+  }
+}
+
+template <int MR, int NR>
+void i16i8_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
+                int64_t K) {
+  int64_t total[MR][NR] = {};
+  __m256i acc[MR][NR];
+  for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
+    const int64_t k1 = std::min(K, k0 + kI16Block);
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_si256();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {  // one cache line of each weight row
+      prefetch_ahead<NR>(b, ldb, k);
+      for (int j = 0; j < 64; j += 16) i16i8_step<MR, NR>(a + k + j, lda, b + k + j, ldb, acc);
+    }
+    for (; k + 16 <= k1; k += 16) i16i8_step<MR, NR>(a + k, lda, b + k, ldb, acc);
+    if (k < k1) {  // tail (only in the last block): zero-padded copies, so nothing past a row is read
+      alignas(32) int16_t a_tail[MR][16] = {};
+      alignas(16) int8_t b_tail[NR][16] = {};
+      for (int m = 0; m < MR; ++m) std::memcpy(a_tail[m], a + m * lda + k, (k1 - k) * sizeof(int16_t));
+      for (int n = 0; n < NR; ++n) std::memcpy(b_tail[n], b + n * ldb + k, k1 - k);
+      i16i8_step<MR, NR>(&a_tail[0][0], 16, &b_tail[0][0], 16, acc);
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) total[m][n] += hsum_epi32_to_i64(acc[m][n]);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) c[m * ldc + n] = total[m][n];
+}
+
 // ---- fp32 x fp32 -> fp32 ----
 
 template <int MR, int NR>
@@ -172,7 +234,69 @@ using F32TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*,
 constexpr int kI8Nr[5] = {0, 4, 4, 2, 2};
 constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
 
+using I16I8TileFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int64_t);
+
+#define PE_A16_ROW(mr)                                                                                 \
+  {                                                                                                    \
+    i16i8_tile<mr, 1>, i16i8_tile<mr, 2>, i16i8_tile<mr, 3>, i16i8_tile<mr, 4>, i16i8_tile<mr, 5>,     \
+        i16i8_tile<mr, 6>, i16i8_tile<mr, 7>, i16i8_tile<mr, 8>                                        \
+  }
+constexpr I16I8TileFn kI16I8Tiles[4][8] = {PE_A16_ROW(1), PE_A16_ROW(2), PE_A16_ROW(3), PE_A16_ROW(4)};
+#undef PE_A16_ROW
+// Weight rows per tile for 1..4 activation rows: accumulators + converted weights + one activation
+// vector within the 16 ymm registers.
+constexpr int kI16I8Nr[5] = {0, 8, 4, 3, 2};
+// Weight rows shared by all the activation tiles before moving on (8 rows of K <= 2048 bytes stay in
+// L1), so with up to 16 tokens the weight still streams from memory once.
+constexpr int64_t kI16I8RowChunk = 8;
+
 }  // namespace
+
+void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
+                          int64_t M, int64_t N, int64_t K) {
+  for (int64_t n0 = 0; n0 < N; n0 += kI16I8RowChunk) {
+    const int64_t n1 = std::min(N, n0 + kI16I8RowChunk);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+      for (int64_t n = n0; n < n1; n += kI16I8Nr[mr]) {
+        const int nr = static_cast<int>(std::min<int64_t>(kI16I8Nr[mr], n1 - n));
+        kI16I8Tiles[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+      }
+    }
+  }
+}
+
+// Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
+void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= cols; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float amax = _mm_cvtss_f32(m4);
+  for (; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 32767.0f;
+  *scale = s;
+  if (s == 0.0f) {
+    std::memset(q, 0, cols * sizeof(int16_t));
+    return;
+  }
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
+  i = 0;
+  for (; i + 8 <= cols; i += 8) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+    const __m256i r32 = _mm256_cvtps_epi32(r);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(r32), _mm256_extracti128_si256(r32, 1)));
+  }
+  for (; i < cols; ++i) {
+    const float r = std::nearbyint(x[i] / s);
+    q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, r)));
+  }
+}
 
 void i8_dot_block_avx2(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc,
                        int64_t M, int64_t N, int64_t K) {

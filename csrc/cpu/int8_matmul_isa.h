@@ -24,6 +24,15 @@ void f32i8_dot_block_scalar(const float* a, int64_t lda, const int8_t* b, int64_
 void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
                           int64_t ldc, int64_t M, int64_t N, int64_t K);
 
+// c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k], exact (int16 activations in [-32767, 32767]
+// x int8 weights in [-127, 127]). Reads exactly K elements of each row (no over-read).
+using I16I8DotBlockFn = void (*)(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                                 int64_t ldc, int64_t M, int64_t N, int64_t K);
+void i16i8_dot_block_scalar(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                            int64_t ldc, int64_t M, int64_t N, int64_t K);
+void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                          int64_t ldc, int64_t M, int64_t N, int64_t K);
+
 // c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k]  (fp32).
 using F32DotBlockFn = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                int64_t ldc, int64_t M, int64_t N, int64_t K);
@@ -35,5 +44,9 @@ void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb
 // One row of quantize_rows.
 void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols);
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols);
+
+// One row of the int16 activation quantization of int8_linear_a16 (scale = amax / 32767).
+void quantize_row_i16_scalar(const float* x, int16_t* q, float* scale, int64_t cols);
+void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols);
 
 }  // namespace pyengine::cpu
