@@ -135,6 +135,23 @@ cpu::F32DotBlockFn f32_block() {
   return active_isa() >= Isa::Avx2 ? cpu::f32_dot_block_avx2 : cpu::f32_dot_block_scalar;
 }
 
+// Epilogue of the integer Linears: out[m, n] = float(acc[m, n]) * (x_scale[m] * w_scale[n]) (+ bias[n]).
+// The same fp32 operations, in the same order, as the torch references (this file has no FMA).
+template <class Acc>
+void scale_tile(const Acc* acc, int64_t tm, int64_t tn, const float* x_scale, const float* w_scale,
+                const float* bias, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < tm; ++m) {
+    float* o = out + m * ldo;
+    const Acc* c = acc + m * tn;
+    const float sx = x_scale[m];
+    if (bias != nullptr) {
+      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]) + bias[n];
+    } else {
+      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]);
+    }
+  }
+}
+
 }  // namespace
 
 void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t M, int64_t N, int64_t K) {
@@ -160,16 +177,7 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
     const int64_t tm = m1 - m0, tn = n1 - n0;
     acc.resize(tm * tn);
     block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
-    for (int64_t m = 0; m < tm; ++m) {
-      float* o = out + (m0 + m) * N + n0;
-      const int32_t* c = acc.data() + m * tn;
-      const float sx = xs[m0 + m];
-      if (bias != nullptr) {
-        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]) + bias[n0 + n];
-      } else {
-        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]);
-      }
-    }
+    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
   });
 }
 
@@ -205,17 +213,7 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
     const int64_t tm = m1 - m0, tn = n1 - n0;
     acc.resize(tm * tn);
     block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
-    // Same fp32 ops in the same order as int8_linear_a16_reference (this file has no FMA).
-    for (int64_t m = 0; m < tm; ++m) {
-      float* o = out + (m0 + m) * N + n0;
-      const int64_t* c = acc.data() + m * tn;
-      const float sx = xs[m0 + m];
-      if (bias != nullptr) {
-        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]) + bias[n0 + n];
-      } else {
-        for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n0 + n]);
-      }
-    }
+    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
   });
 }
 
