@@ -199,13 +199,12 @@ class FusedInt8Backend(FusedBackend):
     int16 per row, exact int16 x int8 sums): its AVX2 loop needs about half the uops per weight of
     the fp32 x int8 one, so one core gets closer to streaming the weights at memory bandwidth, and
     16-bit activations keep it within ~1e-4 of the weight-only result. Prefill stays weight-only.
-    The C++ decode step (LlamaDecoder) makes the same choice, so the two paths stay bit-identical.
+    `_C.int8_linear_weights` makes that choice (the cutoff is `_C.int8_a16_max_rows`), for this path
+    and for the C++ decode step (LlamaDecoder) alike, so the two stay bit-identical.
     """
 
-    max_a16_rows = 16
-
     name = "fused-int8"
-    kernels = FusedBackend.kernels + ("int8_linear_wo", "int8_linear_a16")
+    kernels = FusedBackend.kernels + ("int8_linear_weights",)
 
     def __init__(self, preloaded=None):
         super().__init__()
@@ -230,8 +229,7 @@ class FusedInt8Backend(FusedBackend):
     def linear(self, x, w):
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.empty(rows.shape[0], w.qweight.shape[0], dtype=torch.float32)
-        kernel = self._C.int8_linear_a16 if rows.shape[0] <= self.max_a16_rows else self._C.int8_linear_wo
-        kernel(rows, w.qweight, w.scale, out, w.bias)
+        self._C.int8_linear_weights(rows, w.qweight, w.scale, out, w.bias)
         return out.view(*x.shape[:-1], w.qweight.shape[0])
 
 

@@ -461,3 +461,16 @@ def test_int8_linear_a16_rejects_aliasing():
     scale = torch.ones(2, 3)
     with pytest.raises(ValueError, match="out: must not share memory with w_scale"):
         _C.int8_linear_a16(torch.randn(2, 3), w_q, scale[0], scale)
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_int8_linear_weights_picks_a16_for_decode_and_weight_only_above(m):
+    torch.manual_seed(m)
+    x = torch.randn(m, 96)
+    w_q, w_scale = ops.quantize_rows_reference(torch.randn(48, 96))
+    expected = torch.empty(m, 48)
+    chosen = _C.int8_linear_a16 if m <= _C.int8_a16_max_rows else _C.int8_linear_wo
+    chosen(x, w_q, w_scale, expected, None)
+    out = torch.empty(m, 48)
+    _C.int8_linear_weights(x, w_q, w_scale, out, None)
+    assert torch.equal(out, expected)

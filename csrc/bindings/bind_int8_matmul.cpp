@@ -109,6 +109,19 @@ void bind_int8_matmul(py::module_& m) {
       "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
 
   m.def(
+      "int8_linear_weights",
+      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
+        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
+        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
+        py::gil_scoped_release release;
+        int8_linear_weights(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(),
+                            x.size(0), w.size(0), x.size(1));
+      },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
+      "The fused-int8 engine's Linear: int8_linear_a16 for up to 16 rows (decode), int8_linear_wo above.");
+  m.attr("int8_a16_max_rows") = kInt8A16MaxRows;
+
+  m.def(
       "int8_linear_a16",
       [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
         Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");

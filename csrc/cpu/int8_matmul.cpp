@@ -229,4 +229,13 @@ void linear_f32(const float* x, const float* w, const float* bias, float* out, i
   });
 }
 
+void int8_linear_weights(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                         int64_t M, int64_t N, int64_t K) {
+  if (M <= kInt8A16MaxRows) {
+    int8_linear_a16(x, w_q, w_scale, bias, out, M, N, K);
+  } else {
+    int8_linear_wo(x, w_q, w_scale, bias, out, M, N, K);
+  }
+}
+
 }  // namespace pyengine

@@ -110,14 +110,7 @@ void LlamaDecoder::reserve(int64_t batch) {
 
 void LlamaDecoder::linear(const DecoderLinear& w, const float* x, float* out, int64_t rows) const {
   if (w.weight_i8 != nullptr) {
-    // Decode batches are small: W8A16, with the same row cutoff as the Python fused-int8 path (see
-    // FusedInt8Backend for the measurement), so both give the same bits for the same batch.
-    constexpr int64_t kMaxA16Rows = 16;  // FusedInt8Backend.max_a16_rows
-    if (rows <= kMaxA16Rows) {
-      int8_linear_a16(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
-    } else {
-      int8_linear_wo(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
-    }
+    int8_linear_weights(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
   } else {
     linear_f32(x, w.weight_f32, w.bias, out, rows, w.out_features, w.in_features);
   }

@@ -33,6 +33,13 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                      int64_t M, int64_t N, int64_t K);
 
+// The int8-weight Linear the fused-int8 engine uses: W8A16 (int8_linear_a16) for up to
+// kInt8A16MaxRows rows (decode), weight-only (int8_linear_wo) above (prefill). One place owns the
+// cutoff, so the C++ decode step and the Python path give the same bits for the same batch.
+constexpr int64_t kInt8A16MaxRows = 16;
+void int8_linear_weights(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                         int64_t M, int64_t N, int64_t K);
+
 // fp32 Linear: out = x @ w^T + bias. x: [M, K], w: [N, K], bias: [N] or null, out: [M, N].
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K);
 
