@@ -29,6 +29,10 @@ class SamplingParams:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [batch, vocab] -> token ids [batch]."""
     if params.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax: ~10 us over a 49k vocab where torch's takes ~130 us (its reduction
+            # machinery), a per-token cost at 100+ tokens/s. Same first-index tie-break.
+            return torch.from_numpy(logits.numpy().argmax(axis=-1))
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:

@@ -109,6 +109,17 @@ def test_top_k_one_is_greedy(engine):
     assert sampled.token_ids == greedy.token_ids
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_sampling_is_argmax_with_first_index_ties(dtype):
+    from pyengine.sampling import SamplingParams, sample
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 1.0, 5.0, 2.0], [-1.0, -1.0, -1.0, -1.0]], dtype=dtype)
+    assert sample(logits, SamplingParams(), None).tolist() == [1, 0, 0]
+    wide = torch.randn(3, 5, 49152, dtype=dtype)[:, -1]  # a strided view, as the engine passes
+    picked = sample(wide, SamplingParams(), None)
+    assert picked.dtype == torch.int64 and torch.equal(picked, wide.argmax(-1))
+
+
 def test_chat_template(engine):
     text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
