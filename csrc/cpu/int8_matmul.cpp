@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <vector>
 
@@ -61,6 +62,16 @@ void i16i8_dot_block_scalar(const int16_t* a, int64_t lda, const int8_t* b, int6
   }
 }
 
+void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
+  float acc[kPanelRows][kPanelCols] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int m = 0; m < kPanelRows; ++m) {
+      for (int n = 0; n < kPanelCols; ++n) acc[m][n] += a_pack[k * kPanelRows + m] * b_pack[k * kPanelCols + n];
+    }
+  }
+  for (int m = 0; m < kPanelRows; ++m) std::copy(acc[m], acc[m] + kPanelCols, c + m * ldc);
+}
+
 // As quantize_row_scalar with 32767 levels: a true division, so it equals torch's round(x / scale).
 void quantize_row_i16_scalar(const float* x, int16_t* q, float* scale, int64_t cols) {
   float amax = 0.0f;
@@ -112,6 +123,72 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t m0 = (t % m_tiles) * mb, n0 = (t / m_tiles) * nb;
     tile(m0, std::min(M, m0 + mb), n0, std::min(N, n0 + nb));
+  }
+}
+
+cpu::PanelKernelFn panel_kernel() {
+  return active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
+}
+
+// Rows of packed activations kept per pass over the weight panels: up to ~2 MB of them, so a long
+// prompt's block stays in the last-level cache while every panel streams past it.
+constexpr int64_t kPanelActivationBytes = 2 << 20;
+
+// Prefill (M > kSmallM) Linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W given by
+// pack_panel(n0, rows, panel), which writes W[n0 .. n0 + rows) as fp32 [K][kPanelCols] (zeros past
+// rows). The activations are packed once per block into tiles of kPanelRows tokens; each thread
+// then takes weight panels, packs one (for int8: dequantizes it, once per block instead of once per
+// token tile) and runs it against every activation tile of the block.
+template <class PackPanel>
+void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_t N, int64_t K,
+                const PackPanel& pack_panel) {
+  constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
+  const cpu::PanelKernelFn kernel = panel_kernel();
+  const int64_t tiles_per_block = std::max<int64_t>(1, kPanelActivationBytes / (R * K * 4));
+  const int64_t panels = ceil_div(N, C);
+  thread_local std::vector<float> a_pack;  // the calling thread's; shared by the workers below
+  for (int64_t m_block = 0; m_block < M; m_block += tiles_per_block * R) {
+    const int64_t rows = std::min(M - m_block, tiles_per_block * R), tiles = ceil_div(rows, R);
+    a_pack.resize(tiles * R * K);
+    float* ap = a_pack.data();
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tiles; ++t) {
+        float* dst = ap + t * R * K;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t m = m_block + t * R + r;
+          if (m < M) {
+            for (int64_t k = 0; k < K; ++k) dst[k * R + r] = x[m * K + k];
+          } else {
+            for (int64_t k = 0; k < K; ++k) dst[k * R + r] = 0.0f;
+          }
+        }
+      }  // implicit barrier: the packed block is complete before any panel uses it
+      thread_local std::vector<float> panel_storage;  // per worker; 32-byte aligned below
+      panel_storage.resize(K * C + 8);
+      float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 31) & ~uintptr_t{31});
+      alignas(32) float tile[R * C];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * C, cols = std::min(C, N - n0);
+        pack_panel(n0, cols, panel);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t m0 = m_block + t * R, tm = std::min(R, M - m0);
+          float* o = out + m0 * N + n0;
+          if (tm == R && cols == C) {
+            kernel(ap + t * R * K, panel, K, o, N);
+          } else {  // a partial tile: through a scratch tile, so nothing outside out is written
+            kernel(ap + t * R * K, panel, K, tile, C);
+            for (int64_t r = 0; r < tm; ++r) std::copy(tile + r * C, tile + r * C + cols, o + r * N);
+          }
+          if (bias != nullptr) {
+            for (int64_t r = 0; r < tm; ++r)
+              for (int64_t n = 0; n < cols; ++n) o[r * N + n] += bias[n0 + n];
+          }
+        }
+      }
+    }
   }
 }
 
@@ -183,6 +260,21 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K) {
+  if (M > kSmallM) {
+    panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
+      constexpr int64_t C = cpu::kPanelCols;
+      for (int64_t c = 0; c < C; ++c) {
+        if (c < cols) {
+          const int8_t* row = w_q + (n0 + c) * K;
+          const float s = w_scale[n0 + c];
+          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = static_cast<float>(row[k]) * s;
+        } else {
+          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
+        }
+      }
+    });
+    return;
+  }
   const cpu::F32I8DotBlockFn block = f32i8_block();
   for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w_q + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);
@@ -218,6 +310,16 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
 }
 
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
+  if (M > kSmallM) {
+    panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
+      constexpr int64_t C = cpu::kPanelCols;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* row = w + (n0 + c) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * C + c] = c < cols ? row[k] : 0.0f;
+      }
+    });
+    return;
+  }
   const cpu::F32DotBlockFn block = f32_block();
   for_each_tile(M, N, K, 4, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);

@@ -246,6 +246,34 @@ void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_
   }
 }
 
+void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
+  static_assert(kPanelRows == 6 && kPanelCols == 16, "6 x 16 tile: two ymm of weights per k");
+  // 12 accumulators + 2 weight vectors + 1 broadcast: 15 of the 16 ymm registers. Named variables,
+  // not an array: GCC kept an accumulator array in memory, storing it every k (half the speed).
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < K; ++k, a_pack += kPanelRows, b_pack += kPanelCols) {
+    const __m256 b0 = _mm256_load_ps(b_pack), b1 = _mm256_load_ps(b_pack + 8);
+    __m256 a = _mm256_broadcast_ss(a_pack + 0);
+    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(a_pack + 1);
+    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(a_pack + 2);
+    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(a_pack + 3);
+    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(a_pack + 4);
+    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(a_pack + 5);
+    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  const __m256 rows[kPanelRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int m = 0; m < kPanelRows; ++m) {
+    _mm256_storeu_ps(c + m * ldc, rows[m][0]);
+    _mm256_storeu_ps(c + m * ldc + 8, rows[m][1]);
+  }
+}
+
 // Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
 void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

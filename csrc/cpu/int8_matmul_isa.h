@@ -41,6 +41,19 @@ void f32_dot_block_scalar(const float* a, int64_t lda, const float* b, int64_t l
 void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                         int64_t M, int64_t N, int64_t K);
 
+// Prefill GEMM micro-kernel (outer product): the weight is packed, one panel of kPanelCols output
+// features at a time, as fp32 [K][kPanelCols] (int8 weights dequantized into it once per panel), the
+// activations as fp32 [K][kPanelRows] per tile of kPanelRows tokens; then
+//   c[m * ldc + n] = sum_k a_pack[k * kPanelRows + m] * b_pack[k * kPanelCols + n]
+// for the whole kPanelRows x kPanelCols tile (the caller pads and trims partial tiles). Every multiply
+// uses a broadcast activation against a full vector of weights: no horizontal sums, and the two
+// packed operands stream from L1/L2 in order.
+constexpr int kPanelRows = 6;
+constexpr int kPanelCols = 16;
+using PanelKernelFn = void (*)(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
+void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
+void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
+
 // One row of quantize_rows.
 void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols);
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols);

@@ -17,8 +17,10 @@ void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t
 void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                  int64_t M, int64_t N, int64_t K);
 
-// Weight-only int8 Linear: out[m, n] = w_scale[n] * sum_k x[m, k] * float(w_q[n, k]) + bias[n]
-// (fp32 accumulation; the weight is dequantized in registers).
+// Weight-only int8 Linear: out[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W = float(w_q) * w_scale[n]
+// (fp32 accumulation). Up to 16 rows the weight is dequantized in registers (GEMV); above, one panel
+// of 16 weight rows at a time is dequantized to fp32 and multiplied by a packed-panel GEMM (prefill),
+// the same GEMM as linear_f32's.
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K);
 
@@ -41,6 +43,7 @@ void int8_linear_weights(const float* x, const int8_t* w_q, const float* w_scale
                          int64_t M, int64_t N, int64_t K);
 
 // fp32 Linear: out = x @ w^T + bias. x: [M, K], w: [N, K], bias: [N] or null, out: [M, N].
+// Up to 16 rows a streaming GEMV; above, the packed-panel GEMM (6 tokens x 16 features per tile).
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K);
 
 }  // namespace pyengine
