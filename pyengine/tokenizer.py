@@ -72,21 +72,29 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only a short window, the ids since the previous piece plus the ones just
+    before them (so a decoder that treats a sequence's first token specially, such as stripping the
+    SentencePiece leading space, sees it in context): the piece is what the window adds to the
+    decoded context. Decoding the whole list every token would cost O(length) per token.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.context_start = 0  # the window: ids[context_start:], whose ids[context_start:emitted_end]
+        self.emitted_end = 0    # are already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+        decode = self.tokenizer.decode
+        context = decode(self.ids[self.context_start:self.emitted_end])
+        text = decode(self.ids[self.context_start:])
+        if text.endswith("\ufffd") or not text.startswith(context):  # wait for the rest of a character
             return ""
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return piece
+        self.context_start, self.emitted_end = self.emitted_end, len(self.ids)
+        return text[len(context):]
 
 
 def _token_text(value):

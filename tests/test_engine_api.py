@@ -184,3 +184,20 @@ def test_batch_energy_shares_add_up(engine):
     p = [r.usage.energy["prefill_joules"] for r in results]
     n = [r.usage.prompt_tokens for r in results]
     assert p[0] / p[1] == pytest.approx(n[0] / n[1])
+
+
+def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_model):
+    import random
+
+    from pyengine.tokenizer import IncrementalDecoder, Tokenizer
+
+    tokenizer = Tokenizer.from_folder(tiny_model)
+    rng = random.Random(0)
+    sequences = [tokenizer.encode("Héllo wörld, ünïcödé 日本語 🙂 and   spaces\n\ttabs. " * 3)]
+    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(50)]
+    for ids in sequences:
+        decoder = IncrementalDecoder(tokenizer)
+        text = "".join(decoder.push(i) for i in ids)
+        full = tokenizer.decode(ids)
+        # Everything is emitted, except a trailing incomplete character, which waits for more ids.
+        assert text == full or (full.endswith("\ufffd") and full.startswith(text)), ids
