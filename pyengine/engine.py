@@ -269,6 +269,7 @@ class _Run:
                 prefill_energy = self.meter.stop()
                 self.meter.start("decode")
             t1 = time.perf_counter()
+            active = torch.ones(B, dtype=torch.int32, device=engine.device)  # rebuilt only when one finishes
             for step in range(self.max_new_tokens):
                 ids = next_ids.tolist()
                 for b in range(B):
@@ -277,11 +278,12 @@ class _Run:
                     generated[b].append(ids[b])
                     texts[b] += decoders[b].push(ids[b])
                     finish[b] = self._finished(b, ids[b], texts, generated[b], lengths[b], context)
+                    if finish[b] is not None:
+                        active = torch.tensor([f is None for f in finish], dtype=torch.int32, device=engine.device)
                 yield texts
                 if all(f is not None for f in finish) or step == self.max_new_tokens - 1:
                     break
                 active_per_step.append([b for b in range(B) if finish[b] is None])
-                active = torch.tensor([f is None for f in finish], dtype=torch.int32, device=engine.device)
                 logits = model.forward(next_ids[:, None], cache)[:, -1]
                 cache.lengths += active  # finished sequences stay put and rewrite their last slot
                 next_ids = sample(logits, self.params, generator)

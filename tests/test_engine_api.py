@@ -201,3 +201,19 @@ def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_model):
         full = tokenizer.decode(ids)
         # Everything is emitted, except a trailing incomplete character, which waits for more ids.
         assert text == full or (full.endswith("\ufffd") and full.startswith(text)), ids
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused", "fused-int8"])
+def test_batch_with_an_early_stop_matches_single_runs(tiny_models, backend):
+    # One sequence stops after a few tokens; the others must go on exactly as they would alone
+    # (the finished one's cache position stays put while the batch keeps stepping).
+    engine = pyengine.load(tiny_models["llama"], backend=backend)
+    prompts = ["Once upon a time", "The capital of France is", "Energy per token"]
+    free = [engine.generate(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+    stop_id = free[0].token_ids[2]
+    alone = [engine.generate(p, max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_id]) for p in prompts]
+    batch = engine.generate(prompts, max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_id])
+    assert batch[0].finish_reason == "stop" and len(batch[0].token_ids) <= 3
+    assert any(len(r.token_ids) > len(batch[0].token_ids) for r in batch[1:])
+    for b, a in zip(batch, alone):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
