@@ -109,22 +109,6 @@ def test_tokenizer_round_trip(model_dir, hf_model):
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
 
 
-def test_incremental_decoding_matches_the_full_decode(model_dir):
-    import random
-
-    from pyengine.tokenizer import IncrementalDecoder, Tokenizer
-
-    tokenizer = Tokenizer.from_folder(model_dir)
-    rng = random.Random(1)
-    sequences = [tokenizer.encode("Héllo wörld, ünïcödé 日本語のテキスト 🙂 and   spaces\n\ttabs. " * 3)]
-    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(100)]
-    for ids in sequences:
-        decoder = IncrementalDecoder(tokenizer)
-        text = "".join(decoder.push(i) for i in ids)
-        full = tokenizer.decode(ids)
-        assert text == full or (full.endswith("\ufffd") and full.startswith(text)), ids
-
-
 def test_chat_template_is_chatml(model_dir, hf_model):
     _, tok = hf_model
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())

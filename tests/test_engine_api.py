@@ -186,15 +186,17 @@ def test_batch_energy_shares_add_up(engine):
     assert p[0] / p[1] == pytest.approx(n[0] / n[1])
 
 
-def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_model):
+@pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.default_model)])
+def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_models, which):
     import random
 
+    from pyengine.default_model import ensure_default_model
     from pyengine.tokenizer import IncrementalDecoder, Tokenizer
 
-    tokenizer = Tokenizer.from_folder(tiny_model)
+    tokenizer = Tokenizer.from_folder(tiny_models["llama"] if which == "tiny" else ensure_default_model())
     rng = random.Random(0)
-    sequences = [tokenizer.encode("Héllo wörld, ünïcödé 日本語 🙂 and   spaces\n\ttabs. " * 3)]
-    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(50)]
+    sequences = [tokenizer.encode("Héllo wörld, ünïcödé 日本語のテキスト 🙂 and   spaces\n\ttabs. " * 3)]
+    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(100)]
     for ids in sequences:
         decoder = IncrementalDecoder(tokenizer)
         text = "".join(decoder.push(i) for i in ids)
