@@ -314,8 +314,12 @@ void linear_f32(const float* x, const float* w, const float* bias, float* out, i
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
       constexpr int64_t C = cpu::kPanelCols;
       for (int64_t c = 0; c < C; ++c) {
-        const float* row = w + (n0 + c) * K;
-        for (int64_t k = 0; k < K; ++k) panel[k * C + c] = c < cols ? row[k] : 0.0f;
+        if (c < cols) {
+          const float* row = w + (n0 + c) * K;
+          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = row[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
+        }
       }
     });
     return;
