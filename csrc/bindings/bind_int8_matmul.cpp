@@ -40,6 +40,24 @@ const float* check_linear(const Tensor& x, const Tensor& w, DType w_dtype, const
   return bias.data<float>();
 }
 
+// The int8-weight Linears share one signature and one set of checks; only the kernel differs.
+using Int8LinearFn = void (*)(const float*, const int8_t*, const float*, const float*, float*, int64_t, int64_t,
+                              int64_t);
+
+template <Int8LinearFn Kernel>
+void def_int8_linear(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
+        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
+        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
+        py::gil_scoped_release release;
+        Kernel(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(), x.size(0), w.size(0),
+               x.size(1));
+      },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(), doc);
+}
+
 }  // namespace
 
 void bind_int8_matmul(py::module_& m) {
@@ -82,55 +100,19 @@ void bind_int8_matmul(py::module_& m) {
       py::arg("a_q"), py::arg("b_q"), py::arg("out_i32"),
       "out_i32 = a_q @ b_q^T exactly in int32. a_q [M, K], b_q [N, K] int8 with values in [-127, 127].");
 
-  m.def(
-      "int8_linear",
-      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
-        py::gil_scoped_release release;
-        int8_linear(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(), x.size(0),
-                    w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
+  def_int8_linear<int8_linear>(
+      m, "int8_linear",
       "W8A8 Linear: x is quantized per row (quantize_rows), then out[m, n] = float(sum_k xq[m, k] * "
       "w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], "
       "w_scale [N], out [M, N], bias None or [N].");
-
-  m.def(
-      "int8_linear_wo",
-      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
-        py::gil_scoped_release release;
-        int8_linear_wo(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(),
-                       x.size(0), w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
-      "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
-
-  m.def(
-      "int8_linear_weights",
-      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
-        py::gil_scoped_release release;
-        int8_linear_weights(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(),
-                            x.size(0), w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
+  def_int8_linear<int8_linear_wo>(
+      m, "int8_linear_wo", "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
+  def_int8_linear<int8_linear_weights>(
+      m, "int8_linear_weights",
       "The fused-int8 engine's Linear: int8_linear_a16 for up to 16 rows (decode), int8_linear_wo above.");
   m.attr("int8_a16_max_rows") = kInt8A16MaxRows;
-
-  m.def(
-      "int8_linear_a16",
-      [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
-        py::gil_scoped_release release;
-        int8_linear_a16(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(),
-                        x.size(0), w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
+  def_int8_linear<int8_linear_a16>(
+      m, "int8_linear_a16",
       "W8A16 Linear (for few rows: decode): x rows quantized to int16 (x_scale = max|x_row| / 32767, "
       "round half to even), out[m, n] = float(exact sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * "
       "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], w_scale [N], out [M, N], "

@@ -192,6 +192,22 @@ void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_
   }
 }
 
+// Writes weight rows n0 .. n0 + cols ([N, K] row-major, times row_scale[n] when given) into a
+// panel [K][kPanelCols], zeros past cols.
+template <class T>
+void pack_panel_rows(const T* w, const float* row_scale, int64_t K, int64_t n0, int64_t cols, float* panel) {
+  constexpr int64_t C = cpu::kPanelCols;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c >= cols) {
+      for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
+      continue;
+    }
+    const T* row = w + (n0 + c) * K;
+    const float s = row_scale != nullptr ? row_scale[n0 + c] : 1.0f;
+    for (int64_t k = 0; k < K; ++k) panel[k * C + c] = static_cast<float>(row[k]) * s;
+  }
+}
+
 cpu::I8DotBlockFn i8_block() {
   switch (active_isa()) {
     case Isa::Avx512: return cpu::i8_dot_block_avx512;
@@ -262,16 +278,7 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
                     int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
-      constexpr int64_t C = cpu::kPanelCols;
-      for (int64_t c = 0; c < C; ++c) {
-        if (c < cols) {
-          const int8_t* row = w_q + (n0 + c) * K;
-          const float s = w_scale[n0 + c];
-          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = static_cast<float>(row[k]) * s;
-        } else {
-          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
-        }
-      }
+      pack_panel_rows(w_q, w_scale, K, n0, cols, panel);  // dequantized once per panel
     });
     return;
   }
@@ -312,15 +319,7 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
-      constexpr int64_t C = cpu::kPanelCols;
-      for (int64_t c = 0; c < C; ++c) {
-        if (c < cols) {
-          const float* row = w + (n0 + c) * K;
-          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = row[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
-        }
-      }
+      pack_panel_rows(w, nullptr, K, n0, cols, panel);
     });
     return;
   }
