@@ -80,12 +80,21 @@ def test_add_layer_norm_updates_residual(isa, shape, with_bias):
 
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 6), dim=st.integers(1, 300), offset=st.sampled_from([0.0, 5.0, -20.0]),
-       isa_name=st.sampled_from(ops.supported_isas()))
-def test_layer_norm_random_shapes(rows, dim, offset, isa_name):
-    x, weight, bias = torch.randn(rows, dim) + offset, torch.randn(dim), torch.randn(dim)
+       isa_name=st.sampled_from(ops.supported_isas()), seed=st.integers(0, 2**31 - 1))
+def test_layer_norm_random_shapes(rows, dim, offset, isa_name, seed):
+    gen = torch.Generator().manual_seed(seed)  # drawn by hypothesis, so a failure replays exactly
+    x = torch.randn(rows, dim, generator=gen) + offset
+    weight, bias = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
     with ops.use_isa(isa_name):
         out = ops.layer_norm(x, weight, bias, 1e-5)
-    torch.testing.assert_close(out, exact_layer_norm(x, weight, bias, 1e-5), rtol=1e-5, atol=3e-5)
+    exact = exact_layer_norm(x, weight, bias, 1e-5)
+    # fp32 rounding of x - mean costs up to ~eps * max|x| per element, and normalizing divides it by
+    # the row's spread: a row far from zero with a small spread (offset -20, two values) is
+    # ill-conditioned, so the allowed error grows with max|x| / std, as fp32 arithmetic must.
+    std = (x.double().var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    condition = (x.double().abs().amax(-1, keepdim=True) / std).float()
+    tol = 3e-5 + 1e-5 * exact.abs() + 16 * 2.0**-24 * condition * weight.abs().max()
+    assert ((out - exact).abs() <= tol).all(), (out - exact).abs().max()
 
 
 @pytest.mark.parametrize(
