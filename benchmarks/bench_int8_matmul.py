@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pyengine import _C, ops
+from pyengine.cli import _cpu_model
 
 THREADS = int(os.environ.get("PYENGINE_BENCH_THREADS", "2"))
 SHAPES = {  # name: (N, K), torch Linear weight layout
@@ -186,14 +187,3 @@ def test_zz_summary():
     lines.append("relative error vs fp32 (random x, w): " +
                  ", ".join(f"{k} {v:.2e}" for k, v in _errors().items()))
     print("\n".join(lines))
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"

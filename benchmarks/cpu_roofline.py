@@ -78,23 +78,20 @@ def median(values):
     return statistics.median(values)
 
 
-# Read bandwidth probed right before each batch-1 decode repeat (a shorter probe: best of 3), so
-# each decode figure also has a roofline measured beside it: on a shared VM the bandwidth moves by
-# a third within minutes, and the run's single highest reading flatters no one but the roofline.
-BESIDE = {}  # backend name -> [bandwidth GB/s before each batch-1 repeat]
+# With `probes` (a list), read bandwidth is probed right before each repeat (a shorter probe: best
+# of 3) and appended to it, so each decode figure also has a roofline measured beside it: on a
+# shared VM the bandwidth moves by a third within minutes.
+def _probe(probes):
+    if probes is not None:
+        probes.append(read_bandwidth_gbs(repeats=3))
 
 
-def _probe(key):
-    if key is not None:
-        BESIDE.setdefault(key, []).append(read_bandwidth_gbs(repeats=3))
-
-
-def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats, probe_key=None):
+def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats, probes=None):
     prompts = [engine.tokenizer.decode(prompt_ids)] * batch
     engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
     out = []
     for _ in range(repeats):
-        _probe(probe_key)
+        _probe(probes)
         r = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)[0]
         out.append(batch * (new_tokens - 1) / r.usage.decode_seconds)
     return out
@@ -106,14 +103,14 @@ def pyengine_prefill(engine, prompt_ids, repeats):
     return [len(prompt_ids) / engine.generate(text, max_new_tokens=1).usage.prefill_seconds for _ in range(repeats)]
 
 
-def hf_runs(model, prompt_ids, new_tokens, batch, repeats, probe_key=None):
+def hf_runs(model, prompt_ids, new_tokens, batch, repeats, probes=None):
     ids = torch.tensor([prompt_ids] * batch)
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids, **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
         out = []
         for _ in range(repeats):
-            _probe(probe_key)
+            _probe(probes)
             prefill = _time(lambda: model(ids))
             total = _time(lambda: model.generate(ids, **kwargs))
             out.append(batch * (new_tokens - 1) / (total - prefill))  # decode = generate - prefill
@@ -177,12 +174,12 @@ def main(argv=None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = []
 
-    def record(name, precision, decode_by_batch, prefill):
+    def record(name, precision, decode_by_batch, prefill, beside=None):
+        """beside: the bandwidth probed before each batch-1 decode repeat."""
         row = {"backend": name, "precision": precision,
                "decode_tok_s": {b: median(v) for b, v in decode_by_batch.items()},
                "decode_tok_s_runs": decode_by_batch, "prefill_tok_s": median(prefill), "prefill_runs": prefill}
         row["decode_roofline_fraction"] = row["decode_tok_s"][1] / roofline[precision] if 1 in decode_by_batch else None
-        beside = BESIDE.get(name)
         if beside and 1 in decode_by_batch:
             # Each repeat against the bandwidth probed just before it; the median of those fractions.
             per_byte = bytes_per_token(config, precision == "int8", context)["total"]
@@ -200,16 +197,18 @@ def main(argv=None) -> int:
     if not args.skip_hf:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
                                                                dtype=torch.float32).eval()
+        beside = []
         record("hf-eager", "fp32", {b: hf_runs(hf, prompt_ids, args.new_tokens, b, args.repeats,
-                                               probe_key="hf-eager" if b == 1 else None) for b in batch_sizes},
-               hf_prefill(hf, prefill_ids, args.repeats))
+                                               probes=beside if b == 1 else None) for b in batch_sizes},
+               hf_prefill(hf, prefill_ids, args.repeats), beside)
         try:
             from torch.ao.quantization import quantize_dynamic
 
             hf8 = quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+            beside = []
             record("hf-dynamic-int8", "int8",
-                   {1: hf_runs(hf8, prompt_ids, args.new_tokens, 1, args.repeats, probe_key="hf-dynamic-int8")},
-                   hf_prefill(hf8, prefill_ids, args.repeats))
+                   {1: hf_runs(hf8, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside)},
+                   hf_prefill(hf8, prefill_ids, args.repeats), beside)
             del hf8
         except Exception as e:  # report, don't hide: this baseline may disappear from torch
             print(f"hf-dynamic-int8: not measured ({type(e).__name__}: {e})")
@@ -219,16 +218,18 @@ def main(argv=None) -> int:
     for backend in ("torch", "fused", "fused-int8"):
         engine = pyengine.load(path, backend=backend)
         precision = "int8" if backend == "fused-int8" else "fp32"
+        beside = []
         record(backend, precision,
                {b: pyengine_runs(engine, prompt_ids, args.new_tokens, b, args.repeats,
-                                 probe_key=backend if b == 1 else None) for b in batch_sizes},
-               pyengine_prefill(engine, prefill_ids, args.repeats))
+                                 probes=beside if b == 1 else None) for b in batch_sizes},
+               pyengine_prefill(engine, prefill_ids, args.repeats), beside)
         if backend != "torch":
             # The same kernels driven op by op from Python: what the C++ decode step saves.
             engine.model.cpp_decode = False
+            beside = []
             record(f"{backend} (python)", precision,
-                   {1: pyengine_runs(engine, prompt_ids, args.new_tokens, 1, args.repeats,
-                                     probe_key=f"{backend} (python)")}, [float("nan")])
+                   {1: pyengine_runs(engine, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside)},
+                   [float("nan")], beside)
             engine.model.cpp_decode = True
             profiles[backend] = profile_step(engine)
         del engine

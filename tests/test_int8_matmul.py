@@ -201,7 +201,10 @@ def _linear_args(M=2, N=3, K=8):
     return dict(x=torch.randn(M, K), w_q=torch.zeros(N, K, dtype=I8), w_scale=torch.ones(N), out=torch.empty(M, N))
 
 
-@pytest.mark.parametrize("fn", ["int8_linear", "int8_linear_wo"])
+INT8_LINEARS = ["int8_linear", "int8_linear_wo", "int8_linear_a16", "int8_linear_weights"]
+
+
+@pytest.mark.parametrize("fn", INT8_LINEARS)  # one binding and one set of checks for all four
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -213,6 +216,8 @@ def _linear_args(M=2, N=3, K=8):
         (dict(w_q=torch.zeros(3, 8)), TypeError, "w_q: expected dtype int8"),
         (dict(w_q=torch.zeros(3, 7, dtype=I8)), ValueError, "w_q: dimension 1"),
         (dict(w_q=torch.zeros(8, 3, dtype=I8).t()), ValueError, "w_q: must be contiguous"),
+        (dict(w_q=torch.zeros(0, 8, dtype=I8), w_scale=torch.ones(0), out=torch.empty(2, 0)), ValueError,
+         "w_q: must not be empty"),
         (dict(w_scale=torch.ones(4)), ValueError, "w_scale: dimension 0"),
         (dict(w_scale=torch.ones(3, dtype=torch.float16)), TypeError, "w_scale: expected dtype float32"),
         (dict(out=torch.empty(2, 4)), ValueError, "out: dimension 1"),
@@ -233,12 +238,15 @@ def test_int8_linears_reject_bad_arguments(fn, change, error, message):
 def test_linears_reject_aliasing():
     x = torch.randn(3, 3)
     w_q = torch.zeros(3, 3, dtype=I8)
-    for fn in (_C.int8_linear, _C.int8_linear_wo):
+    for fn in (getattr(_C, name) for name in INT8_LINEARS):
         with pytest.raises(ValueError, match="out: must not share memory with x"):
             fn(x, w_q, torch.ones(3), x)
         bias = torch.zeros(3, 3)
         with pytest.raises(ValueError, match="out: must not share memory with bias"):
             fn(torch.randn(3, 3), w_q, torch.ones(3), bias, bias[0])
+        scale = torch.ones(2, 3)
+        with pytest.raises(ValueError, match="out: must not share memory with w_scale"):
+            fn(torch.randn(2, 3), w_q, scale[0], scale)
     with pytest.raises(ValueError, match="out: must not share memory with w"):
         w = torch.randn(3, 3)
         _C.linear_f32(torch.randn(3, 3), w, w)
@@ -422,49 +430,6 @@ def test_int8_linear_a16_leading_dims_and_opcheck():
     w_q, w_scale = ops.quantize_rows(torch.randn(10, 64))
     assert ops.int8_linear_a16(x, w_q, w_scale).shape == (2, 3, 10)
     torch.library.opcheck(ops.int8_linear_a16, (torch.randn(3, 40), w_q[:, :40].contiguous(), w_scale, torch.randn(10)))
-
-
-@pytest.mark.parametrize(
-    "change, error, message",
-    [
-        (dict(x=torch.randn(2, 8).double()), TypeError, "x: expected dtype float32"),
-        (dict(x=torch.randn(8, 2).t()), ValueError, "x: must be contiguous"),
-        (dict(x=torch.randn(2, 2, 8)), ValueError, "x: expected 2 dimensions"),
-        (dict(x=torch.randn(0, 8), out=torch.empty(0, 3)), ValueError, "x: must not be empty"),
-        (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
-        (dict(w_q=torch.zeros(3, 8)), TypeError, "w_q: expected dtype int8"),
-        (dict(w_q=torch.zeros(3, 7, dtype=I8)), ValueError, "w_q: dimension 1"),
-        (dict(w_q=torch.zeros(8, 3, dtype=I8).t()), ValueError, "w_q: must be contiguous"),
-        (dict(w_q=torch.zeros(0, 8, dtype=I8), w_scale=torch.ones(0), out=torch.empty(2, 0)), ValueError,
-         "w_q: must not be empty"),
-        (dict(w_scale=torch.ones(4)), ValueError, "w_scale: dimension 0"),
-        (dict(w_scale=torch.ones(3, dtype=torch.float16)), TypeError, "w_scale: expected dtype float32"),
-        (dict(out=torch.empty(2, 4)), ValueError, "out: dimension 1"),
-        (dict(out=torch.empty(3, 3)), ValueError, "out: dimension 0"),
-        (dict(out=torch.empty(2, 3, dtype=torch.float64)), TypeError, "out: expected dtype float32"),
-        (dict(bias=torch.ones(4)), ValueError, "bias: dimension 0"),
-        (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias: expected dtype float32"),
-        (dict(bias=torch.ones(3, 1)), ValueError, "bias: expected 1 dimensions"),
-    ],
-)
-def test_int8_linear_a16_rejects_bad_arguments(change, error, message):
-    args = _linear_args()
-    args.update(change)
-    with pytest.raises(error, match=message):
-        _C.int8_linear_a16(**args)
-
-
-def test_int8_linear_a16_rejects_aliasing():
-    x = torch.randn(3, 3)
-    w_q = torch.zeros(3, 3, dtype=I8)
-    with pytest.raises(ValueError, match="out: must not share memory with x"):
-        _C.int8_linear_a16(x, w_q, torch.ones(3), x)
-    bias = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match="out: must not share memory with bias"):
-        _C.int8_linear_a16(torch.randn(3, 3), w_q, torch.ones(3), bias, bias[0])
-    scale = torch.ones(2, 3)
-    with pytest.raises(ValueError, match="out: must not share memory with w_scale"):
-        _C.int8_linear_a16(torch.randn(2, 3), w_q, scale[0], scale)
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 40])

@@ -5,8 +5,8 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "cpu/int8_matmul_isa.h"
@@ -135,8 +135,8 @@ cpu::PanelKernelFn panel_kernel() {
 constexpr int64_t kPanelActivationBytes = 2 << 20;
 
 // Prefill (M > kSmallM) Linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W given by
-// pack_panel(n0, rows, panel), which writes W[n0 .. n0 + rows) as fp32 [K][kPanelCols] (zeros past
-// rows). The activations are packed once per block into tiles of kPanelRows tokens; each thread
+// pack_panel(n0, cols, panel), which writes W[n0 .. n0 + cols) as fp32 [K][kPanelCols] (zeros past
+// cols). The activations are packed once per block into tiles of kPanelRows tokens; each thread
 // then takes weight panels, packs one (for int8: dequantizes it, once per block instead of once per
 // token tile) and runs it against every activation tile of the block.
 template <class PackPanel>
@@ -245,6 +245,20 @@ void scale_tile(const Acc* acc, int64_t tm, int64_t tn, const float* x_scale, co
   }
 }
 
+// The integer Linears after activation quantization: per tile, exact sums of the quantized rows xq
+// (scales xs) against w_q in Acc, then the scale_tile epilogue.
+template <class Acc, class XQ, class BlockFn>
+void integer_linear_tiles(BlockFn block, const XQ* xq, const float* xs, const int8_t* w_q, const float* w_scale,
+                          const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
+  for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    thread_local std::vector<Acc> acc;  // per OpenMP thread
+    const int64_t tm = m1 - m0, tn = n1 - n0;
+    acc.resize(tm * tn);
+    block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
+    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
+  });
+}
+
 }  // namespace
 
 void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t M, int64_t N, int64_t K) {
@@ -262,16 +276,7 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
   x_q.resize(M * K);
   x_scale.resize(M);
   quantize_rows(x, x_q.data(), x_scale.data(), M, K);
-  const int8_t* xq = x_q.data();
-  const float* xs = x_scale.data();
-  const cpu::I8DotBlockFn block = i8_block();
-  for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    thread_local std::vector<int32_t> acc;  // per OpenMP thread
-    const int64_t tm = m1 - m0, tn = n1 - n0;
-    acc.resize(tm * tn);
-    block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
-    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
-  });
+  integer_linear_tiles<int32_t>(i8_block(), x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
 }
 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
@@ -304,16 +309,7 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
   x_scale.resize(M);
   const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
-  const int16_t* xq = x_q.data();
-  const float* xs = x_scale.data();
-  const cpu::I16I8DotBlockFn block = i16i8_block();
-  for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    thread_local std::vector<int64_t> acc;  // per OpenMP thread
-    const int64_t tm = m1 - m0, tn = n1 - n0;
-    acc.resize(tm * tn);
-    block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
-    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
-  });
+  integer_linear_tiles<int64_t>(i16i8_block(), x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
 }
 
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {

@@ -28,8 +28,8 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 //   x_scale[m] = max_k |x[m, k]| / 32767,  xq[m, k] = clamp(round_half_even(x[m, k] / x_scale[m]), +-32767)
 // (an all-zero row gets scale 0 and zeros), then
 //   out[m, n] = float(sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n].
-// The integer dot product is exact (int32 per block of 2048 k, blocks summed in fp64, which holds
-// every such integer exactly), converted to fp32 once: bitwise equal to an int64 reference.
+// The integer dot product is exact (int32 per block of 2048 k, blocks summed in int64), converted to
+// fp32 once: bitwise equal to an int64 reference.
 // Cheaper per weight than int8_linear_wo on AVX2 (no int->float convert of the weights) and, with
 // 16-bit activations, far closer to fp32 than W8A8. Shapes as int8_linear.
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
