@@ -2,6 +2,10 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
 namespace pyengine::cpu::avx2 {
 
 // Horizontal sum and max of 8 floats.
@@ -17,6 +21,20 @@ inline float hmax_ps(__m256 v) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// max_i |x[i]| over n floats (0 for n = 0). Exact, so equal to a scalar loop in any order.
+inline float abs_max(const float* x, int64_t n) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), abs_mask));
+  }
+  float amax = hmax_ps(_mm256_max_ps(vmax0, vmax1));
+  for (; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
 }
 
 // exp(x) for 8 floats, within ~2 ulp over the whole float range. Cody-Waite range reduction

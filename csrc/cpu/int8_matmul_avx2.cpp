@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/avx2_math.h"
 #include "cpu/int8_matmul_isa.h"
 
 #define PE_INLINE inline __attribute__((always_inline))
@@ -22,13 +23,6 @@ PE_INLINE int32_t hsum_epi32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
-}
-
-PE_INLINE float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Decode (one row of a) streams every weight row exactly once. A tile's rows are short (K bytes of
@@ -104,7 +98,7 @@ void f32i8_tile(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float
   }
   for (int m = 0; m < MR; ++m) {
     for (int n = 0; n < NR; ++n) {
-      float sum = hsum_ps(acc[m][n]);
+      float sum = avx2::hsum_ps(acc[m][n]);
       for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * static_cast<float>(b[n * ldb + kk]);
       c[m * ldc + n] = sum;
     }
@@ -187,7 +181,7 @@ void f32_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c
   }
   for (int m = 0; m < MR; ++m) {
     for (int n = 0; n < NR; ++n) {
-      float sum = hsum_ps(acc[m][n]);
+      float sum = avx2::hsum_ps(acc[m][n]);
       for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
       c[m * ldc + n] = sum;
     }
@@ -276,23 +270,14 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
 
 // Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
 void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= cols; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  float amax = _mm_cvtss_f32(m4);
-  for (; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float s = amax / 32767.0f;
+  const float s = avx2::abs_max(x, cols) / 32767.0f;
   *scale = s;
   if (s == 0.0f) {
     std::memset(q, 0, cols * sizeof(int16_t));
     return;
   }
   const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
-  i = 0;
+  int64_t i = 0;
   for (; i + 8 <= cols; i += 8) {
     __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));

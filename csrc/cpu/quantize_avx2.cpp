@@ -5,26 +5,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/avx2_math.h"
 #include "cpu/int8_matmul_isa.h"
 
 namespace pyengine::cpu {
 
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= cols; i += 16) {
-    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), abs_mask));
-  }
-  __m256 vmax = _mm256_max_ps(vmax0, vmax1);
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  float amax = _mm_cvtss_f32(m);
-  for (; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
-
-  const float s = amax / 127.0f;
+  const float s = avx2::abs_max(x, cols) / 127.0f;
   *scale = s;
   if (s == 0.0f) {
     std::fill(q, q + cols, int8_t{0});
@@ -38,7 +25,7 @@ void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols) {
     __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
   };
-  i = 0;
+  int64_t i = 0;
   for (; i + 32 <= cols; i += 32) {
     const __m256i p01 = _mm256_packs_epi32(to_i32(x + i), to_i32(x + i + 8));
     const __m256i p23 = _mm256_packs_epi32(to_i32(x + i + 16), to_i32(x + i + 24));
