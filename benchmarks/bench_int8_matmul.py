@@ -5,7 +5,8 @@
 GEMV (M=1, decode): the weights rotate through a pool much larger than L3, so every call streams
 its weight from DRAM as decode does; extra_info["weight_GBps"] is weight bytes / median time, and
 the summary divides it by the machine's read bandwidth, measured in the same run (a 1 GB
-torch.sum). GEMM (M=512, prefill): extra_info["GOPps"] = 2*M*N*K / median time.
+torch.sum). pyengine's weights are on 2 MB pages, as the engine keeps them (pyengine.memory); torch's
+where torch puts them. GEMM (M=512, prefill): extra_info["GOPps"] = 2*M*N*K / median time.
 The CPU is shared with other work: compare rows within one run only. On a loaded machine a
 2-thread call whose second thread gets descheduled waits a whole scheduler slice (~4-16 ms), so
 medians can be wild; the summary also shows the best round ("best"), the kernel's capability.
@@ -19,6 +20,9 @@ import torch
 
 from pyengine import _C, ops
 from pyengine.cli import _cpu_model
+from pyengine.memory import WeightArena
+
+from cpu_roofline import probe_buffer
 
 THREADS = int(os.environ.get("PYENGINE_BENCH_THREADS", "2"))
 SHAPES = {  # name: (N, K), torch Linear weight layout
@@ -75,12 +79,14 @@ def _pool(name, impl):
     gen = torch.Generator().manual_seed(0)
     if elem == 4 or impl == "torch_dynamic_qint8":
         weights = [torch.randn(N, K, generator=gen) * 0.05 for _ in range(copies)]
+    arena = WeightArena()  # pyengine's Linears get their weights where the engine keeps them
     if impl in INT8_KERNELS:
-        w_q = torch.randint(-127, 128, (copies, N, K), dtype=torch.int8, generator=gen)
+        w_q = arena.copy(torch.randint(-127, 128, (copies, N, K), dtype=torch.int8, generator=gen))
         w_scale = torch.rand(copies, N, generator=gen) * 1e-3
         kernel = getattr(_C, INT8_KERNELS[impl])
         calls = [lambda i=i: kernel(x, w_q[i], w_scale[i], out) for i in range(copies)]
     elif impl == "pyengine_f32":
+        weights = [arena.copy(w) for w in weights]
         calls = [lambda w=w: _C.linear_f32(x, w, out) for w in weights]
     elif impl == "torch_f32":
         calls = [lambda w=w: torch.nn.functional.linear(x, w) for w in weights]
@@ -92,8 +98,8 @@ def _pool(name, impl):
 
 
 def test_read_bandwidth(benchmark):
-    """Machine read bandwidth: sum over a 1 GB fp32 tensor on THREADS threads."""
-    big = torch.ones(256 << 20)
+    """Machine read bandwidth: sum over a 1 GB fp32 tensor (2 MB pages) on THREADS threads."""
+    big = probe_buffer()
     big.sum()
     benchmark.pedantic(big.sum, rounds=7, iterations=1, warmup_rounds=1)
     gbps = big.numel() * 4 / benchmark.stats.stats.median / 1e9

@@ -51,6 +51,13 @@ class TorchBackend:
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         return LinearWeights(weight.contiguous(), bias)
 
+    def tied_embedding(self, lm_head, embed: torch.Tensor) -> torch.Tensor:
+        """The embedding table a model keeps when its output projection is tied to it: the prepared
+        projection's own weight where it holds the same values (one copy in memory, not two)."""
+        weight = getattr(lm_head, "weight", None)
+        same = weight is not None and weight.dtype == embed.dtype and weight.shape == embed.shape
+        return weight if same else embed
+
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         return F.linear(x, w.weight, w.bias)
 
@@ -125,8 +132,13 @@ class FusedBackend(TorchBackend):
 
     def __init__(self):
         from pyengine import _C
+        from pyengine.memory import WeightArena
 
         self._C = _C
+        self.arena = WeightArena()  # the linears' weights, on 2 MB pages where the OS gives them
+
+    def prepare_linear(self, weight, bias=None):
+        return LinearWeights(self.arena.copy(weight), bias)
 
     def check_dtype(self, dtype):
         if dtype != torch.float32:
@@ -235,6 +247,7 @@ class FusedInt8Backend(FusedBackend):
                                  f"the model needs {tuple(weight.shape)}")
         else:
             lin = Int8Linear(*quantize_per_channel(weight), None if bias is None else bias.float().contiguous())
+        lin = Int8Linear(self.arena.copy(lin.qweight), self.arena.copy(lin.scale), lin.bias)
         self.linears.append(lin)
         return lin
 

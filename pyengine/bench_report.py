@@ -18,6 +18,7 @@ def machine_info(device) -> dict:
     import pyengine
     from pyengine import _C, ops
     from pyengine.cli import _cpu_model
+    from pyengine.memory import transparent_huge_pages
 
     import transformers
 
@@ -26,6 +27,7 @@ def machine_info(device) -> dict:
         "threads": _C.num_threads(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "pyengine": pyengine.__version__, "gpu": None, "gpu_driver": None, "cuda": torch.version.cuda,
+        "transparent_huge_pages": transparent_huge_pages(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -59,11 +59,13 @@ def _generate(args) -> int:
 
 def _info(args) -> int:
     import pyengine
-    from pyengine import _C, backends, ops
+    from pyengine import _C, backends, memory, ops
 
     print(f"pyengine {pyengine.__version__}  (python {platform.python_version()}, torch {torch.__version__})")
     print(f"cpu: {_cpu_model()}; {_C.num_threads()} threads")
     print(f"cpu isa: {ops.active_isa()} (detected {ops.detected_isa()}; cap with PYENGINE_ISA=scalar|avx2|avx512)")
+    print(f"transparent huge pages: {memory.transparent_huge_pages()} (fused backends ask for 2 MB pages for "
+          "their weights; they get them under 'always' or 'madvise')")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"cuda kernels built: {'yes' if _C.cuda_built else 'no'}; gpu: {gpu}")
     print(f"backends: {', '.join(backends.available_backends('cpu'))} (default {backends.default_backend('cpu')})")

@@ -49,6 +49,7 @@ class GPT2(DecoderModel):
         ]
         self.final_norm = norm("ln_f")
         self.lm_head = backend.prepare_linear(self.embed)  # GPT-2 always ties the output projection
+        self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
     def hidden_states(self, tokens, cache, step):
         c, ops = self.config, self.backend

@@ -60,6 +60,8 @@ class Llama(DecoderModel):
         self.final_norm = param("model.norm.weight", (H,))
         tied = c.tie_word_embeddings or not reader.has("lm_head.weight")
         self.lm_head = backend.prepare_linear(self.embed if tied else param("lm_head.weight", (c.vocab_size, H)))
+        if tied:
+            self.embed = backend.tied_embedding(self.lm_head, self.embed)
         # Decode steps go through the backend's C++ decoder when it has one (built on first use);
         # PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path. (GPT-2 has no C++ decoder.)
         self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"

@@ -1,0 +1,96 @@
+"""WeightArena: where the fused backends keep their weights (pyengine/memory.py)."""
+from __future__ import annotations
+
+import mmap
+
+import pytest
+import torch
+
+import pyengine
+from pyengine.memory import WeightArena, huge_page_buffer, transparent_huge_pages
+
+THP_ON = transparent_huge_pages() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+needs_thp = pytest.mark.skipif(not THP_ON, reason=f"transparent huge pages: {transparent_huge_pages()}")
+
+
+def smaps_entry(address: int) -> dict[str, str]:
+    """This process's /proc/self/smaps fields for the mapping that holds `address`."""
+    entry, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's header line: start-end perms ...
+                if inside:
+                    break
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside:
+                key, _, value = line.partition(":")
+                entry[key] = value.strip()
+    return entry
+
+
+def test_arena_places_copies_aligned_and_in_order():
+    arena = WeightArena(chunk_bytes=1 << 20)
+    sources = [torch.randn(7, 13), torch.randint(-127, 128, (5, 3), dtype=torch.int8), torch.randn(31)]
+    placed = [arena.copy(t) for t in sources]
+    for src, out in zip(sources, placed):
+        assert out.dtype == src.dtype and out.shape == src.shape and out.is_contiguous()
+        assert torch.equal(out, src) and out.data_ptr() != src.data_ptr()
+        assert out.data_ptr() % 64 == 0
+    addresses = [t.data_ptr() for t in placed]
+    assert addresses == sorted(addresses) and addresses[-1] - addresses[0] < 1 << 20  # one chunk, in order
+    assert arena.bytes_placed == sum(t.numel() * t.element_size() for t in sources)
+
+
+def test_arena_tensor_larger_than_a_chunk_and_empty_tensors():
+    arena = WeightArena(chunk_bytes=1 << 16)
+    big = torch.arange(100_000, dtype=torch.float32)
+    assert torch.equal(arena.copy(big), big)
+    small = arena.copy(torch.ones(3))  # does not fit the rest of the big one's chunk: a new chunk
+    assert torch.equal(small, torch.ones(3))
+    assert arena.copy(torch.empty(0, 5)).shape == (0, 5)
+
+
+def test_arena_memory_outlives_the_arena():
+    t = WeightArena().copy(torch.full((1000,), 3.0))
+    import gc
+
+    gc.collect()
+    assert torch.equal(t, torch.full((1000,), 3.0))
+
+
+def test_huge_page_buffer_rejects_bad_size():
+    with pytest.raises(ValueError, match="nbytes"):
+        huge_page_buffer(0)
+
+
+@needs_thp
+def test_huge_page_buffer_is_eligible_for_huge_pages():
+    buf, advised = huge_page_buffer(8 << 20)
+    assert advised
+    buf.fill_(1)
+    entry = smaps_entry(buf.data_ptr())
+    assert entry.get("THPeligible") == "1", entry
+
+
+@needs_thp
+@pytest.mark.parametrize("backend", ["fused", "fused-int8"])
+def test_fused_backends_keep_linear_weights_on_huge_pages(tiny_models, backend):
+    engine = pyengine.load(tiny_models["llama3-scaled"], backend=backend)  # tied embedding
+    model = engine.model
+    weight = model.lm_head.weight if backend == "fused" else model.lm_head.qweight
+    assert smaps_entry(weight.data_ptr()).get("THPeligible") == "1"
+    assert smaps_entry(model.layers[0].gate_up.weight.data_ptr() if backend == "fused"
+                       else model.layers[0].gate_up.qweight.data_ptr()).get("THPeligible") == "1"
+    if backend == "fused":  # tied: the embedding table is the output projection's weight, not a copy
+        assert model.embed.data_ptr() == model.lm_head.weight.data_ptr()
+
+
+def test_tied_embedding_is_not_duplicated_and_logits_unchanged(tiny_models):
+    fused = pyengine.load(tiny_models["qwen2"], backend="fused")
+    torch_ref = pyengine.load(tiny_models["qwen2"], backend="torch")
+    assert fused.model.embed.data_ptr() == fused.model.lm_head.weight.data_ptr()
+    assert torch_ref.model.embed.data_ptr() == torch_ref.model.lm_head.weight.data_ptr()
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    torch.testing.assert_close(fused.logits(ids), torch_ref.logits(ids), rtol=1e-4, atol=1e-4)
