@@ -115,6 +115,13 @@ class TorchBackend:
         return None
 
 
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim] with contiguous rows: a view where the layout allows, else a copy."""
+    rows = t.reshape(-1, t.shape[-1])
+    rows_ok = rows.is_contiguous() or (rows.stride(1) == 1 and rows.stride(0) >= rows.shape[1])
+    return rows if rows_ok else rows.contiguous()
+
+
 class FusedBackend(TorchBackend):
     """Our C++ kernels for the linear layers, attention, norms, rotary embedding and activations; fp32
     weights. Linears: `_C.linear_f32`, a streaming GEMV for decode and a packed-panel GEMM for
@@ -182,10 +189,11 @@ class FusedBackend(TorchBackend):
         return out
 
     def silu_mul(self, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        self._C.silu_mul(gate, up, out)
-        return out
+        # As rows: the gate and up halves of a fused projection are then strided views, read in place.
+        gate_rows, up_rows = _as_rows(gate), _as_rows(up)
+        out = torch.empty(gate_rows.shape, dtype=gate.dtype)
+        self._C.silu_mul(gate_rows, up_rows, out)
+        return out.view(gate.shape)
 
     def gelu(self, x):
         out = torch.empty_like(x)

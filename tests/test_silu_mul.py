@@ -110,6 +110,54 @@ def test_silu_mul_rejects_bad_arguments(args, error, message):
         _C.silu_mul(*args())
 
 
+@pytest.mark.parametrize("rows, dim", [(1, 1), (5, 9), (33, 576)])
+def test_silu_mul_reads_the_halves_of_a_fused_projection_in_place(isa, rows, dim):
+    torch.manual_seed(rows + dim)
+    gate_up = torch.randn(rows, 2 * dim) * 4
+    gate, up = gate_up.chunk(2, dim=-1)  # strided views: row stride 2 * dim
+    out = torch.empty(rows, dim)
+    _C.silu_mul(gate, up, out)
+    torch.testing.assert_close(out, ops.silu_mul(gate.contiguous(), up.contiguous()), rtol=0, atol=0)
+    torch.testing.assert_close(out, exact_silu_mul(gate, up), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_backend_silu_mul_on_fused_halves_matches_torch():
+    from pyengine.backends import FusedBackend, TorchBackend
+
+    gate_up = torch.randn(2, 7, 2 * 40) * 3  # [batch, tokens, 2 * I], as the Llama MLP makes it
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = FusedBackend().silu_mul(gate, up)
+    assert out.shape == gate.shape and out.is_contiguous()
+    torch.testing.assert_close(out, TorchBackend().silu_mul(gate, up), rtol=1e-5, atol=1e-6)
+    # Layouts the kernel cannot stride over (a transposed input) still work, through a copy.
+    g_t, u_t = torch.randn(40, 7).t(), torch.randn(40, 7).t()
+    torch.testing.assert_close(FusedBackend().silu_mul(g_t, u_t), TorchBackend().silu_mul(g_t, u_t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "gate, message",
+    [
+        (lambda: torch.randn(2, 3, 8)[:, :2], "gate: must be contiguous, or 2-D with contiguous rows"),  # 3-D
+        (lambda: torch.randn(64).as_strided((4, 8), (4, 1)), "gate: must be contiguous, or 2-D with contiguous rows"),  # rows overlap
+    ],
+)
+def test_silu_mul_rejects_layouts_it_cannot_stride(gate, message):
+    g = gate()
+    with pytest.raises(ValueError, match=message):
+        _C.silu_mul(g, torch.randn(g.shape), torch.empty(g.shape))
+
+
+def test_silu_mul_rejects_out_overlapping_a_strided_input():
+    gate_up = torch.randn(4, 16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    # out over the same first bytes as gate but laid out contiguously: not an in-place alias.
+    out = gate_up.view(-1)[:32].view(4, 8)
+    with pytest.raises(ValueError, match="out: must not share memory with gate"):
+        _C.silu_mul(gate, up, out)
+    with pytest.raises(ValueError, match="out: must not share memory with up"):
+        _C.silu_mul(torch.randn(4, 8), up, gate_up.view(-1)[24:56].view(4, 8))
+
+
 def test_silu_mul_rejects_shifted_overlap():
     buf = torch.randn(17)
     gate, out = buf[:16].view(2, 8), buf[1:].view(2, 8)

@@ -18,10 +18,11 @@ inline void check_same_shape(const Tensor& t, const Tensor& ref) {
   }
 }
 
-// For kernels that read element i before writing element i: writing in place (out is exactly in)
-// is fine, a shifted overlap would read already-written values.
+// For kernels that read element i before writing element i: writing in place (out is exactly in:
+// same start, shape and strides) is fine, a shifted or differently laid out overlap would read
+// already-written values.
 inline void check_alias_or_disjoint(const Tensor& out, const Tensor& in) {
-  if (out.address() == in.address() && out.nbytes() == in.nbytes()) return;
+  if (out.address() == in.address() && out.same_layout(in)) return;
   check_no_overlap(out, in);
 }
 

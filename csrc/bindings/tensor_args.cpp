@@ -79,6 +79,13 @@ int64_t Tensor::numel() const {
 
 int64_t Tensor::nbytes() const { return numel() * element_size(dtype_); }
 
+int64_t Tensor::span_bytes() const {
+  if (numel() == 0) return 0;
+  int64_t last = 0;  // element offset of the last element (strides of the tensors we take are >= 0)
+  for (int64_t d = 0; d < dim(); ++d) last += (shape_[d] - 1) * strides_[d];
+  return (last + 1) * element_size(dtype_);
+}
+
 bool Tensor::is_contiguous() const {
   if (numel() == 0) return true;  // nothing to lay out; emptiness is checked separately
   int64_t expected = 1;
@@ -152,8 +159,8 @@ void check_same_device(const Tensor& a, const Tensor& b) {
 }
 
 void check_no_overlap(const Tensor& out, const Tensor& in) {
-  const uintptr_t a0 = out.address(), a1 = a0 + out.nbytes();
-  const uintptr_t b0 = in.address(), b1 = b0 + in.nbytes();
+  const uintptr_t a0 = out.address(), a1 = a0 + out.span_bytes();
+  const uintptr_t b0 = in.address(), b1 = b0 + in.span_bytes();
   if (a0 < b1 && b0 < a1) {
     throw py::value_error(std::string(out.name()) + ": must not share memory with " + in.name());
   }

@@ -38,6 +38,10 @@ class Tensor {
   }
   uintptr_t address() const { return data_; }
   int64_t nbytes() const;
+  // Bytes from the first element to the end of the last one: nbytes() when contiguous, more for a
+  // strided view (what an overlap check must compare).
+  int64_t span_bytes() const;
+  bool same_layout(const Tensor& other) const { return shape_ == other.shape_ && strides_ == other.strides_; }
 
  private:
   const char* name_;

@@ -72,6 +72,26 @@ void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, fl
   for (int m = 0; m < kPanelRows; ++m) std::copy(acc[m], acc[m] + kPanelCols, c + m * ldc);
 }
 
+namespace {
+
+// The scalar packing loop of pack_panel_{i8,f32}_scalar; element(c, k) is weight row c at k.
+template <class Element>
+void pack_panel_scalar(int64_t cols, int64_t K, float* panel, const Element& element) {
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < kPanelCols; ++c) panel[k * kPanelCols + c] = c < cols ? element(c, k) : 0.0f;
+  }
+}
+
+}  // namespace
+
+void pack_panel_i8_scalar(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel) {
+  pack_panel_scalar(cols, K, panel, [&](int64_t c, int64_t k) { return static_cast<float>(w[c * ldw + k]) * row_scale[c]; });
+}
+
+void pack_panel_f32_scalar(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel) {
+  pack_panel_scalar(cols, K, panel, [&](int64_t c, int64_t k) { return w[c * ldw + k]; });
+}
+
 // As quantize_row_scalar with 32767 levels: a true division, so it equals torch's round(x / scale).
 void quantize_row_i16_scalar(const float* x, int16_t* q, float* scale, int64_t cols) {
   float amax = 0.0f;
@@ -128,6 +148,14 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
 
 cpu::PanelKernelFn panel_kernel() {
   return active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
+}
+
+cpu::PackPanelI8Fn pack_panel_i8() {
+  return active_isa() >= Isa::Avx2 ? cpu::pack_panel_i8_avx2 : cpu::pack_panel_i8_scalar;
+}
+
+cpu::PackPanelF32Fn pack_panel_f32() {
+  return active_isa() >= Isa::Avx2 ? cpu::pack_panel_f32_avx2 : cpu::pack_panel_f32_scalar;
 }
 
 // Rows of packed activations kept per pass over the weight panels: up to ~2 MB of them, so a long
@@ -189,22 +217,6 @@ void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_
         }
       }
     }
-  }
-}
-
-// Writes weight rows n0 .. n0 + cols ([N, K] row-major, times row_scale[n] when given) into a
-// panel [K][kPanelCols], zeros past cols.
-template <class T>
-void pack_panel_rows(const T* w, const float* row_scale, int64_t K, int64_t n0, int64_t cols, float* panel) {
-  constexpr int64_t C = cpu::kPanelCols;
-  for (int64_t c = 0; c < C; ++c) {
-    if (c >= cols) {
-      for (int64_t k = 0; k < K; ++k) panel[k * C + c] = 0.0f;
-      continue;
-    }
-    const T* row = w + (n0 + c) * K;
-    const float s = row_scale != nullptr ? row_scale[n0 + c] : 1.0f;
-    for (int64_t k = 0; k < K; ++k) panel[k * C + c] = static_cast<float>(row[k]) * s;
   }
 }
 
@@ -282,8 +294,9 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
+    const cpu::PackPanelI8Fn pack = pack_panel_i8();
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
-      pack_panel_rows(w_q, w_scale, K, n0, cols, panel);  // dequantized once per panel
+      pack(w_q + n0 * K, K, w_scale + n0, cols, K, panel);  // dequantized once per panel
     });
     return;
   }
@@ -314,8 +327,9 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
 
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
+    const cpu::PackPanelF32Fn pack = pack_panel_f32();
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
-      pack_panel_rows(w, nullptr, K, n0, cols, panel);
+      pack(w + n0 * K, K, cols, K, panel);
     });
     return;
   }

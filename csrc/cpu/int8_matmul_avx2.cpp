@@ -268,6 +268,65 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
   }
 }
 
+namespace {
+
+// In place: r[i] = row i of an 8 x 8 block  ->  r[j] = column j (the 8 rows' element j).
+PE_INLINE void transpose8x8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  // Per 128-bit lane: s0 = elements 0 and 4 of rows 0-3, s1 = 1 and 5, s2 = 2 and 6, s3 = 3 and 7.
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// The packing loop of pack_panel_{i8,f32}_avx2: load8(c, k) is weight row c at k .. k + 7 as fp32,
+// element(c, k) one value (the K % 8 tail).
+template <class Load8, class Element>
+PE_INLINE void pack_panel(int64_t cols, int64_t K, float* panel, const Load8& load8, const Element& element) {
+  static_assert(kPanelCols == 16, "two 8 x 8 blocks per 8 values of k");
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 block[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t c = half * 8 + i;
+        block[i] = c < cols ? load8(c, k) : _mm256_setzero_ps();
+      }
+      transpose8x8(block);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * kPanelCols + half * 8, block[i]);
+    }
+  }
+  for (; k < K; ++k) {
+    for (int64_t c = 0; c < kPanelCols; ++c) panel[k * kPanelCols + c] = c < cols ? element(c, k) : 0.0f;
+  }
+}
+
+}  // namespace
+
+void pack_panel_i8_avx2(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel) {
+  pack_panel(
+      cols, K, panel,
+      [&](int64_t c, int64_t k) {
+        const __m128i w8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c * ldw + k));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8)), _mm256_set1_ps(row_scale[c]));
+      },
+      [&](int64_t c, int64_t k) { return static_cast<float>(w[c * ldw + k]) * row_scale[c]; });
+}
+
+void pack_panel_f32_avx2(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel) {
+  pack_panel(
+      cols, K, panel, [&](int64_t c, int64_t k) { return _mm256_loadu_ps(w + c * ldw + k); },
+      [&](int64_t c, int64_t k) { return w[c * ldw + k]; });
+}
+
 // Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
 void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols) {
   const float s = avx2::abs_max(x, cols) / 32767.0f;

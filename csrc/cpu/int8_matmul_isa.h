@@ -54,6 +54,17 @@ using PanelKernelFn = void (*)(const float* a_pack, const float* b_pack, int64_t
 void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 
+// Weight packing for the micro-kernel: rows w[0 .. cols) (row stride ldw; cols <= kPanelCols) into
+// panel[k * kPanelCols + c] = w[c * ldw + k] (times row_scale[c] for int8), zeros for c >= cols.
+// The AVX2 versions transpose 8 x 8 blocks in registers and give bitwise the scalar results.
+using PackPanelI8Fn = void (*)(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K,
+                               float* panel);
+void pack_panel_i8_scalar(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel);
+void pack_panel_i8_avx2(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel);
+using PackPanelF32Fn = void (*)(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
+void pack_panel_f32_scalar(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
+void pack_panel_f32_avx2(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
+
 // One row of quantize_rows.
 void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols);
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols);

@@ -1,5 +1,6 @@
 #include "pyengine/silu_mul.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/activations_isa.h"
@@ -16,10 +17,17 @@ void silu_mul_span_scalar(const float* gate, const float* up, float* out, int64_
 
 }  // namespace cpu
 
-void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t rows,
+              int64_t cols) {
   const auto span_fn = active_isa() >= Isa::Avx2 ? cpu::silu_mul_span_avx2 : cpu::silu_mul_span_scalar;
-  cpu::parallel_chunks(n, [&](int64_t begin, int64_t count) {
-    span_fn(gate + begin, up + begin, out + begin, count);
+  // Chunks of the contiguous output; a chunk may cross rows, so it runs as one span per row piece.
+  cpu::parallel_chunks(rows * cols, [&](int64_t begin, int64_t count) {
+    while (count > 0) {
+      const int64_t r = begin / cols, i = begin % cols, n = std::min(count, cols - i);
+      span_fn(gate + r * gate_stride + i, up + r * up_stride + i, out + begin, n);
+      begin += n;
+      count -= n;
+    }
   });
 }
 

@@ -2,6 +2,7 @@
 
 #include <cstdint>
 
+#include "cpu/int8_matmul_isa.h"
 #include "pyengine/quantize.h"
 #include "tests/test_util.h"
 
@@ -29,9 +30,39 @@ std::vector<int32_t> reference_i32(const std::vector<int8_t>& a, const std::vect
   return c;
 }
 
+// The GEMM's weight packing: the layout (panel[k][c] = row c at k, times its scale; zeros past
+// cols) from the scalar version, and the AVX2 version bitwise equal to it, over K tails and
+// partial panels. Rows are strided (ldw > K), as a panel is a slice of a bigger matrix.
+void check_panel_packing() {
+  constexpr int64_t C = cpu::kPanelCols;
+  for (int64_t cols : {1, 5, 8, 9, 16}) {
+    for (int64_t K : {1, 7, 8, 33, 576}) {
+      const int64_t ldw = K + 3;
+      const auto w8 = random_i8(cols * ldw, 5, false);
+      const auto wf = testing::random_floats(cols * ldw, 6);
+      const auto scale = testing::random_floats(cols, 7, 0.01f);
+      std::vector<float> i8_ref(K * C, -1.0f), f32_ref(K * C, -1.0f);
+      cpu::pack_panel_i8_scalar(w8.data(), ldw, scale.data(), cols, K, i8_ref.data());
+      cpu::pack_panel_f32_scalar(wf.data(), ldw, cols, K, f32_ref.data());
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+          PE_CHECK(i8_ref[k * C + c] == (c < cols ? static_cast<float>(w8[c * ldw + k]) * scale[c] : 0.0f));
+          PE_CHECK(f32_ref[k * C + c] == (c < cols ? wf[c * ldw + k] : 0.0f));
+        }
+      }
+      if (detected_isa() < Isa::Avx2) continue;
+      std::vector<float> i8_avx2(K * C, -1.0f), f32_avx2(K * C, -1.0f);
+      cpu::pack_panel_i8_avx2(w8.data(), ldw, scale.data(), cols, K, i8_avx2.data());
+      cpu::pack_panel_f32_avx2(wf.data(), ldw, cols, K, f32_avx2.data());
+      PE_CHECK(i8_avx2 == i8_ref && f32_avx2 == f32_ref);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  check_panel_packing();
   const int64_t shapes[][3] = {{1, 1, 1}, {1, 5, 33}, {7, 1, 1000}, {7, 33, 576}, {64, 70, 65}, {20, 9, 1536}};
   for (const auto& s : shapes) {
     const int64_t M = s[0], N = s[1], K = s[2];
