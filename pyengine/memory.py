@@ -38,6 +38,8 @@ def huge_page_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
     Returns (tensor, advised): advised is False where the OS has no MADV_HUGEPAGE."""
     if nbytes <= 0:
         raise ValueError(f"huge_page_buffer: nbytes must be positive, got {nbytes}")
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX mmap (Windows): plain memory
+        return torch.zeros(nbytes, dtype=torch.uint8), False
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     # Private anonymous memory (Python's default for fileno -1 is shared, which THP does not cover
     # unless shmem_enabled says so); untouched, so the advice applies from the first touch.
