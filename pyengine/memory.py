@@ -67,7 +67,6 @@ class WeightArena:
         self.chunk_bytes = chunk_bytes
         self._chunk: torch.Tensor | None = None
         self._used = 0
-        self.advised = False  # whether any chunk got MADV_HUGEPAGE
         self.bytes_placed = 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -81,8 +80,7 @@ class WeightArena:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         start = -(-self._used // _ALIGN) * _ALIGN
         if self._chunk is None or start + nbytes > self._chunk.numel():
-            self._chunk, advised = huge_page_buffer(max(self.chunk_bytes, nbytes))
-            self.advised = self.advised or advised
+            self._chunk, _ = huge_page_buffer(max(self.chunk_bytes, nbytes))
             start = 0
         self._used = start + nbytes
         self.bytes_placed += nbytes

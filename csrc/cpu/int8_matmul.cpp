@@ -146,18 +146,6 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
   }
 }
 
-cpu::PanelKernelFn panel_kernel() {
-  return active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
-}
-
-cpu::PackPanelI8Fn pack_panel_i8() {
-  return active_isa() >= Isa::Avx2 ? cpu::pack_panel_i8_avx2 : cpu::pack_panel_i8_scalar;
-}
-
-cpu::PackPanelF32Fn pack_panel_f32() {
-  return active_isa() >= Isa::Avx2 ? cpu::pack_panel_f32_avx2 : cpu::pack_panel_f32_scalar;
-}
-
 // Rows of packed activations kept per pass over the weight panels: up to ~2 MB of them, so a long
 // prompt's block stays in the last-level cache while every panel streams past it.
 constexpr int64_t kPanelActivationBytes = 2 << 20;
@@ -171,7 +159,7 @@ template <class PackPanel>
 void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_t N, int64_t K,
                 const PackPanel& pack_panel) {
   constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
-  const cpu::PanelKernelFn kernel = panel_kernel();
+  const auto kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
   const int64_t tiles_per_block = std::max<int64_t>(1, kPanelActivationBytes / (R * K * 4));
   const int64_t panels = ceil_div(N, C);
   thread_local std::vector<float> a_pack;  // the calling thread's; shared by the workers below
@@ -228,18 +216,6 @@ cpu::I8DotBlockFn i8_block() {
   }
 }
 
-cpu::F32I8DotBlockFn f32i8_block() {
-  return active_isa() >= Isa::Avx2 ? cpu::f32i8_dot_block_avx2 : cpu::f32i8_dot_block_scalar;
-}
-
-cpu::I16I8DotBlockFn i16i8_block() {
-  return active_isa() >= Isa::Avx2 ? cpu::i16i8_dot_block_avx2 : cpu::i16i8_dot_block_scalar;
-}
-
-cpu::F32DotBlockFn f32_block() {
-  return active_isa() >= Isa::Avx2 ? cpu::f32_dot_block_avx2 : cpu::f32_dot_block_scalar;
-}
-
 // Epilogue of the integer Linears: out[m, n] = float(acc[m, n]) * (x_scale[m] * w_scale[n]) (+ bias[n]).
 // The same fp32 operations, in the same order, as the torch references (this file has no FMA).
 template <class Acc>
@@ -294,13 +270,13 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
-    const cpu::PackPanelI8Fn pack = pack_panel_i8();
+    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_i8_avx2 : cpu::pack_panel_i8_scalar;
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w_q + n0 * K, K, w_scale + n0, cols, K, panel);  // dequantized once per panel
     });
     return;
   }
-  const cpu::F32I8DotBlockFn block = f32i8_block();
+  const auto block = active_isa() >= Isa::Avx2 ? cpu::f32i8_dot_block_avx2 : cpu::f32i8_dot_block_scalar;
   for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w_q + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);
     for (int64_t m = m0; m < m1; ++m) {
@@ -322,18 +298,19 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
   x_scale.resize(M);
   const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
-  integer_linear_tiles<int64_t>(i16i8_block(), x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
+  const auto block = active_isa() >= Isa::Avx2 ? cpu::i16i8_dot_block_avx2 : cpu::i16i8_dot_block_scalar;
+  integer_linear_tiles<int64_t>(block, x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
 }
 
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
-    const cpu::PackPanelF32Fn pack = pack_panel_f32();
+    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_f32_avx2 : cpu::pack_panel_f32_scalar;
     panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w + n0 * K, K, cols, K, panel);
     });
     return;
   }
-  const cpu::F32DotBlockFn block = f32_block();
+  const auto block = active_isa() >= Isa::Avx2 ? cpu::f32_dot_block_avx2 : cpu::f32_dot_block_scalar;
   for_each_tile(M, N, K, 4, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);
     if (bias != nullptr) {

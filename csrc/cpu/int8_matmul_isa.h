@@ -17,8 +17,6 @@ void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t 
                          int64_t ldc, int64_t M, int64_t N, int64_t K);
 
 // c[m * ldc + n] = sum_k a[m * lda + k] * float(b[n * ldb + k])  (fp32 x int8 weights, fp32 sums).
-using F32I8DotBlockFn = void (*)(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
-                                 int64_t ldc, int64_t M, int64_t N, int64_t K);
 void f32i8_dot_block_scalar(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
                             int64_t ldc, int64_t M, int64_t N, int64_t K);
 void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t ldb, float* c,
@@ -26,16 +24,12 @@ void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t 
 
 // c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k], exact (int16 activations in [-32767, 32767]
 // x int8 weights in [-127, 127]). Reads exactly K elements of each row (no over-read).
-using I16I8DotBlockFn = void (*)(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
-                                 int64_t ldc, int64_t M, int64_t N, int64_t K);
 void i16i8_dot_block_scalar(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
                             int64_t ldc, int64_t M, int64_t N, int64_t K);
 void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
                           int64_t ldc, int64_t M, int64_t N, int64_t K);
 
 // c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k]  (fp32).
-using F32DotBlockFn = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                               int64_t ldc, int64_t M, int64_t N, int64_t K);
 void f32_dot_block_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                           int64_t M, int64_t N, int64_t K);
 void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
@@ -50,18 +44,14 @@ void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb
 // packed operands stream from L1/L2 in order.
 constexpr int kPanelRows = 6;
 constexpr int kPanelCols = 16;
-using PanelKernelFn = void (*)(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 
 // Weight packing for the micro-kernel: rows w[0 .. cols) (row stride ldw; cols <= kPanelCols) into
 // panel[k * kPanelCols + c] = w[c * ldw + k] (times row_scale[c] for int8), zeros for c >= cols.
 // The AVX2 versions transpose 8 x 8 blocks in registers and give bitwise the scalar results.
-using PackPanelI8Fn = void (*)(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K,
-                               float* panel);
 void pack_panel_i8_scalar(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel);
 void pack_panel_i8_avx2(const int8_t* w, int64_t ldw, const float* row_scale, int64_t cols, int64_t K, float* panel);
-using PackPanelF32Fn = void (*)(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
 void pack_panel_f32_scalar(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
 void pack_panel_f32_avx2(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
 
