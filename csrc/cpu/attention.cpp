@@ -56,19 +56,16 @@ void attend_key_block_scalar(const AttnKeyBlock& a) {
 namespace {
 
 using BlockFn = void (*)(const cpu::AttnKeyBlock&);
+using TileFn = void (*)(const cpu::AttnRowTile&);
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Prefill tiles hold about this many query rows (query positions x heads of one kv group), so
-// each K/V block is reused across that many rows while it is in L1.
+// Prefill tiles hold up to this many query rows (query positions x heads of one kv group): each
+// K/V block serves all of them, and the AVX2 tile kernel packs them in 8-row vectors.
 constexpr int64_t kTargetTileRows = 64;
 // Decode: the smallest KV chunk one thread takes (below it merging costs more than it saves),
 // and how many work items per thread to aim for so uneven chunks still balance.
 constexpr int64_t kMinDecodeChunk = 64;
 constexpr int64_t kDecodeItemsPerThread = 4;
-
-BlockFn pick_block_fn() {
-  return active_isa() >= Isa::Avx2 ? cpu::attend_key_block_avx2 : cpu::attend_key_block_scalar;
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -78,9 +75,17 @@ struct RowTile {
   std::vector<int64_t> limit;
   std::vector<float> row_max, row_sum, acc, scores;
 
-  RowTile(int64_t max_rows, int64_t head_dim)
-      : q_rows(max_rows), limit(max_rows), row_max(max_rows), row_sum(max_rows),
-        acc(max_rows * head_dim), scores(max_rows * cpu::kAttnKeyBlock) {}
+  RowTile() = default;
+  RowTile(int64_t max_rows, int64_t head_dim) { resize(max_rows, head_dim); }
+
+  void resize(int64_t max_rows, int64_t head_dim) {
+    q_rows.resize(max_rows);
+    limit.resize(max_rows);
+    row_max.resize(max_rows);
+    row_sum.resize(max_rows);
+    acc.resize(max_rows * head_dim);
+    scores.resize(max_rows * cpu::kAttnKeyBlock);
+  }
 
   void reset(int64_t n_rows, int64_t head_dim) {
     std::fill_n(row_max.begin(), n_rows, kNegInf);
@@ -101,48 +106,59 @@ struct RowTile {
   }
 };
 
+// The key-block step over every block of the tile, then the normalization.
+void attend_tile_scalar(const cpu::AttnRowTile& t) {
+  thread_local RowTile tile;
+  tile.resize(t.n_rows, t.head_dim);
+  std::copy_n(t.q_rows, t.n_rows, tile.q_rows.begin());
+  std::copy_n(t.row_limit, t.n_rows, tile.limit.begin());
+  tile.reset(t.n_rows, t.head_dim);
+  tile.attend(cpu::attend_key_block_scalar, t.n_rows, t.k, t.v, 0, t.key_end, t.head_dim, t.scale);
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    const float inv_sum = 1.0f / tile.row_sum[r];  // > 0: every row sees key 0
+    for (int64_t d = 0; d < t.head_dim; ++d) t.out_rows[r][d] = tile.acc[r * t.head_dim + d] * inv_sum;
+  }
+}
+
 int64_t visible_limit(int64_t position, int32_t kv_len) {
   return std::min<int64_t>(position + 1, kv_len);
 }
 
-void prefill(BlockFn fn, const float* q, const float* k_cache, const float* v_cache, float* out,
+void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cache, float* out,
              const int32_t* q_start, const int32_t* kv_len, const AttentionShape& s, float scale) {
   const int64_t B = s.batch, T = s.q_len, Hq = s.num_q_heads, Hkv = s.num_kv_heads, D = s.head_dim;
   const int64_t group = Hq / Hkv;
   // Rows of a tile: query positions t0..t1 times the `group` heads sharing one kv head, so a
   // K/V block serves all of them (GQA without copying KV).
-  const int64_t block_q = std::max<int64_t>(1, ceil_div(kTargetTileRows, group));
+  const int64_t block_q = std::max<int64_t>(1, kTargetTileRows / group);
   const int64_t n_qblocks = ceil_div(T, block_q);
   const int64_t n_items = B * Hkv * n_qblocks;
 #pragma omp parallel if (n_items > 1)
   {
-    RowTile tile(block_q * group, D);
+    std::vector<const float*> q_rows(block_q * group);
+    std::vector<float*> out_rows(block_q * group);
+    std::vector<int64_t> limits(block_q * group);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       // Latest query blocks see the most keys: hand them out first.
       const int64_t qb = n_qblocks - 1 - item % n_qblocks;
       const int64_t kvh = (item / n_qblocks) % Hkv, b = item / (n_qblocks * Hkv);
       const int64_t t0 = qb * block_q, t1 = std::min(T, t0 + block_q);
-      const int64_t n_rows = (t1 - t0) * group;
       int64_t key_end = 0;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t limit = visible_limit(q_start[b] + t, kv_len[b]);
         key_end = std::max(key_end, limit);
         for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (t - t0) * group + g;
-          tile.q_rows[r] = q + ((b * T + t) * Hq + kvh * group + g) * D;
-          tile.limit[r] = limit;
+          const int64_t r = (t - t0) * group + g, offset = ((b * T + t) * Hq + kvh * group + g) * D;
+          q_rows[r] = q + offset;
+          out_rows[r] = out + offset;
+          limits[r] = limit;
         }
       }
-      tile.reset(n_rows, D);
       const int64_t kv_offset = (b * Hkv + kvh) * s.cache_len * D;
       // Keys past key_end lie above the causal diagonal of every row: never visited.
-      tile.attend(fn, n_rows, k_cache + kv_offset, v_cache + kv_offset, 0, key_end, D, scale);
-      for (int64_t r = 0; r < n_rows; ++r) {
-        float* dst = out + (tile.q_rows[r] - q);
-        const float inv_sum = 1.0f / tile.row_sum[r];  // > 0: every row sees key 0
-        for (int64_t d = 0; d < D; ++d) dst[d] = tile.acc[r * D + d] * inv_sum;
-      }
+      fn({q_rows.data(), limits.data(), (t1 - t0) * group, k_cache + kv_offset, v_cache + kv_offset, key_end, D,
+          scale, out_rows.data()});
     }
   }
 }
@@ -237,11 +253,13 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
     }
     if (q_start[b] < 0) throw std::invalid_argument("attention: q_start must be >= 0");
   }
-  const BlockFn fn = pick_block_fn();
+  const bool avx2 = active_isa() >= Isa::Avx2;
   if (s.q_len == 1) {
-    decode(fn, q, k_cache, v_cache, out, q_start, kv_len, s, scale);
+    decode(avx2 ? cpu::attend_key_block_avx2 : cpu::attend_key_block_scalar, q, k_cache, v_cache, out, q_start,
+           kv_len, s, scale);
   } else {
-    prefill(fn, q, k_cache, v_cache, out, q_start, kv_len, s, scale);
+    prefill(avx2 ? cpu::attend_tile_avx2 : attend_tile_scalar, q, k_cache, v_cache, out, q_start, kv_len, s,
+            scale);
   }
 }
 

@@ -1,9 +1,11 @@
-// AVX2/FMA key-block step of attention. Compiled with -mavx2 -mfma; called only when cpuid says so.
+// AVX2/FMA attention: the key-block step (decode) and the prefill tile kernel. Compiled with
+// -mavx2 -mfma; called only when cpuid says so.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu/attention_isa.h"
 #include "cpu/avx2_math.h"
@@ -104,7 +106,182 @@ void weighted_v_rows(const float* p, const float* v, int64_t n_keys, int64_t D, 
     }
 }
 
+// ---- Prefill tile, outer-product form. Layouts (R = rows padded to a multiple of 8):
+//   qt[d * R + r]  = q_rows[r][d] * scale   (packed once per tile)
+//   st[j * R + r]  = score, then probability, of row r against key j of the block
+//   acc[r * D + d] = un-normalized weighted sum of V
+
+// st[kk][r0 .. r0 + 8 * RVECS) = sum_d qt[d][..] * k[kk][d] for KEYS keys; block_max[r0 ..] takes
+// the max over those keys too, which saves the softmax a pass over the scores.
+template <int KEYS, int RVECS>
+void scores_outer(const float* qt, int64_t R, const float* k, int64_t D, float* st, float* block_max) {
+  __m256 c[KEYS][RVECS];
+  for (int kk = 0; kk < KEYS; ++kk)
+    for (int i = 0; i < RVECS; ++i) c[kk][i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m256 q[RVECS];
+    for (int i = 0; i < RVECS; ++i) q[i] = _mm256_loadu_ps(qt + d * R + 8 * i);
+    for (int kk = 0; kk < KEYS; ++kk) {
+      const __m256 kv = _mm256_broadcast_ss(k + kk * D + d);
+      for (int i = 0; i < RVECS; ++i) c[kk][i] = _mm256_fmadd_ps(kv, q[i], c[kk][i]);
+    }
+  }
+  for (int i = 0; i < RVECS; ++i) {
+    __m256 m = _mm256_loadu_ps(block_max + 8 * i);
+    for (int kk = 0; kk < KEYS; ++kk) {
+      _mm256_storeu_ps(st + kk * R + 8 * i, c[kk][i]);
+      m = _mm256_max_ps(m, c[kk][i]);
+    }
+    _mm256_storeu_ps(block_max + 8 * i, m);
+  }
+}
+
+template <int RVECS>
+void scores_outer_keys(const float* qt, int64_t R, const float* k, int64_t D, int64_t keys, float* st,
+                       float* block_max) {
+  switch (keys) {
+    case 1: return scores_outer<1, RVECS>(qt, R, k, D, st, block_max);
+    case 2: return scores_outer<2, RVECS>(qt, R, k, D, st, block_max);
+    case 3: return scores_outer<3, RVECS>(qt, R, k, D, st, block_max);
+    case 4: return scores_outer<4, RVECS>(qt, R, k, D, st, block_max);
+    case 5: return scores_outer<5, RVECS>(qt, R, k, D, st, block_max);
+    default: return scores_outer<6, RVECS>(qt, R, k, D, st, block_max);
+  }
+}
+
+// acc[r][d0 .. d0 + 8 * DVECS) = acc[r][..] * rescale[r] + sum_j pt[j][r] * v[j][..], for ROWS rows.
+template <int ROWS, int DVECS>
+void pv_outer(const float* pt, int64_t R, const float* v, int64_t D, int64_t n_keys, const float* rescale,
+              float* acc) {
+  __m256 c[ROWS][DVECS];
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256 s = _mm256_broadcast_ss(rescale + r);
+    for (int i = 0; i < DVECS; ++i) c[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * i), s);
+  }
+  for (int64_t j = 0; j < n_keys; ++j) {
+    __m256 vv[DVECS];
+    for (int i = 0; i < DVECS; ++i) vv[i] = _mm256_loadu_ps(v + j * D + 8 * i);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 p = _mm256_broadcast_ss(pt + j * R + r);
+      for (int i = 0; i < DVECS; ++i) c[r][i] = _mm256_fmadd_ps(p, vv[i], c[r][i]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int i = 0; i < DVECS; ++i) _mm256_storeu_ps(acc + r * D + 8 * i, c[r][i]);
+}
+
+template <int DVECS>
+void pv_outer_rows(const float* pt, int64_t R, const float* v, int64_t D, int64_t n_keys, const float* rescale,
+                   float* acc, int64_t rows) {
+  switch (rows) {
+    case 1: return pv_outer<1, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+    case 2: return pv_outer<2, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+    case 3: return pv_outer<3, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+    case 4: return pv_outer<4, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+    case 5: return pv_outer<5, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+    default: return pv_outer<6, DVECS>(pt, R, v, D, n_keys, rescale, acc);
+  }
+}
+
 }  // namespace
+
+void attend_tile_avx2(const AttnRowTile& t) {
+  const int64_t D = t.head_dim, R = (t.n_rows + 7) / 8 * 8;
+  constexpr int64_t KB = kAttnKeyBlock;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // One allocation per thread, reused: qt [D][R] | st [KB][R] | acc [R][D] | five [R] vectors.
+  thread_local std::vector<float> scratch;
+  scratch.resize(D * R + KB * R + R * D + 5 * R);
+  float *qt = scratch.data(), *st = qt + D * R, *acc = st + KB * R, *row_max = acc + R * D;
+  float *row_sum = row_max + R, *rescale = row_sum + R, *limit = rescale + R, *block_max = limit + R;
+
+  // Q^T (times scale) in 8 x 8 blocks; padded rows are zero queries that see key 0 only, so they
+  // stay finite; their results are dropped.
+  const __m256 vscale = _mm256_set1_ps(t.scale);
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const int64_t rows = std::min<int64_t>(8, t.n_rows - r0);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 block[8];
+      for (int i = 0; i < 8; ++i) block[i] = i < rows ? _mm256_loadu_ps(t.q_rows[r0 + i] + d) : _mm256_setzero_ps();
+      avx2::transpose8x8(block);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(qt + (d + i) * R + r0, _mm256_mul_ps(block[i], vscale));
+    }
+    for (; d < D; ++d)
+      for (int64_t i = 0; i < 8; ++i) qt[d * R + r0 + i] = i < rows ? t.q_rows[r0 + i][d] * t.scale : 0.0f;
+  }
+  int64_t min_limit = t.key_end;
+  for (int64_t r = 0; r < R; ++r) {
+    const bool real = r < t.n_rows;
+    limit[r] = real ? static_cast<float>(t.row_limit[r]) : 1.0f;  // exact: limits are far below 2^24
+    if (real) min_limit = std::min(min_limit, t.row_limit[r]);
+  }
+  std::fill_n(row_max, R, kNegInf);
+  std::fill_n(row_sum, R, 0.0f);
+  std::fill_n(acc, R * D, 0.0f);
+
+  for (int64_t kb = 0; kb < t.key_end; kb += KB) {
+    const int64_t n = std::min(KB, t.key_end - kb);
+    const float* k = t.k + kb * D;
+    const float* v = t.v + kb * D;
+    // 1. Scores of every row against the block's keys, six keys x sixteen rows at a time.
+    std::fill_n(block_max, R, kNegInf);
+    for (int64_t j = 0; j < n; j += 6) {
+      const int64_t keys = std::min<int64_t>(6, n - j);
+      int64_t r = 0;
+      for (; r + 16 <= R; r += 16) scores_outer_keys<2>(qt + r, R, k + j * D, D, keys, st + j * R + r, block_max + r);
+      if (r < R) scores_outer_keys<1>(qt + r, R, k + j * D, D, keys, st + j * R + r, block_max + r);
+    }
+    // 2. Online softmax, eight rows per vector. On the causal diagonal, keys a row must not see
+    // become -inf first and the block max is taken again.
+    const bool masked = kb + n > min_limit;
+    for (int64_t r = 0; r < R; r += 8) {
+      __m256 max_now = _mm256_loadu_ps(block_max + r);
+      if (masked) {
+        const __m256 lim = _mm256_loadu_ps(limit + r);
+        max_now = _mm256_set1_ps(kNegInf);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 hidden = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(kb + j)), lim, _CMP_GE_OQ);
+          const __m256 s = _mm256_blendv_ps(_mm256_loadu_ps(st + j * R + r), _mm256_set1_ps(kNegInf), hidden);
+          _mm256_storeu_ps(st + j * R + r, s);
+          max_now = _mm256_max_ps(max_now, s);
+        }
+      }
+      // Finite for every row: block 0 holds key 0, which every row sees.
+      const __m256 old_max = _mm256_loadu_ps(row_max + r), new_max = _mm256_max_ps(old_max, max_now);
+      const __m256 scale_old = avx2::exp_nonpositive_ps(_mm256_sub_ps(old_max, new_max));  // 0 on block 0
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 p = avx2::exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(st + j * R + r), new_max));
+        _mm256_storeu_ps(st + j * R + r, p);
+        sum = _mm256_add_ps(sum, p);
+      }
+      _mm256_storeu_ps(row_max + r, new_max);
+      _mm256_storeu_ps(row_sum + r, _mm256_fmadd_ps(_mm256_loadu_ps(row_sum + r), scale_old, sum));
+      _mm256_storeu_ps(rescale + r, scale_old);
+    }
+    // 3. acc = acc * rescale + P V, six rows x sixteen dims at a time.
+    for (int64_t r = 0; r < R; r += 6) {
+      const int64_t rows = std::min<int64_t>(6, R - r);
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) pv_outer_rows<2>(st + r, R, v + d, D, n, rescale + r, acc + r * D + d, rows);
+      for (; d + 8 <= D; d += 8) pv_outer_rows<1>(st + r, R, v + d, D, n, rescale + r, acc + r * D + d, rows);
+      for (; d < D; ++d) {  // head_dim not a multiple of 8: the rest, scalar
+        for (int64_t i = r; i < r + rows; ++i) {
+          float a = acc[i * D + d] * rescale[i];
+          for (int64_t j = 0; j < n; ++j) a += st[j * R + i] * v[j * D + d];
+          acc[i * D + d] = a;
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    const __m256 inv_sum = _mm256_set1_ps(1.0f / row_sum[r]);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(t.out_rows[r] + d, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), inv_sum));
+    for (; d < D; ++d) t.out_rows[r][d] = acc[r * D + d] / row_sum[r];
+  }
+}
 
 void attend_key_block_avx2(const AttnKeyBlock& a) {
   const int64_t D = a.head_dim, block = a.key_end - a.key_begin;

@@ -37,16 +37,10 @@ inline float abs_max(const float* x, int64_t n) {
   return amax;
 }
 
-// exp(x) for 8 floats, within ~2 ulp over the whole float range. Cody-Waite range reduction
-// x = n*ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r (Cephes' expf coefficients),
-// scaled by 2^n built directly in the exponent bits. Results above ~2.4e38 (x > 88.376) are +inf, below
-// FLT_MIN are 0 (no denormals), NaN stays NaN: so x / (1 + exp(-z)) has the right limits.
-inline __m256 exp_ps(__m256 x_in) {
-  // Clamp so 2^n stays a normal float; the ends are patched below. min/max return their second
-  // operand when either is NaN: keep x second so NaN survives.
-  const __m256 overflow_at = _mm256_set1_ps(88.3762626647949f), underflow_at = _mm256_set1_ps(-87.3365447504f);
-  __m256 x = _mm256_min_ps(overflow_at, x_in);
-  x = _mm256_max_ps(underflow_at, x);
+// e^x = 2^n * e^r with x = n ln2 + r, for x inside [kExpUnderflow, kExpOverflow] (2^n stays a
+// normal float); the callers clamp and patch the ends.
+constexpr float kExpOverflow = 88.3762626647949f, kExpUnderflow = -87.3365447504f;
+inline __m256 exp_in_range(__m256 x) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // ln2 split in a part exact in float and the remainder, so n*ln2_hi is exact.
@@ -60,8 +54,26 @@ inline __m256 exp_ps(__m256 x_in) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+}
+
+// exp(x) for 8 floats, within ~2 ulp over the whole float range: Cody-Waite range reduction
+// x = n*ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r (Cephes' expf coefficients),
+// scaled by 2^n built directly in the exponent bits (exp_in_range). Results above ~2.4e38 (x > 88.376)
+// are +inf, below FLT_MIN are 0 (no denormals), NaN stays NaN: so x / (1 + exp(-z)) has the right limits.
+inline __m256 exp_ps(__m256 x_in) {
+  const __m256 overflow_at = _mm256_set1_ps(kExpOverflow), underflow_at = _mm256_set1_ps(kExpUnderflow);
+  // min/max return their second operand when either is NaN: keep x second so NaN survives.
+  const __m256 x = _mm256_max_ps(underflow_at, _mm256_min_ps(overflow_at, x_in));
+  __m256 result = exp_in_range(x);
   result = _mm256_blendv_ps(result, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x_in, overflow_at, _CMP_GT_OQ));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x_in, underflow_at, _CMP_LT_OQ), result);
+}
+
+// exp for x <= 0 or -inf only (softmax: scores minus their max): no overflow patch.
+inline __m256 exp_nonpositive_ps(__m256 x_in) {
+  const __m256 underflow_at = _mm256_set1_ps(kExpUnderflow);
+  const __m256 result = exp_in_range(_mm256_max_ps(underflow_at, x_in));
   return _mm256_andnot_ps(_mm256_cmp_ps(x_in, underflow_at, _CMP_LT_OQ), result);
 }
 
@@ -70,6 +82,23 @@ inline __m256 exp_ps(__m256 x_in) {
 inline __m256 mul_sigmoid_ps(__m256 x, __m256 z) {
   const __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), z)));
   return _mm256_div_ps(x, denom);
+}
+
+// In place: r[i] = row i of an 8 x 8 block  ->  r[j] = column j (the 8 rows' element j).
+inline void transpose8x8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  // Per 128-bit lane: s0 = elements 0 and 4 of rows 0-3, s1 = 1 and 5, s2 = 2 and 6, s3 = 3 and 7.
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
 // Lane mask for the first `count` (0..8) lanes, for maskload/maskstore of a row's tail.

@@ -246,6 +246,9 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
   // not an array: GCC kept an accumulator array in memory, storing it every k (half the speed).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  // Two k per iteration: about 5% faster in L1 on Zen 3 (paired runs), the loop's own
+  // instructions taking fewer of the issue slots the 12 FMAs need.
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k, a_pack += kPanelRows, b_pack += kPanelCols) {
     const __m256 b0 = _mm256_load_ps(b_pack), b1 = _mm256_load_ps(b_pack + 8);
     __m256 a = _mm256_broadcast_ss(a_pack + 0);
@@ -270,23 +273,6 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
 
 namespace {
 
-// In place: r[i] = row i of an 8 x 8 block  ->  r[j] = column j (the 8 rows' element j).
-PE_INLINE void transpose8x8(__m256 (&r)[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  // Per 128-bit lane: s0 = elements 0 and 4 of rows 0-3, s1 = 1 and 5, s2 = 2 and 6, s3 = 3 and 7.
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
 // The packing loop of pack_panel_{i8,f32}_avx2: load8(c, k) is weight row c at k .. k + 7 as fp32,
 // element(c, k) one value (the K % 8 tail).
 template <class Load8, class Element>
@@ -300,7 +286,7 @@ PE_INLINE void pack_panel(int64_t cols, int64_t K, float* panel, const Load8& lo
         const int64_t c = half * 8 + i;
         block[i] = c < cols ? load8(c, k) : _mm256_setzero_ps();
       }
-      transpose8x8(block);
+      avx2::transpose8x8(block);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * kPanelCols + half * 8, block[i]);
     }
   }

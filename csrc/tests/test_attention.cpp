@@ -75,6 +75,8 @@ int main() {
   check_case({2, 17, 9, 3, 20, 64}, {0, 0}, {17, 9});
   check_case({2, 70, 4, 4, 150, 80}, {5, 60}, {75, 100});
   check_case({1, 5, 6, 2, 8, 3}, {2}, {7});
+  // Prefill tiles of 8 positions x 8 heads (GQA 8), head_dim 128, keys over three blocks.
+  check_case({1, 150, 8, 1, 160, 128}, {0}, {150});
 
   bool threw = false;
   try {
