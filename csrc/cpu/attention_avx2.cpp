@@ -111,6 +111,19 @@ void weighted_v_rows(const float* p, const float* v, int64_t n_keys, int64_t D, 
 //   st[j * R + r]  = score, then probability, of row r against key j of the block
 //   acc[r * D + d] = un-normalized weighted sum of V
 
+// The step both tile micro-kernels repeat: c[a][i] += x[a * x_stride] * y[8 i .. 8 i + 8), a rank-1
+// update of an A x (8 I) register block (one broadcast per row a, I vector loads of y).
+template <int A, int I>
+inline __attribute__((always_inline)) void rank1_update(__m256 (&c)[A][I], const float* x, int64_t x_stride,
+                                                        const float* y) {
+  __m256 yv[I];
+  for (int i = 0; i < I; ++i) yv[i] = _mm256_loadu_ps(y + 8 * i);
+  for (int a = 0; a < A; ++a) {
+    const __m256 xa = _mm256_broadcast_ss(x + a * x_stride);
+    for (int i = 0; i < I; ++i) c[a][i] = _mm256_fmadd_ps(xa, yv[i], c[a][i]);
+  }
+}
+
 // st[kk][r0 .. r0 + 8 * RVECS) = sum_d qt[d][..] * k[kk][d] for KEYS keys; block_max[r0 ..] takes
 // the max over those keys too, which saves the softmax a pass over the scores.
 template <int KEYS, int RVECS>
@@ -118,14 +131,7 @@ void scores_outer(const float* qt, int64_t R, const float* k, int64_t D, float* 
   __m256 c[KEYS][RVECS];
   for (int kk = 0; kk < KEYS; ++kk)
     for (int i = 0; i < RVECS; ++i) c[kk][i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m256 q[RVECS];
-    for (int i = 0; i < RVECS; ++i) q[i] = _mm256_loadu_ps(qt + d * R + 8 * i);
-    for (int kk = 0; kk < KEYS; ++kk) {
-      const __m256 kv = _mm256_broadcast_ss(k + kk * D + d);
-      for (int i = 0; i < RVECS; ++i) c[kk][i] = _mm256_fmadd_ps(kv, q[i], c[kk][i]);
-    }
-  }
+  for (int64_t d = 0; d < D; ++d) rank1_update(c, k + d, D, qt + d * R);
   for (int i = 0; i < RVECS; ++i) {
     __m256 m = _mm256_loadu_ps(block_max + 8 * i);
     for (int kk = 0; kk < KEYS; ++kk) {
@@ -158,14 +164,7 @@ void pv_outer(const float* pt, int64_t R, const float* v, int64_t D, int64_t n_k
     const __m256 s = _mm256_broadcast_ss(rescale + r);
     for (int i = 0; i < DVECS; ++i) c[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * i), s);
   }
-  for (int64_t j = 0; j < n_keys; ++j) {
-    __m256 vv[DVECS];
-    for (int i = 0; i < DVECS; ++i) vv[i] = _mm256_loadu_ps(v + j * D + 8 * i);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m256 p = _mm256_broadcast_ss(pt + j * R + r);
-      for (int i = 0; i < DVECS; ++i) c[r][i] = _mm256_fmadd_ps(p, vv[i], c[r][i]);
-    }
-  }
+  for (int64_t j = 0; j < n_keys; ++j) rank1_update(c, pt + j * R, 1, v + j * D);
   for (int r = 0; r < ROWS; ++r)
     for (int i = 0; i < DVECS; ++i) _mm256_storeu_ps(acc + r * D + 8 * i, c[r][i]);
 }
@@ -279,7 +278,7 @@ void attend_tile_avx2(const AttnRowTile& t) {
     const __m256 inv_sum = _mm256_set1_ps(1.0f / row_sum[r]);
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) _mm256_storeu_ps(t.out_rows[r] + d, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), inv_sum));
-    for (; d < D; ++d) t.out_rows[r][d] = acc[r * D + d] / row_sum[r];
+    for (; d < D; ++d) t.out_rows[r][d] = acc[r * D + d] * (1.0f / row_sum[r]);
   }
 }
 
