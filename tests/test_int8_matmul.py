@@ -120,9 +120,10 @@ def test_int8_matmul_i32_every_isa_agrees_single_thread():
 
 # Above 16 rows the fp32 and weight-only Linears take the packed-panel GEMM (6-token x 16-feature
 # tiles): (17, 1, 1) is the first such shape, (23, 17, 33) has partial tiles both ways, and (600, 20,
-# 1000) spans two blocks of packed activations (2 MB each).
+# 1000) spans two blocks of packed activations (2 MB each). (13, 29, 40): up to 16 rows, the tiles
+# walk blocks of 12 weight rows (two whole, one partial) for each group of 4 rows (the last of 1).
 LINEAR_SHAPES = [(1, 1, 1), (1, 576, 576), (1, 192, 576), (7, 33, 1000), (64, 64, 5), (70, 130, 576), (3, 1, 1536),
-                 (17, 1, 1), (23, 17, 33), (600, 20, 1000)]
+                 (13, 29, 40), (17, 1, 1), (23, 17, 33), (600, 20, 1000)]
 
 
 @pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)

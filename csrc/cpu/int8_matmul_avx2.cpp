@@ -221,17 +221,23 @@ using TileTable = T[4][4];
     }                                                                    \
   }
 
-// Walks the block in tiles of up to 4 rows of a by nr_for_mr[mr] rows of b: the a rows stay in
-// registers/L1 while the b rows of the block stream past.
+// Walks the block in tiles of up to 4 rows of a by nr_for_mr[mr] rows of b. b is taken kGridRows
+// rows at a time (a multiple of every tile's rows), which stay in L1/L2 while every group of 4 rows
+// of a uses them, so b is read from memory once however many rows a has.
+constexpr int64_t kGridRows = 12;
+
 template <class Fn, class A, class B, class C>
 PE_INLINE void tile_grid(const TileTable<Fn>& table, const int (&nr_for_mr)[5], const A* a, int64_t lda,
                          const B* b, int64_t ldb, C* c, int64_t ldc, int64_t M, int64_t N, int64_t K) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-    const int nr_max = nr_for_mr[mr];
-    for (int64_t n = 0; n < N; n += nr_max) {
-      const int nr = static_cast<int>(std::min<int64_t>(nr_max, N - n));
-      table[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+  for (int64_t n0 = 0; n0 < N; n0 += kGridRows) {
+    const int64_t n1 = std::min(N, n0 + kGridRows);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+      const int nr_max = nr_for_mr[mr];
+      for (int64_t n = n0; n < n1; n += nr_max) {
+        const int nr = static_cast<int>(std::min<int64_t>(nr_max, n1 - n));
+        table[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+      }
     }
   }
 }
