@@ -78,7 +78,7 @@ class Llama(DecoderModel):
     def _decode_step(self, tokens, cache):
         """One new token per sequence, written at cache.lengths[b]; logits [batch, 1, vocab]."""
         B = tokens.shape[0]
-        cos, sin = self._rope_tables(int(cache.lengths.max()) + 1)
+        cos, sin = self._rope_tables(cache.capacity)  # every position the cache can hold; no per-step max()
         logits = torch.empty(B, 1, self.config.vocab_size)
         self._decoder.step(tokens.reshape(B).long(), cache.keys, cache.values, cache.lengths, cos, sin,
                            logits.view(B, -1))
