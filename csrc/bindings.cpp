@@ -36,5 +36,6 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_attention(m);
   bind::bind_int8_matmul(m);
   bind::bind_llama_decoder(m);
+  bind::bind_gpt2_decoder(m);
   bind::bind_cuda(m);
 }

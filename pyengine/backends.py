@@ -114,6 +114,10 @@ class TorchBackend:
         runs the layers op by op."""
         return None
 
+    def make_gpt2_decoder(self, model):
+        """As make_llama_decoder, for GPT-2."""
+        return None
+
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """t as [rows, last dim] with contiguous rows: a view where the layout allows, else a copy."""
@@ -208,13 +212,28 @@ class FusedBackend(TorchBackend):
     def make_llama_decoder(self, model):
         """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead
         of ~15 Python op calls per layer. Its linears are this backend's (fp32 or int8) weights."""
-        c = model.config
-        if model.device.type != "cpu" or model.embed.dtype != torch.float32:
+        if not self._cpp_decodable(model):
             return None
+        c = model.config
         return self._C.LlamaDecoder(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, intermediate_size=c.intermediate_size, norm_eps=c.norm_eps,
             embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers)
+
+    def make_gpt2_decoder(self, model):
+        """The C++ decode step of GPT-2 (_C.Gpt2Decoder), as make_llama_decoder."""
+        if not self._cpp_decodable(model):
+            return None
+        c = model.config
+        return self._C.Gpt2Decoder(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads,
+            intermediate_size=c.intermediate_size, max_positions=model.positions.shape[0], norm_eps=c.norm_eps,
+            embed=model.embed, positions=model.positions, final_norm=model.final_norm, lm_head=model.lm_head,
+            layers=model.layers)
+
+    @staticmethod
+    def _cpp_decodable(model) -> bool:
+        return model.device.type == "cpu" and model.embed.dtype == torch.float32
 
 
 class FusedInt8Backend(FusedBackend):

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "bindings/decoder_args.h"
 #include "pyengine/llama_decoder.h"
 
 namespace pyengine::bind {
@@ -16,62 +17,11 @@ struct PyLlamaDecoder {
   std::vector<py::object> kept;  // every tensor the decoder points into
 };
 
-// Checks one weight tensor (named for error messages) and keeps it alive; returns its data.
-template <typename T>
-T* take(py::handle obj, const std::string& name, DType dtype, std::vector<int64_t> shape,
-        std::vector<py::object>& kept) {
-  Tensor t(obj, name.c_str());
-  check_cpu_contiguous(t, dtype, static_cast<int64_t>(shape.size()));
-  for (size_t d = 0; d < shape.size(); ++d) {
-    if (t.size(d) != shape[d]) {
-      std::string want = "(";
-      for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
-      throw py::value_error(name + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") + ", got " +
-                            t.shape_str());
-    }
-  }
-  kept.push_back(py::reinterpret_borrow<py::object>(obj));
-  return t.data<T>();
-}
-
-py::object attr_or_none(py::handle obj, const char* attr) {
-  return py::hasattr(obj, attr) ? py::object(obj.attr(attr)) : py::object(py::none());
-}
-
-// A linear layer as pyengine's backends hold it: LinearWeights (weight [N, K] fp32, bias) or
-// Int8Linear (qweight [N, K] int8, scale [N] fp32, bias).
-DecoderLinear take_linear(py::handle obj, const std::string& name, int64_t N, int64_t K,
-                          std::vector<py::object>& kept) {
-  DecoderLinear w;
-  w.out_features = N;
-  w.in_features = K;
-  if (py::hasattr(obj, "qweight")) {
-    w.weight_i8 = take<int8_t>(obj.attr("qweight"), name + ".qweight", DType::I8, {N, K}, kept);
-    w.scale = take<float>(obj.attr("scale"), name + ".scale", DType::F32, {N}, kept);
-  } else if (py::hasattr(obj, "weight")) {
-    w.weight_f32 = take<float>(obj.attr("weight"), name + ".weight", DType::F32, {N, K}, kept);
-  } else {
-    throw py::type_error(name + ": expected linear weights with .weight (fp32) or .qweight/.scale (int8), got " +
-                         std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
-  }
-  py::object bias = attr_or_none(obj, "bias");
-  if (!bias.is_none()) w.bias = take<float>(bias, name + ".bias", DType::F32, {N}, kept);
-  return w;
-}
-
-py::object required_attr(py::handle obj, const std::string& owner, const char* attr) {
-  if (!py::hasattr(obj, attr)) throw py::type_error(owner + ": has no attribute '" + attr + "'");
-  return obj.attr(attr);
-}
-
 PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                             int64_t intermediate, double norm_eps, py::handle embed, py::handle final_norm,
                             py::handle lm_head, py::sequence layers) {
-  for (auto [value, name] : {std::pair{vocab, "vocab_size"}, {hidden, "hidden_size"}, {num_heads, "num_heads"},
-                             {num_kv_heads, "num_kv_heads"}, {head_dim, "head_dim"},
-                             {intermediate, "intermediate_size"}}) {
-    if (value < 1) throw py::value_error(std::string(name) + " must be positive, got " + std::to_string(value));
-  }
+  check_dims_positive({{vocab, "vocab_size"}, {hidden, "hidden_size"}, {num_heads, "num_heads"},
+                       {num_kv_heads, "num_kv_heads"}, {head_dim, "head_dim"}, {intermediate, "intermediate_size"}});
   if (num_heads % num_kv_heads != 0) throw py::value_error("num_heads must be a multiple of num_kv_heads");
   if (head_dim % 2 != 0) throw py::value_error("head_dim must be even (rotary pairs)");
   check_positive(norm_eps, "norm_eps");
@@ -115,36 +65,19 @@ void step(PyLlamaDecoder& self, py::handle tokens_obj, py::handle k_obj, py::han
   const LlamaDims& d = dec.dims();
   Tensor tokens(tokens_obj, "tokens"), k(k_obj, "k_cache"), v(v_obj, "v_cache"), positions(positions_obj, "positions"),
       cos(cos_obj, "cos"), sin(sin_obj, "sin"), logits(logits_obj, "logits");
-  check_cpu_contiguous(tokens, DType::I64, 1);
-  check_nonempty(tokens);
-  const int64_t B = tokens.size(0);
-  check_cpu_contiguous(k, DType::F32, 5);
-  check_size(k, 0, dec.num_layers(), "the number of layers");
-  check_size(k, 1, B, "the batch of tokens");
-  check_size(k, 2, d.num_kv_heads, "num_kv_heads");
-  check_nonempty(k);
-  check_size(k, 4, d.head_dim, "head_dim");
-  check_cpu_contiguous(v, DType::F32, 5);
-  for (int64_t i = 0; i < 5; ++i) check_size(v, i, k.size(i), "the shape of k_cache");
-  check_cpu_contiguous(positions, DType::I32, 1);
-  check_size(positions, 0, B, "the batch of tokens");
+  const int64_t B = check_decode_step_tensors(tokens, k, v, positions, logits, dec.num_layers(), d.num_kv_heads,
+                                              d.head_dim, d.vocab);
   check_cpu_contiguous(cos, DType::F32, 2);
   check_nonempty(cos);
   check_size(cos, 1, d.head_dim / 2, "head_dim / 2");
   check_cpu_contiguous(sin, DType::F32, 2);
   check_size(sin, 0, cos.size(0), "the rows of cos");
   check_size(sin, 1, d.head_dim / 2, "head_dim / 2");
-  check_cpu_contiguous(logits, DType::F32, 2);
-  check_size(logits, 0, B, "the batch of tokens");
-  check_size(logits, 1, d.vocab, "vocab_size");
-  check_no_overlap(v, k);
-  for (const Tensor* in : {&tokens, &positions, &cos, &sin}) {
+  for (const Tensor* in : {&cos, &sin}) {
     check_no_overlap(k, *in);
     check_no_overlap(v, *in);
     check_no_overlap(logits, *in);
   }
-  check_no_overlap(logits, k);
-  check_no_overlap(logits, v);
   py::gil_scoped_release release;  // std::invalid_argument from the checks on values -> ValueError
   dec.step(tokens.data<int64_t>(), B, k.data<float>(), v.data<float>(), k.size(3), positions.data<int32_t>(),
            cos.data<float>(), sin.data<float>(), cos.size(0), logits.data<float>());

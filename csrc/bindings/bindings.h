@@ -12,6 +12,7 @@ void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, layer_norm, embed
 void bind_attention(py::module_& m);
 void bind_int8_matmul(py::module_& m);
 void bind_llama_decoder(py::module_& m);
+void bind_gpt2_decoder(py::module_& m);
 void bind_cuda(py::module_& m);  // _C.cuda_*; registers nothing without PYENGINE_WITH_CUDA
 
 }  // namespace pyengine::bind

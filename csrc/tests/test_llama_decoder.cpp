@@ -9,7 +9,10 @@
 #include "tests/test_util.h"
 
 using namespace pyengine;
+using pyengine::testing::f32_linear;
 using pyengine::testing::random_floats;
+using pyengine::testing::ref_attention_row;
+using pyengine::testing::ref_linear;
 
 namespace {
 
@@ -35,23 +38,6 @@ struct Weights {
     for (auto& n : mlp_norm) for (auto& x : n) x += 1.0f;
   }
 };
-
-DecoderLinear f32_linear(const std::vector<float>& w, const float* bias, int64_t n, int64_t k) {
-  DecoderLinear d;
-  d.weight_f32 = w.data();
-  d.bias = bias;
-  d.out_features = n;
-  d.in_features = k;
-  return d;
-}
-
-void ref_linear(const float* x, const std::vector<float>& w, const float* bias, float* y, int64_t n, int64_t k) {
-  for (int64_t i = 0; i < n; ++i) {
-    double acc = bias ? bias[i] : 0.0;
-    for (int64_t j = 0; j < k; ++j) acc += double(x[j]) * w[i * k + j];
-    y[i] = float(acc);
-  }
-}
 
 void ref_norm(const float* x, const float* w, float* y) {
   double ss = 0;
@@ -91,20 +77,7 @@ void ref_step(const Weights& w, int64_t token, int64_t b, int64_t pos, std::vect
     }
     for (int64_t qh = 0; qh < Hq; ++qh) {
       const int64_t base = ((l * B + b) * Hkv + qh / (Hq / Hkv)) * S * D;
-      std::vector<double> score(pos + 1);
-      double mx = -1e30, sum = 0;
-      for (int64_t j = 0; j <= pos; ++j) {
-        double s = 0;
-        for (int64_t d = 0; d < D; ++d) s += double(qkv[qh * D + d]) * kc[base + j * D + d];
-        score[j] = s / std::sqrt(double(D));
-        mx = std::max(mx, score[j]);
-      }
-      for (auto& s : score) sum += (s = std::exp(s - mx));
-      for (int64_t d = 0; d < D; ++d) {
-        double acc = 0;
-        for (int64_t j = 0; j <= pos; ++j) acc += score[j] * vc[base + j * D + d];
-        attn[qh * D + d] = float(acc / sum);
-      }
+      ref_attention_row(qkv.data() + qh * D, kc.data() + base, vc.data() + base, pos + 1, D, attn.data() + qh * D);
     }
     ref_linear(attn.data(), w.out[l], nullptr, delta.data(), H, Hq * D);
     for (int64_t i = 0; i < H; ++i) x[i] += delta[i];

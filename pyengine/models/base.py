@@ -1,6 +1,8 @@
 """What every architecture shares: rotary tables, the per-call Step, the final projection."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pyengine.backends import Step
@@ -18,6 +20,10 @@ class DecoderModel:
         self.device = torch.device(device)
         self._inv_freq = rope_inverse_frequencies(config).to(self.device) if self.uses_rope else None
         self._cos = self._sin = torch.empty(0, device=self.device)
+        # Decode steps go through the backend's C++ decoder for this architecture when it has one
+        # (built on first use); PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path.
+        self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"
+        self._decoder = None
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype) -> KVCache:
         c = self.config
@@ -54,6 +60,11 @@ class DecoderModel:
         Returns logits [batch, n_new, vocab], or [batch, vocab] at index logits_at[b] of each row
         (prefill needs only each sequence's last real token, which saves the large vocab projection).
         """
+        if tokens.shape[1] == 1 and logits_at is None and n_new is None and self.cpp_decode:
+            if self._decoder is None:
+                self._decoder = self.make_cpp_decoder() or False  # False: none here
+            if self._decoder:
+                return self._decode_step(tokens, cache)
         step = self.make_step(tokens.shape[1], cache, n_new)
         hidden = self.hidden_states(tokens, cache, step)
         if logits_at is not None:
@@ -62,3 +73,21 @@ class DecoderModel:
 
     def hidden_states(self, tokens, cache, step) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_cpp_decoder(self):
+        """The backend's C++ decode step for this architecture (one call per token), or None: decode
+        then runs op by op through hidden_states."""
+        return None
+
+    def _decode_step(self, tokens, cache):
+        """One new token per sequence through the C++ decoder, written at cache.lengths[b]; logits
+        [batch, 1, vocab]."""
+        B = tokens.shape[0]
+        logits = torch.empty(B, 1, self.config.vocab_size)
+        self._decoder.step(tokens.reshape(B).long(), cache.keys, cache.values, cache.lengths,
+                           *self._decoder_tables(cache), logits.view(B, -1))
+        return logits
+
+    def _decoder_tables(self, cache) -> tuple:
+        """Per-step tables the C++ decoder takes besides the cache (Llama: the rotary cos/sin)."""
+        return ()

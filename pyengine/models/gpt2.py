@@ -51,6 +51,9 @@ class GPT2(DecoderModel):
         self.lm_head = backend.prepare_linear(self.embed)  # GPT-2 always ties the output projection
         self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
+    def make_cpp_decoder(self):
+        return self.backend.make_gpt2_decoder(self)
+
     def hidden_states(self, tokens, cache, step):
         c, ops = self.config, self.backend
         B, T = tokens.shape

@@ -5,7 +5,6 @@ grouped-query attention. q/k/v and gate/up are each one fused projection.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -62,27 +61,12 @@ class Llama(DecoderModel):
         self.lm_head = backend.prepare_linear(self.embed if tied else param("lm_head.weight", (c.vocab_size, H)))
         if tied:
             self.embed = backend.tied_embedding(self.lm_head, self.embed)
-        # Decode steps go through the backend's C++ decoder when it has one (built on first use);
-        # PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path. (GPT-2 has no C++ decoder.)
-        self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"
-        self._decoder = None
 
-    def forward(self, tokens, cache, logits_at=None, n_new=None):
-        if tokens.shape[1] == 1 and logits_at is None and n_new is None and self.cpp_decode:
-            if self._decoder is None:
-                self._decoder = self.backend.make_llama_decoder(self) or False  # False: none here
-            if self._decoder:
-                return self._decode_step(tokens, cache)
-        return super().forward(tokens, cache, logits_at, n_new)
+    def make_cpp_decoder(self):
+        return self.backend.make_llama_decoder(self)
 
-    def _decode_step(self, tokens, cache):
-        """One new token per sequence, written at cache.lengths[b]; logits [batch, 1, vocab]."""
-        B = tokens.shape[0]
-        cos, sin = self._rope_tables(cache.capacity)  # every position the cache can hold; no per-step max()
-        logits = torch.empty(B, 1, self.config.vocab_size)
-        self._decoder.step(tokens.reshape(B).long(), cache.keys, cache.values, cache.lengths, cos, sin,
-                           logits.view(B, -1))
-        return logits
+    def _decoder_tables(self, cache):
+        return self._rope_tables(cache.capacity)  # every position the cache can hold; no per-step max()
 
     def hidden_states(self, tokens, cache, step):
         c, ops = self.config, self.backend

@@ -10,19 +10,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace pyengine {
+#include "pyengine/decoder_common.h"
 
-// out = x @ W^T + bias for W [out_features, in_features]: either fp32 (weight_f32, linear_f32) or
-// int8 (weight_i8 + one fp32 scale per output row, the layout of pyengine.quant.Int8Linear,
-// int8_linear_wo, weight-only). Exactly one of weight_f32 / weight_i8 is set; bias may be null.
-struct DecoderLinear {
-  const float* weight_f32 = nullptr;
-  const int8_t* weight_i8 = nullptr;
-  const float* scale = nullptr;
-  const float* bias = nullptr;
-  int64_t out_features = 0;
-  int64_t in_features = 0;
-};
+namespace pyengine {
 
 struct LlamaLayerWeights {
   const float* attn_norm = nullptr;  // [H]
@@ -74,7 +64,6 @@ class LlamaDecoder {
   void reset_profile();
 
  private:
-  void linear(const DecoderLinear& w, const float* x, float* out, int64_t rows) const;
   void reserve(int64_t batch);
 
   LlamaDims dims_;

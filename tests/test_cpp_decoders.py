@@ -1,4 +1,4 @@
-"""The C++ decode step (_C.LlamaDecoder) against the op-by-op Python path of the same backend."""
+"""The C++ decode steps (_C.LlamaDecoder, _C.Gpt2Decoder) against the op-by-op Python path of the same backend."""
 import dataclasses
 import gc
 
@@ -9,7 +9,7 @@ import pyengine
 from pyengine import _C
 from pyengine.backends import LinearWeights
 
-ARCHS = ["llama", "llama3-scaled", "qwen2", "mistral"]  # qwen2: q/k/v bias; llama3: scaled rope tables
+ARCHS = ["llama", "llama3-scaled", "qwen2", "mistral", "gpt2"]  # qwen2: q/k/v bias; llama3: scaled rope tables
 BACKENDS = ["fused", "fused-int8"]
 
 
@@ -73,7 +73,7 @@ def test_decode_logits_match_python_path(engines, arch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_greedy_tokens_match_python_path(engines, arch, backend):
     engine = engines(arch, backend)
     prompt = "The capital of France is"
@@ -100,8 +100,9 @@ def test_env_var_disables_the_decoder(tiny_models, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ragged_batch_matches_one_by_one(engines, backend):
-    model = engines("qwen2", backend).model
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_ragged_batch_matches_one_by_one(engines, arch, backend):
+    model = engines(arch, backend).model
     prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 61], [100, 200, 300, 1, 2, 3]]
     batch, _ = decode_logits(model, prompts, 5, cpp=True)
     # fused-int8 prefills a prompt alone (<= 16 rows) with W8A16 but the padded batch (33 rows) with
@@ -259,3 +260,61 @@ def test_profile(engines):
     assert all(t >= 0 for t in profile.values()) and sum(profile.values()) > 0
     decoder.reset_profile()
     assert decoder.profile()["steps"] == 0
+
+
+# ---- GPT-2 ----------------------------------------------------------------------------------------
+
+
+def gpt2_args(model, **changes):
+    c = model.config
+    args = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads,
+                intermediate_size=c.intermediate_size, max_positions=model.positions.shape[0], norm_eps=c.norm_eps,
+                embed=model.embed, positions=model.positions, final_norm=model.final_norm, lm_head=model.lm_head,
+                layers=list(model.layers))
+    args.update(changes)
+    return args
+
+
+def test_gpt2_constructor_rejects_bad_weights(engines):
+    model = engines("gpt2", "fused").model
+    _C.Gpt2Decoder(**gpt2_args(model))  # the good arguments build
+    layer = model.layers[1]
+    H, P = model.config.hidden_size, model.positions.shape[0]
+    bad = [
+        (dict(layers=with_layer(model, 1, fc=LinearWeights(layer.fc.weight.t()))), ValueError, r"layers\[1\]\.fc\.weight"),
+        (dict(layers=with_layer(model, 0, ln_2=(torch.ones(H), torch.zeros(H + 1)))), ValueError,
+         r"layers\[0\]\.ln_2\.bias"),
+        (dict(layers=with_layer(model, 0, ln_1=torch.ones(H))), TypeError, r"layers\[0\]\.ln_1: expected a \(weight, bias\)"),
+        (dict(layers=[object()]), TypeError, r"layers\[0\]: has no attribute 'ln_1'"),
+        (dict(positions=model.positions[:, :-1].contiguous()), ValueError, "positions: expected shape"),
+        (dict(max_positions=P + 1), ValueError, "positions: expected shape"),
+        (dict(final_norm=(torch.ones(H), torch.zeros(H, dtype=torch.float64))), TypeError, "final_norm.bias"),
+        (dict(num_heads=5), ValueError, "multiple of num_heads"),
+        (dict(max_positions=0), ValueError, "max_positions must be positive"),
+    ]
+    for changes, error, message in bad:
+        with pytest.raises(error, match=message):
+            _C.Gpt2Decoder(**gpt2_args(model, **changes))
+
+
+def test_gpt2_step_rejects_bad_arguments(engines):
+    model = engines("gpt2", "fused-int8").model
+    decoder = _C.Gpt2Decoder(**gpt2_args(model))
+    V, P = model.config.vocab_size, model.positions.shape[0]
+    cache = model.new_cache(2, P + 4, torch.float32)  # room past the position embedding
+    args = dict(tokens=torch.zeros(2, dtype=torch.long), k_cache=cache.keys, v_cache=cache.values,
+                positions=torch.tensor([0, 3], dtype=torch.int32), logits=torch.empty(2, V))
+    decoder.step(**args)
+    bad = [
+        (dict(tokens=torch.tensor([1, V])), ValueError, f"tokens: id {V} .* outside the vocabulary"),
+        (dict(positions=torch.tensor([0, P], dtype=torch.int32)), ValueError,
+         f"positions: position {P} .* position embedding"),
+        (dict(positions=torch.tensor([0, P + 4], dtype=torch.int32)), ValueError, "KV cache"),
+        (dict(k_cache=args["k_cache"][:, :, :1].contiguous()), ValueError, "k_cache: dimension 2"),
+        (dict(logits=torch.empty(2, V + 1)), ValueError, "logits: dimension 1"),
+    ]
+    for changes, error, message in bad:
+        before = args["k_cache"].clone()
+        with pytest.raises(error, match=message):
+            decoder.step(**{**args, **changes})
+        assert torch.equal(args["k_cache"], before), "a rejected step wrote to the cache"
