@@ -9,8 +9,8 @@ Measures, in this order and in one run:
     a PyTorch user reaches first), and pyengine's torch, fused and fused-int8 backends;
   * each decode figure as a fraction of its roofline: bytes read per token (every weight matrix,
     lm_head included, at 4 bytes fp32 or 1 byte + a 4-byte scale per row int8; norms, one embedding
-    row and the KV cache) / the measured bandwidth, twice: against the run's highest bandwidth reading
-    (conservative), and repeat by repeat against a probe taken just before it ("beside": the machine
+    row and the KV cache) / the measured bandwidth, twice: against the higher of the two best-of-10
+    readings taken at the start and at the end of the run (conservative), and repeat by repeat against a probe taken just before it ("beside": the machine
     is shared and its bandwidth moves by a third within minutes);
   * a batch sweep of decode tokens/s;
   * fused and fused-int8 decode with the C++ decode step switched off (the same kernels called op by op
@@ -267,8 +267,8 @@ def main(argv=None) -> int:
                                                                for k in ("fp32", "int8")},
               "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows,
               "decode_step_profile_s": profiles}
-    print("\nsummary (decode at batch 1; fraction of the roofline from the run's highest bandwidth reading, and "
-          "from the bandwidth probed beside each repeat):")
+    print("\nsummary (decode at batch 1; fraction of the roofline from the higher of the start and end bandwidth "
+          "readings, and from the bandwidth probed beside each repeat):")
     for r in rows:
         fraction = r.get("decode_roofline_fraction")
         print(f"  {r['backend']:<20} {r['decode_tok_s'].get(1, float('nan')):7.1f} tok/s  "

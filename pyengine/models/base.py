@@ -1,4 +1,5 @@
-"""What every architecture shares: rotary tables, the per-call Step, the final projection."""
+"""What every architecture shares: rotary tables, the per-call Step, the final projection, and the
+choice between a C++ decode step (one call per token) and the op-by-op path."""
 from __future__ import annotations
 
 import os
