@@ -126,7 +126,7 @@ def test_ragged_batch_generate(engines):
 # ---- argument checks ---------------------------------------------------------------------------------
 
 
-def decoder_args(model, **changes):
+def llama_args(model, **changes):
     c = model.config
     args = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads,
                 num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
@@ -144,7 +144,7 @@ def with_layer(model, index, **fields):
 
 def test_constructor_rejects_bad_weights(engines):
     model = engines("llama", "fused").model
-    _C.LlamaDecoder(**decoder_args(model))  # the good arguments build
+    _C.LlamaDecoder(**llama_args(model))  # the good arguments build
     layer = model.layers[1]
     H = model.config.hidden_size
     bad = [
@@ -169,7 +169,7 @@ def test_constructor_rejects_bad_weights(engines):
     ]
     for changes, error, message in bad:
         with pytest.raises(error, match=message):
-            _C.LlamaDecoder(**decoder_args(model, **changes))
+            _C.LlamaDecoder(**llama_args(model, **changes))
 
 
 def test_constructor_rejects_bad_int8_weights(engines):
@@ -177,13 +177,13 @@ def test_constructor_rejects_bad_int8_weights(engines):
     layer = model.layers[0]
     scale_wrong = dataclasses.replace(layer.qkv, scale=layer.qkv.scale[:-1].contiguous())
     with pytest.raises(ValueError, match=r"layers\[0\]\.qkv\.scale"):
-        _C.LlamaDecoder(**decoder_args(model, layers=with_layer(model, 0, qkv=scale_wrong)))
+        _C.LlamaDecoder(**llama_args(model, layers=with_layer(model, 0, qkv=scale_wrong)))
     as_int32 = dataclasses.replace(layer.qkv, qweight=layer.qkv.qweight.int())
     with pytest.raises(TypeError, match=r"layers\[0\]\.qkv\.qweight: expected dtype int8"):
-        _C.LlamaDecoder(**decoder_args(model, layers=with_layer(model, 0, qkv=as_int32)))
+        _C.LlamaDecoder(**llama_args(model, layers=with_layer(model, 0, qkv=as_int32)))
     bias_wrong = dataclasses.replace(layer.qkv, bias=layer.qkv.bias.double())
     with pytest.raises(TypeError, match=r"layers\[0\]\.qkv\.bias"):
-        _C.LlamaDecoder(**decoder_args(model, layers=with_layer(model, 0, qkv=bias_wrong)))
+        _C.LlamaDecoder(**llama_args(model, layers=with_layer(model, 0, qkv=bias_wrong)))
 
 
 def step_args(model, batch=1, capacity=16):
@@ -197,7 +197,7 @@ def step_args(model, batch=1, capacity=16):
 
 def test_step_rejects_bad_arguments(engines):
     model = engines("llama", "fused").model
-    decoder = _C.LlamaDecoder(**decoder_args(model))
+    decoder = _C.LlamaDecoder(**llama_args(model))
     args = step_args(model, batch=2, capacity=8)
     decoder.step(**args)
     V = model.config.vocab_size
@@ -233,7 +233,7 @@ def test_decoder_keeps_its_weights_alive(engines):
     copies = [dataclasses.replace(layer, attn_norm=layer.attn_norm.clone(),
                                   qkv=LinearWeights(layer.qkv.weight.clone(), layer.qkv.bias.clone()))
               for layer in model.layers]
-    decoder = _C.LlamaDecoder(**decoder_args(model, layers=copies, embed=model.embed.clone()))
+    decoder = _C.LlamaDecoder(**llama_args(model, layers=copies, embed=model.embed.clone()))
     args = step_args(model)
     decoder.step(**args)
     expected = args["logits"].clone()
@@ -248,7 +248,7 @@ def test_decoder_keeps_its_weights_alive(engines):
 
 def test_profile(engines):
     model = engines("llama", "fused-int8").model
-    decoder = _C.LlamaDecoder(**decoder_args(model))
+    decoder = _C.LlamaDecoder(**llama_args(model))
     assert decoder.num_layers == model.config.num_layers
     decoder.set_profiling(True)
     args = step_args(model)

@@ -3,6 +3,8 @@
 // the per-call tensors and releases the GIL.
 #include <memory>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "bindings/bindings.h"
