@@ -57,17 +57,18 @@ Tensor::Tensor(py::handle obj, const char* name) : name_(name) {
   }
   // is_cpu first: a bool, where .device.type builds a device object and a string (~1 us of a
   // small op's ~10 us call).
-  const std::string device_type =
-      obj.attr(k_is_cpu).cast<bool>() ? std::string("cpu") : obj.attr(k_device).attr(k_type).cast<std::string>();
-  if (device_type == "cpu") {
+  if (obj.attr(k_is_cpu).cast<bool>()) {
     device_index_ = -1;
-  } else if (device_type == "cuda") {
-    py::object index = obj.attr(k_device).attr("index");
-    device_index_ = index.is_none() ? 0 : index.cast<int>();
   } else {
-    // meta, mps, xpu...: no memory we can address from here.
-    throw py::value_error(std::string(name) + ": tensors on device '" + device_type +
-                          "' are not supported (expected cpu or cuda)");
+    py::object device = obj.attr(k_device);
+    const std::string device_type = device.attr(k_type).cast<std::string>();
+    if (device_type != "cuda") {
+      // meta, mps, xpu...: no memory we can address from here.
+      throw py::value_error(std::string(name) + ": tensors on device '" + device_type +
+                            "' are not supported (expected cpu or cuda)");
+    }
+    py::object index = device.attr("index");
+    device_index_ = index.is_none() ? 0 : index.cast<int>();
   }
   for (py::handle v : obj.attr(k_shape)) shape_.push_back(v.cast<int64_t>());
   for (py::handle v : obj.attr(k_stride)()) strides_.push_back(v.cast<int64_t>());
