@@ -3,7 +3,8 @@
 The native tests run the AVX-512 paths only where the CPU has AVX-512; the machines this project is
 developed on mostly do not. Here the same sources are compiled with CMakeLists.txt's AVX-512 flags and
 run under Bochs: the int8 VNNI block against an exact integer reference, with guard pages that fault on
-any read past a row's K bytes, and the cpuid / xgetbv detection that decides when that block runs."""
+any read past a row's K bytes; the prefill panel kernel against the AVX2 one (bitwise) and a float64
+reference; and the cpuid / xgetbv detection that decides when they run."""
 import platform
 import sys
 
@@ -31,32 +32,55 @@ extern "C" void pe_entry(const int8_t* a, int64_t lda, const int8_t* b, int64_t 
 }
 """
 
+PANEL_ENTRY = """
+#include "cpu/int8_matmul_isa.h"
+using namespace pyengine::cpu;
+extern "C" void pe_entry(int64_t avx512, const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
+  if (avx512) {
+    panel_kernel_pair_avx512(a_pack, b_pack, K, c, ldc);
+  } else {
+    panel_kernel_avx2(a_pack, b_pack, K, c, ldc);
+    panel_kernel_avx2(a_pack + kPanelRows * K, b_pack, K, c + kPanelRows * ldc, ldc);
+  }
+}
+"""
+
 DETECT_ENTRY = """
 #include "cpu/isa_detect.h"
 extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpuid()); }
 """
 
 
-def _build(tmp_path_factory, name, entry_source, sources, flags):
-    folder = tmp_path_factory.mktemp(name)
-    entry = folder / "entry.cpp"
-    entry.write_text(entry_source)
-    try:
-        return build_freestanding([entry, *sources], "pe_entry", folder / f"{name}.elf", flags)
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
+# Each program: its entry source and the csrc/cpu files it links, with the CMakeLists.txt flags variable
+# each is compiled with (None: no ISA flags, as CMakeLists.txt builds isa_detect.cpp). The panel program
+# links the AVX2 kernel too, run on the same emulated CPU: the AVX-512 kernel must equal it bitwise.
+PROGRAMS = {
+    "i8_block": (I8_BLOCK_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS")]),
+    "panel": (PANEL_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"), ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
+    "detect": (DETECT_ENTRY, [("isa_detect.cpp", None)]),
+}
 
 
 @pytest.fixture(scope="module")
-def i8_block_elf(tmp_path_factory):
-    return _build(tmp_path_factory, "i8_block", I8_BLOCK_ENTRY, [ROOT / "csrc/cpu/int8_matmul_avx512.cpp"],
-                  cmake_flags("AVX512_FLAGS"))
-
-
-@pytest.fixture(scope="module")
-def detect_elf(tmp_path_factory):
-    # Built without ISA flags, as CMakeLists.txt builds it: detection must run on any x86-64.
-    return _build(tmp_path_factory, "detect", DETECT_ENTRY, [ROOT / "csrc/cpu/isa_detect.cpp"], [])
+def machine(tmp_path_factory):
+    """One emulated machine for the module, every program loaded (4 MB apart), and the data regions
+    mapped. Yields (machine, {program name: entry address})."""
+    folder = tmp_path_factory.mktemp("emulated")
+    elves = {}
+    for i, (name, (entry_source, sources)) in enumerate(PROGRAMS.items()):
+        entry = folder / f"{name}_entry.cpp"
+        entry.write_text(entry_source)
+        compiled = [(entry, [])] + [(ROOT / "csrc/cpu" / path, cmake_flags(flags) if flags else [])
+                                    for path, flags in sources]
+        try:
+            elves[name] = build_freestanding(compiled, "pe_entry", folder / f"{name}.elf", base=0x400000 * (i + 1))
+        except FileNotFoundError as error:
+            pytest.skip(str(error))
+    with X86Machine() as m:
+        entries = {name: m.load_elf(elf) for name, elf in elves.items()}
+        for region in (A_REGION, B_REGION, C_REGION):
+            m.map(region, REGION_BYTES)
+        yield m, entries
 
 
 # ---- detection -------------------------------------------------------------------------------
@@ -67,10 +91,9 @@ def detect_elf(tmp_path_factory):
     (True, XCR0_X87_SSE_AVX, "avx2"),  # an OS that does not save the zmm / opmask state
     (False, 1, "scalar"),  # an OS that enabled no extended state at all: xgetbv must not run
 ])
-def test_isa_detection_on_an_avx512_vnni_cpu(detect_elf, osxsave, xcr0, expected):
-    with X86Machine() as machine:
-        entry = machine.load_elf(detect_elf)
-        level = machine.call(entry, xcr0=xcr0, osxsave=osxsave) & 0xFFFFFFFF
+def test_isa_detection_on_an_avx512_vnni_cpu(machine, osxsave, xcr0, expected):
+    m, entries = machine
+    level = m.call(entries["detect"], xcr0=xcr0, osxsave=osxsave) & 0xFFFFFFFF
     assert ISA_LEVELS[level] == expected
 
 
@@ -99,19 +122,10 @@ def run_i8_block(machine, entry, a, b, lda, ldb, ldc):
     return c, c_buffer
 
 
-@pytest.fixture(scope="module")
-def i8_machine(i8_block_elf):
-    with X86Machine() as machine:
-        entry = machine.load_elf(i8_block_elf)
-        for region in (A_REGION, B_REGION, C_REGION):
-            machine.map(region, REGION_BYTES)
-        yield machine, entry
-
-
-def check_i8_block(i8_machine, a, b, lda_pad=0, ldb_pad=0, ldc_pad=0):
-    machine, entry = i8_machine
+def check_i8_block(machine, a, b, lda_pad=0, ldb_pad=0, ldc_pad=0):
+    m, entries = machine
     (M, K), N = a.shape, b.shape[0]
-    c, c_buffer = run_i8_block(machine, entry, a, b, K + lda_pad, K + ldb_pad, N + ldc_pad)
+    c, c_buffer = run_i8_block(m, entries["i8_block"], a, b, K + lda_pad, K + ldb_pad, N + ldc_pad)
     expected = a.astype(np.int64) @ b.astype(np.int64).T
     np.testing.assert_array_equal(c, expected, err_msg=f"M={M} N={N} K={K}")
     # Nothing written between the rows of c.
@@ -125,16 +139,16 @@ def check_i8_block(i8_machine, a, b, lda_pad=0, ldb_pad=0, ldc_pad=0):
 # 64-byte vector (tail masks of 1, 63 and 0 bytes) and the model's widths.
 @pytest.mark.parametrize("K", [1, 3, 63, 64, 65, 127, 200, 576, 1536])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
-def test_i8_block_exact_random(i8_machine, M, K):
+def test_i8_block_exact_random(machine, M, K):
     rng = np.random.default_rng(M * 10_000 + K)
     for N in range(1, 10):
         a = rng.integers(-127, 128, (M, K), dtype=np.int8)
         b = rng.integers(-127, 128, (N, K), dtype=np.int8)
-        check_i8_block(i8_machine, a, b, lda_pad=N % 3 * 17, ldb_pad=M % 2 * 5, ldc_pad=N % 2 * 3)
+        check_i8_block(machine, a, b, lda_pad=N % 3 * 17, ldb_pad=M % 2 * 5, ldc_pad=N % 2 * 3)
 
 
 @pytest.mark.parametrize("K", [64, 577, 4096])
-def test_i8_block_exact_extremes(i8_machine, K):
+def test_i8_block_exact_extremes(machine, K):
     # +-127 everywhere: the largest sums the +128 offset trick must undo exactly (K * 127^2 = 66e6 at
     # K = 4096, and 128 * sum(b) near 2^26), in every sign combination.
     rng = np.random.default_rng(K)
@@ -142,23 +156,68 @@ def test_i8_block_exact_extremes(i8_machine, K):
     signs = lambda n: np.where(rng.random((n, K)) < 0.5, -127, 127).astype(np.int8)  # noqa: E731
     for a, b in [(full(127, 5), full(127, 6)), (full(-127, 5), full(127, 6)), (full(127, 3), full(-127, 7)),
                  (full(-127, 4), full(-127, 4)), (signs(5), signs(9)), (full(-127, 1), signs(3))]:
-        check_i8_block(i8_machine, a, b)
+        check_i8_block(machine, a, b)
 
 
 @settings(max_examples=60, deadline=None)
 @given(M=st.integers(1, 9), N=st.integers(1, 9), K=st.integers(1, 700), lda_pad=st.integers(0, 70),
        ldb_pad=st.integers(0, 70), ldc_pad=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
-def test_i8_block_exact_hypothesis(i8_machine, M, N, K, lda_pad, ldb_pad, ldc_pad, seed):
+def test_i8_block_exact_hypothesis(machine, M, N, K, lda_pad, ldb_pad, ldc_pad, seed):
     rng = np.random.default_rng(seed)
     a = rng.integers(-127, 128, (M, K), dtype=np.int8)
     b = rng.integers(-127, 128, (N, K), dtype=np.int8)
-    check_i8_block(i8_machine, a, b, lda_pad, ldb_pad, ldc_pad)
+    check_i8_block(machine, a, b, lda_pad, ldb_pad, ldc_pad)
 
 
-def test_guard_pages_catch_an_over_read(i8_machine):
+def test_guard_pages_catch_an_over_read(machine):
     # The harness itself: a row that claims more bytes than are mapped must fault, not pass.
-    machine, entry = i8_machine
+    m, entries = machine
     K = 64
     end = B_REGION + REGION_BYTES
     with pytest.raises(EmulatedFault, match="vector 14"):
-        machine.call(entry, A_REGION, K, end - K + 1, K, C_REGION, 1, 1, 1, K)
+        m.call(entries["i8_block"], A_REGION, K, end - K + 1, K, C_REGION, 1, 1, 1, K)
+
+
+# ---- panel_kernel_pair_avx512: the prefill GEMM micro-kernel ----------------------------------
+
+PANEL_ROWS, PANEL_COLS = 6, 16  # cpu::kPanelRows, cpu::kPanelCols
+
+
+def run_panel(machine, entry, avx512, a_pack, b_pack, ldc):
+    """a_pack: [2, K, 6] fp32 (two packed tiles), b_pack: [K, 16]; both end where their region ends, b
+    64-byte aligned as panel_gemm aligns it. Returns c [12, 16] and the whole c buffer."""
+    K = b_pack.shape[0]
+    a_addr = A_REGION + REGION_BYTES - a_pack.nbytes
+    b_addr = B_REGION + REGION_BYTES - b_pack.nbytes
+    assert b_addr % 64 == 0
+    c_words = (2 * PANEL_ROWS - 1) * ldc + PANEL_COLS
+    c_addr = C_REGION + REGION_BYTES - 4 * c_words
+    machine.write(a_addr, a_pack.tobytes())
+    machine.write(b_addr, b_pack.tobytes())
+    machine.write(c_addr, np.full(c_words, np.nan, np.float32).tobytes())
+    machine.call(entry, int(avx512), a_addr, b_addr, K, c_addr, ldc)
+    c_buffer = np.frombuffer(machine.read(c_addr, 4 * c_words), np.float32)
+    c = np.stack([c_buffer[m * ldc:m * ldc + PANEL_COLS] for m in range(2 * PANEL_ROWS)])
+    return c, c_buffer
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 64, 576, 1536])
+@pytest.mark.parametrize("ldc_pad", [0, 5])
+def test_panel_pair_kernel_matches_avx2_bitwise(machine, K, ldc_pad):
+    m, entries = machine
+    rng = np.random.default_rng(K + ldc_pad)
+    a_pack = rng.standard_normal((2, K, PANEL_ROWS), dtype=np.float32)
+    b_pack = rng.standard_normal((K, PANEL_COLS), dtype=np.float32)
+    ldc = PANEL_COLS + ldc_pad
+    c512, buffer512 = run_panel(m, entries["panel"], True, a_pack, b_pack, ldc)
+    c256, _ = run_panel(m, entries["panel"], False, a_pack, b_pack, ldc)
+    # Row r of tile h is token h * 6 + r: a_pack[h, k, r] against weight column n = b_pack[k, n].
+    tokens = a_pack.transpose(0, 2, 1).reshape(2 * PANEL_ROWS, K).astype(np.float64)
+    expected = tokens @ b_pack.astype(np.float64)
+    bound = np.abs(tokens) @ np.abs(b_pack.astype(np.float64))
+    assert (np.abs(c512 - expected) <= 1e-6 * bound + 1e-30).all()
+    np.testing.assert_array_equal(c512, c256)  # same multiply-adds in the same order
+    written = np.zeros(buffer512.size, bool)
+    for m in range(2 * PANEL_ROWS):
+        written[m * ldc:m * ldc + PANEL_COLS] = True
+    assert np.isnan(buffer512[~written]).all()  # nothing written between the rows

@@ -51,16 +51,25 @@ def cmake_flags(name: str) -> list[str]:
     return match.group(1).split()
 
 
-def build_freestanding(sources: list[Path], entry: str, out: Path, flags: list[str]) -> Path:
-    """Compiles and links `sources` into a static ELF with no runtime, entry point `entry`."""
+def build_freestanding(sources: list[tuple[Path, list[str]]], entry: str, out: Path, base: int = 0x400000) -> Path:
+    """Compiles each (source, its flags) and links them into a static ELF with no runtime, entry point
+    `entry`, loaded from address `base` (so several can share a machine); functions the entry does not
+    reach are dropped (with what they would need from libc)."""
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("no C++ compiler (c++ or g++) on PATH")
-    command = [compiler, "-std=c++17", "-O3", *flags, f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
-               "-ffreestanding", "-fno-exceptions", "-fno-rtti", "-fno-asynchronous-unwind-tables",
-               "-fno-stack-protector", "-fno-pic", "-no-pie", "-static", "-nostdlib",
-               f"-Wl,-e,{entry}", "-Wl,--build-id=none", "-o", str(out), *map(str, sources)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    common = ["-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", "-ffreestanding",
+              "-fno-exceptions", "-fno-rtti", "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-fno-pic",
+              "-ffunction-sections", "-fdata-sections"]
+    objects = []
+    for i, (source, flags) in enumerate(sources):
+        obj = out.with_name(f"{out.stem}.{i}.o")
+        subprocess.run([compiler, *common, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True,
+                       text=True)
+        objects.append(str(obj))
+    subprocess.run([compiler, "-no-pie", "-static", "-nostdlib", "-Wl,--gc-sections", f"-Wl,-e,{entry}",
+                    f"-Wl,-Ttext-segment={base:#x}",
+                    "-Wl,--build-id=none", "-o", str(out), *objects], check=True, capture_output=True, text=True)
     return out
 
 
@@ -171,6 +180,8 @@ class X86Machine:
         state.rsp = rsp
         state.rip = function
         state.rflags = 0x2
+        state.mxcsr = 0x1F80  # the power-on value: every floating-point exception masked, as on Linux
+        state.fpcw = 0x37F
         code = bochscpu.Segment()
         code.present, code.selector, code.base, code.limit, code.attr = True, 0x33, 0, 0xFFFFFFFF, 0x22FB
         data = bochscpu.Segment()

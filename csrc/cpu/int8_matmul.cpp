@@ -146,6 +146,13 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
   }
 }
 
+// Two consecutive packed tiles through a one-tile kernel, as panel_kernel_pair_avx512 does in one pass.
+template <cpu::PanelKernelFn kernel>
+void panel_kernel_pair(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
+  kernel(a_pack, b_pack, K, c, ldc);
+  kernel(a_pack + cpu::kPanelRows * K, b_pack, K, c + cpu::kPanelRows * ldc, ldc);
+}
+
 // Rows of packed activations kept per pass over the weight panels: up to ~2 MB of them, so a long
 // prompt's block stays in the last-level cache while every panel streams past it.
 constexpr int64_t kPanelActivationBytes = 2 << 20;
@@ -159,7 +166,10 @@ template <class PackPanel>
 void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_t N, int64_t K,
                 const PackPanel& pack_panel) {
   constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
-  const auto kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
+  const cpu::PanelKernelFn kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
+  const cpu::PanelKernelFn pair_kernel = active_isa() >= Isa::Avx512 ? cpu::panel_kernel_pair_avx512
+                                         : active_isa() >= Isa::Avx2 ? panel_kernel_pair<cpu::panel_kernel_avx2>
+                                                                     : panel_kernel_pair<cpu::panel_kernel_scalar>;
   const int64_t tiles_per_block = std::max<int64_t>(1, kPanelActivationBytes / (R * K * 4));
   const int64_t panels = ceil_div(N, C);
   thread_local std::vector<float> a_pack;  // the calling thread's; shared by the workers below
@@ -181,21 +191,25 @@ void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_
           }
         }
       }  // implicit barrier: the packed block is complete before any panel uses it
-      thread_local std::vector<float> panel_storage;  // per worker; 32-byte aligned below
-      panel_storage.resize(K * C + 8);
-      float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 31) & ~uintptr_t{31});
-      alignas(32) float tile[R * C];
+      thread_local std::vector<float> panel_storage;  // per worker; 64-byte aligned below
+      panel_storage.resize(K * C + 16);
+      float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t{63});
+      alignas(64) float tile[2 * R * C];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t n0 = p * C, cols = std::min(C, N - n0);
         pack_panel(n0, cols, panel);
-        for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t m0 = m_block + t * R, tm = std::min(R, M - m0);
+        // Tiles two at a time (the last one alone when their number is odd).
+        for (int64_t t = 0; t < tiles; t += 2) {
+          const bool pair = t + 1 < tiles;
+          const int64_t rows = pair ? 2 * R : R;
+          const int64_t m0 = m_block + t * R, tm = std::min(rows, M - m0);
+          const cpu::PanelKernelFn run = pair ? pair_kernel : kernel;
           float* o = out + m0 * N + n0;
-          if (tm == R && cols == C) {
-            kernel(ap + t * R * K, panel, K, o, N);
+          if (tm == rows && cols == C) {
+            run(ap + t * R * K, panel, K, o, N);
           } else {  // a partial tile: through a scratch tile, so nothing outside out is written
-            kernel(ap + t * R * K, panel, K, tile, C);
+            run(ap + t * R * K, panel, K, tile, C);
             for (int64_t r = 0; r < tm; ++r) std::copy(tile + r * C, tile + r * C + cols, o + r * N);
           }
           if (bias != nullptr) {

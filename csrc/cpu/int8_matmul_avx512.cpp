@@ -1,7 +1,7 @@
-// AVX-512 VNNI int8 block for int8_matmul.cpp. Compiled with AVX-512 F/BW/VL/DQ/VNNI flags; called
-// only when cpuid says so.
+// AVX-512 blocks for int8_matmul.cpp: the VNNI int8 block and the prefill panel kernel. Compiled with
+// AVX-512 F/BW/VL/DQ/VNNI flags; called only when cpuid says so.
 //
-// vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes and adds groups of 4 straight into int32 (no
+// int8: vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes and adds groups of 4 straight into int32 (no
 // int16 stage, no saturation). We offset a by +128 (a XOR 0x80 maps [-128, 127] to [0, 255]):
 //   sum_k (a_k + 128) * b_k = sum_k a_k * b_k + 128 * sum_k b_k,
 // and subtract 128 * sum_k b_k, which a second vpdpbusd with all-ones bytes gives per b row (its
@@ -80,6 +80,33 @@ void i8_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t
 using I8TileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int64_t);
 
 }  // namespace
+
+void panel_kernel_pair_avx512(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
+  static_assert(kPanelRows == 6 && kPanelCols == 16, "two 6-row tiles x one zmm of weights per k");
+  const float* a0 = a_pack;
+  const float* a1 = a_pack + kPanelRows * K;
+  // 12 accumulators, as named variables for the reason given in panel_kernel_avx2. Each k: one
+  // weight load and 12 broadcast multiply-adds; the same sums, in the same order, as the AVX2 kernel.
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  __m512 c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int64_t k = 0; k < K; ++k, a0 += kPanelRows, a1 += kPanelRows, b_pack += kPanelCols) {
+    const __m512 b = _mm512_loadu_ps(b_pack);
+    c0 = _mm512_fmadd_ps(_mm512_set1_ps(a0[0]), b, c0);
+    c1 = _mm512_fmadd_ps(_mm512_set1_ps(a0[1]), b, c1);
+    c2 = _mm512_fmadd_ps(_mm512_set1_ps(a0[2]), b, c2);
+    c3 = _mm512_fmadd_ps(_mm512_set1_ps(a0[3]), b, c3);
+    c4 = _mm512_fmadd_ps(_mm512_set1_ps(a0[4]), b, c4);
+    c5 = _mm512_fmadd_ps(_mm512_set1_ps(a0[5]), b, c5);
+    c6 = _mm512_fmadd_ps(_mm512_set1_ps(a1[0]), b, c6);
+    c7 = _mm512_fmadd_ps(_mm512_set1_ps(a1[1]), b, c7);
+    c8 = _mm512_fmadd_ps(_mm512_set1_ps(a1[2]), b, c8);
+    c9 = _mm512_fmadd_ps(_mm512_set1_ps(a1[3]), b, c9);
+    c10 = _mm512_fmadd_ps(_mm512_set1_ps(a1[4]), b, c10);
+    c11 = _mm512_fmadd_ps(_mm512_set1_ps(a1[5]), b, c11);
+  }
+  const __m512 rows[2 * kPanelRows] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
+  for (int m = 0; m < 2 * kPanelRows; ++m) _mm512_storeu_ps(c + m * ldc, rows[m]);
+}
 
 void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc,
                          int64_t M, int64_t N, int64_t K) {

@@ -44,8 +44,13 @@ void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb
 // packed operands stream from L1/L2 in order.
 constexpr int kPanelRows = 6;
 constexpr int kPanelCols = 16;
+using PanelKernelFn = void (*)(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
+// Two consecutive packed tiles (2 * kPanelRows tokens: a_pack and a_pack + kPanelRows * K) against the
+// panel, c rows as two panel_kernel calls would write them. AVX-512 does it in one pass, one zmm of
+// weights per k for 12 accumulators: twice the multiply-adds per instruction of the AVX2 kernel.
+void panel_kernel_pair_avx512(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc);
 
 // Weight packing for the micro-kernel: rows w[0 .. cols) (row stride ldw; cols <= kPanelCols) into
 // panel[k * kPanelCols + c] = w[c * ldw + k] (times row_scale[c] for int8), zeros for c >= cols.
