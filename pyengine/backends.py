@@ -25,6 +25,7 @@ class Step:
     uniform_start: int | None  # the common q_start when all sequences start at the same position
     rope_cos: torch.Tensor | None  # [positions, head_dim / 2] rotary tables (None: no rotary embedding)
     rope_sin: torch.Tensor | None
+    window: int = 0  # > 0: sliding window, a query at position p sees only keys j > p - window
     cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
 
     def cached(self, key, make):
@@ -86,14 +87,21 @@ class TorchBackend:
 
     def attention(self, q, k_cache, v_cache, step: Step, scale: float) -> torch.Tensor:
         """q: [B, T, Hq, D]; caches: [B, Hkv, S, D]. Query t of sequence b sees keys
-        j <= q_start[b] + t and j < kv_len[b]. Returns [B, T, Hq, D]."""
+        j <= q_start[b] + t and j < kv_len[b] (and j > q_start[b] + t - step.window with a sliding
+        window). Returns [B, T, Hq, D]."""
         longest = int(step.kv_len.max())
         keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
 
         def visible():
             j = torch.arange(longest, device=q.device)
             query_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
-            return (j <= query_pos) & (j < step.kv_len[:, None, None, None])
+            seen = (j <= query_pos) & (j < step.kv_len[:, None, None, None])
+            if step.window:
+                # As the C++ kernel: a padding query past kv_len + window keeps key kv_len - 1 (its
+                # output is unused, but must not be NaN).
+                back = torch.minimum(query_pos - step.window, step.kv_len[:, None, None, None] - 2)
+                seen &= j > back
+            return seen
 
         mask = step.cached("mask", visible)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
@@ -189,7 +197,7 @@ class FusedBackend(TorchBackend):
 
     def attention(self, q, k_cache, v_cache, step, scale):
         out = torch.empty(q.shape, dtype=q.dtype)
-        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale)
+        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale, step.window)
         return out
 
     def silu_mul(self, gate, up):
@@ -218,7 +226,8 @@ class FusedBackend(TorchBackend):
         return self._C.LlamaDecoder(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, intermediate_size=c.intermediate_size, norm_eps=c.norm_eps,
-            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers)
+            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers,
+            sliding_window=c.sliding_window or 0)
 
     def make_gpt2_decoder(self, model):
         """The C++ decode step of GPT-2 (_C.Gpt2Decoder), as make_llama_decoder."""

@@ -22,13 +22,14 @@ class ModelConfig:
     head_dim: int
     intermediate_size: int
     norm_eps: float
-    max_context: int  # positions the model can attend over (see from_hf for Mistral's window)
+    max_context: int  # positions the model can attend over (see from_hf for Qwen2's window)
     tie_word_embeddings: bool
     attention_bias: bool = False  # bias on q/k/v (and o for Llama's attention_bias)
     o_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3 parameters, or None
+    sliding_window: int | None = None  # Mistral: a token attends only the last sliding_window positions
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default=())  # anything the loader simplified, said out loud
@@ -80,11 +81,16 @@ class ModelConfig:
             heads = need("num_attention_heads")
             max_context = need("max_position_embeddings")
             window = raw.get("sliding_window")
-            uses_window = model_type == "mistral" or raw.get("use_sliding_window", False)
-            if uses_window and window is not None and window < max_context:
-                # Sliding-window attention is not implemented: cap the context at the window, where
-                # full attention and windowed attention are the same computation.
-                notes.append(f"sliding_window={window} not implemented: context capped at {window} tokens")
+            sliding_window = None
+            if window is not None and (not isinstance(window, int) or window < 1):
+                raise CheckpointError(source, f"sliding_window must be a positive integer or null, got {window!r}")
+            if model_type == "mistral" and window is not None and window < max_context:
+                sliding_window = window  # every layer
+            elif raw.get("use_sliding_window", False) and window is not None and window < max_context:
+                # Qwen2 windows only the layers from max_window_layers on: not implemented. Cap the
+                # context at the window, where full and windowed attention are the same computation.
+                notes.append(f"sliding_window={window} on some layers (use_sliding_window) not implemented: "
+                             f"context capped at {window} tokens")
                 max_context = window
             rope_theta, rope_scaling = _rope_parameters(raw, source)
             qkv_bias = model_type == "qwen2" or bool(raw.get("attention_bias", False))
@@ -96,6 +102,7 @@ class ModelConfig:
                 max_context=max_context, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias, o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+                sliding_window=sliding_window,
             )
             act = raw.get("hidden_act", "silu")
             if act != "silu":

@@ -216,20 +216,23 @@ def attention(
     q_start: torch.Tensor,
     kv_len: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal GQA attention of q [B, T, Hq, D] over a KV cache [B, Hkv, S, D]; see _C.attention."""
+    """Causal GQA attention of q [B, T, Hq, D] over a KV cache [B, Hkv, S, D], with a sliding window
+    of `window` positions if > 0; see _C.attention."""
     out = torch.empty_like(q)
-    _C.attention(q, k_cache, v_cache, out, q_start, kv_len, scale)
+    _C.attention(q, k_cache, v_cache, out, q_start, kv_len, scale, window)
     return out
 
 
 @attention.register_fake
-def _(q, k_cache, v_cache, q_start, kv_len, scale):
+def _(q, k_cache, v_cache, q_start, kv_len, scale, window=0):
     return torch.empty_like(q)
 
 
-def attention_reference(q, k_cache, v_cache, q_start, kv_len, scale):
-    """Plain torch: expand KV heads, mask (causal and j < kv_len), softmax. Result is [B, T, Hq, D]."""
+def attention_reference(q, k_cache, v_cache, q_start, kv_len, scale, window=0):
+    """Plain torch: expand KV heads, mask (causal, j < kv_len, and j > position - window with a sliding
+    window), softmax. Result is [B, T, Hq, D]."""
     batch, q_len, num_q_heads, _ = q.shape
     num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -239,6 +242,9 @@ def attention_reference(q, k_cache, v_cache, q_start, kv_len, scale):
     position = q_start.long()[:, None] + torch.arange(q_len)[None, :]  # [B, T]
     key = torch.arange(cache_len)[None, None, :]
     visible = (key <= position[:, :, None]) & (key < kv_len.long()[:, None, None])  # [B, T, S]
+    if window:  # a padding query past kv_len + window keeps key kv_len - 1, as the kernel does
+        back = torch.minimum(position - window, kv_len.long()[:, None] - 2)
+        visible &= key > back[:, :, None]
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Entries past kv_len get probability 0, but 0 * garbage can still be NaN: zero them.

@@ -22,7 +22,7 @@ TINY_CONFIGS = {
                           tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", vocab_size=384, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                    max_position_embeddings=256, sliding_window=None, rms_norm_eps=1e-5),
+                    max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-5),
     "qwen2": dict(model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, use_sliding_window=False),

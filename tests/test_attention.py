@@ -29,25 +29,30 @@ def make_inputs(batch, q_len, heads, head_dim, cache_len, kv_len, q_start, seed=
 _expected_outputs = {}
 
 
-def reference_output(q, k, v, q_start, kv_len, scale):
+def reference_output(q, k, v, q_start, kv_len, scale, window=0):
     """attention_reference in float64, computed once per input set (the ISA variants share it)."""
-    key = (q.shape, k.shape, tuple(q_start.tolist()), tuple(kv_len.tolist()), scale,
+    key = (q.shape, k.shape, tuple(q_start.tolist()), tuple(kv_len.tolist()), scale, window,
            q.sum().item(), k.sum().item(), v.sum().item())
     if key not in _expected_outputs:
         _expected_outputs[key] = ops.attention_reference(
-            q.double(), k.double(), v.double(), q_start, kv_len, scale).float()
+            q.double(), k.double(), v.double(), q_start, kv_len, scale, window).float()
     return _expected_outputs[key]
 
 
-def check_against_reference(q, k, v, q_start, kv_len, scale, tol=1e-5):
-    expected = reference_output(q, k, v, q_start, kv_len, scale)
-    # Poison the cache past each sequence's kv_len: the kernel must never read it.
+def check_against_reference(q, k, v, q_start, kv_len, scale, tol=1e-5, window=0):
+    expected = reference_output(q, k, v, q_start, kv_len, scale, window)
+    # Poison the cache past each sequence's kv_len, and behind every query's window: the kernel
+    # must never read it.
     k_poisoned, v_poisoned = k.clone(), v.clone()
-    for b, n in enumerate(kv_len.tolist()):
+    for b, (start, n) in enumerate(zip(q_start.tolist(), kv_len.tolist())):
         k_poisoned[b, :, n:] = float("nan")
         v_poisoned[b, :, n:] = float("inf")
+        if window:
+            behind = min(max(0, start + 1 - window), n - 1)  # the first query's first key
+            k_poisoned[b, :, :behind] = float("nan")
+            v_poisoned[b, :, :behind] = float("inf")
     out = torch.full_like(q, float("nan"))
-    _C.attention(q, k_poisoned, v_poisoned, out, q_start, kv_len, scale)
+    _C.attention(q, k_poisoned, v_poisoned, out, q_start, kv_len, scale, window)
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
@@ -117,11 +122,45 @@ def test_queries_past_kv_len_see_all_valid_keys(isa):
     check_against_reference(*inputs, scale=0.125)
 
 
+# ---- sliding window (Mistral): a query at position p sees keys j in (p - window, p] ---------------
+
+
+@pytest.mark.parametrize("head_dim", [64, 3])
+@pytest.mark.parametrize("heads", [(9, 3), (16, 2)])
+@pytest.mark.parametrize("window", [1, 5, 16, 63, 64, 65, 100, 1000])
+def test_prefill_sliding_window(isa, window, heads, head_dim, batch=3):
+    """From position 0 and as a later chunk, ragged: windows shorter than a key block, across block
+    edges, longer than the prompt; rows of one tile then start their windows in different blocks."""
+    q_len = 150
+    starts = [0, 40, 7]
+    kv_len = [s + n for s, n in zip(starts, ragged_lengths(batch, q_len))]
+    inputs = make_inputs(batch, q_len, heads, head_dim, max(kv_len) + 3, kv_len, starts, seed=window)
+    check_against_reference(*inputs, scale=1 / math.sqrt(head_dim), window=window)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("window", [1, 2, 37, 64, 100, 1499, 1500, 4096])
+def test_decode_sliding_window(isa, window, heads, batch=3):
+    """One new token per sequence; the split across threads covers only the window."""
+    kv_len = [1500, 333, 40]
+    inputs = make_inputs(batch, 1, heads, 64, 1500, kv_len, [n - 1 for n in kv_len], seed=window + 7)
+    check_against_reference(*inputs, scale=0.125, window=window)
+
+
+def test_sliding_window_padding_queries_stay_finite(isa):
+    """Padded rows far past kv_len + window see only key kv_len - 1, as the reference says."""
+    inputs = make_inputs(2, 40, (4, 2), 64, 48, kv_len=[5, 1], q_start=[3, 0], seed=6)
+    check_against_reference(*inputs, scale=0.125, window=4)
+
+
 def test_custom_op_matches_reference():
     q, k, v, q_start, kv_len = make_inputs(2, 3, (9, 3), 64, 10, kv_len=[10, 4], q_start=[7, 1])
     torch.testing.assert_close(ops.attention(q, k, v, q_start, kv_len, 0.125),
                                ops.attention_reference(q, k, v, q_start, kv_len, 0.125), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(ops.attention, (q, k, v, q_start, kv_len, 0.125))
+    torch.testing.assert_close(ops.attention(q, k, v, q_start, kv_len, 0.125, 3),
+                               ops.attention_reference(q, k, v, q_start, kv_len, 0.125, 3), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(ops.attention, (q, k, v, q_start, kv_len, 0.125, 3))
 
 
 @settings(max_examples=25, deadline=None)
@@ -132,9 +171,10 @@ def test_custom_op_matches_reference():
     group=st.sampled_from([1, 2, 3, 8]),
     head_dim=st.integers(1, 140),
     extra_cache=st.integers(0, 20),
+    window=st.sampled_from([0, 0, 1, 2, 3, 8, 30, 64, 65, 200]),
     data=st.data(),
 )
-def test_random_shapes(batch, q_len, kv_heads, group, head_dim, extra_cache, data):
+def test_random_shapes(batch, q_len, kv_heads, group, head_dim, extra_cache, window, data):
     q_start = [data.draw(st.integers(0, 100)) for _ in range(batch)]
     kv_len = [data.draw(st.integers(1, s + q_len)) for s in q_start]
     cache_len = max(kv_len) + extra_cache
@@ -142,7 +182,7 @@ def test_random_shapes(batch, q_len, kv_heads, group, head_dim, extra_cache, dat
     inputs = make_inputs(batch, q_len, (kv_heads * group, kv_heads), head_dim, cache_len, kv_len, q_start,
                          seed=data.draw(st.integers(0, 2**31 - 1)))
     with ops.use_isa(isa):
-        check_against_reference(*inputs, scale=1 / math.sqrt(head_dim))
+        check_against_reference(*inputs, scale=1 / math.sqrt(head_dim), window=window)
 
 
 def good_args():
@@ -196,6 +236,7 @@ def with_(**changes):
         (with_(out=lambda a: a["k_cache"].view(-1)[: a["q"].numel()].view_as(a["q"])), ValueError,
          "out: must not share memory with k_cache"),
         (with_(scale=lambda a: float("nan")), ValueError, "scale must be finite"),
+        (with_(window=lambda a: -1), ValueError, "window must be >= 0"),
         (with_(q=lambda a: a["q"].to("meta")), ValueError, "q: tensors on device .meta. are not supported"),
     ],
 )

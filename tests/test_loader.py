@@ -162,6 +162,26 @@ def test_rope_parameters_layout(model_copy):
         ModelConfig.from_hf(yarn)
 
 
+def test_sliding_window_config(tiny_models):
+    """Mistral's window is kept (every layer, no context cap); Qwen2's per-layer window is not
+    implemented and caps the context, said in the notes; a nonsense window is an error."""
+    from pyengine.config import ModelConfig
+
+    mistral = json.loads((tiny_models["mistral"] / "config.json").read_text())
+    cfg = ModelConfig.from_hf(mistral)
+    assert (cfg.sliding_window, cfg.max_context, cfg.notes) == (16, 256, ())
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=256)).sliding_window is None  # covers the context
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=None)).sliding_window is None
+    for bad in (0, -4, "16", 2.5):
+        with pytest.raises(CheckpointError, match="sliding_window must be a positive integer"):
+            ModelConfig.from_hf(dict(mistral, sliding_window=bad))
+    qwen2 = json.loads((tiny_models["qwen2"] / "config.json").read_text())
+    capped = ModelConfig.from_hf(dict(qwen2, use_sliding_window=True, sliding_window=32))
+    assert (capped.sliding_window, capped.max_context) == (None, 32)
+    assert "context capped at 32 tokens" in capped.notes[0]
+    assert ModelConfig.from_hf(dict(qwen2, use_sliding_window=False, sliding_window=32)).max_context == 256
+
+
 def test_gpt2_vocab_merges_tokenizer(tiny_models, tmp_path):
     """GPT-2 folders may carry vocab.json + merges.txt instead of tokenizer.json."""
     dst = tmp_path / "gpt2"

@@ -11,7 +11,7 @@ void bind_attention(py::module_& m) {
   m.def(
       "attention",
       [](py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle out_obj, py::handle q_start_obj,
-         py::handle kv_len_obj, double scale) {
+         py::handle kv_len_obj, double scale, int64_t window) {
         Tensor q(q_obj, "q"), k_cache(k_obj, "k_cache"), v_cache(v_obj, "v_cache"), out(out_obj, "out"),
             q_start(q_start_obj, "q_start"), kv_len(kv_len_obj, "kv_len");
         for (Tensor* t : {&q, &k_cache, &v_cache, &out, &q_start, &kv_len}) {
@@ -38,6 +38,7 @@ void bind_attention(py::module_& m) {
                                 std::to_string(num_kv_heads) + ")");
         }
         if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
+        if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window), got " + std::to_string(window));
         for (const Tensor* input : {&q, &k_cache, &v_cache, &q_start, &kv_len}) check_no_overlap(out, *input);
         const int32_t* starts = q_start.data<int32_t>();
         const int32_t* lengths = kv_len.data<int32_t>();
@@ -51,17 +52,18 @@ void bind_attention(py::module_& m) {
                                   ", must be >= 0");
           }
         }
-        const AttentionShape shape{batch, q_len, num_q_heads, num_kv_heads, cache_len, head_dim};
+        const AttentionShape shape{batch, q_len, num_q_heads, num_kv_heads, cache_len, head_dim, window};
         py::gil_scoped_release release;
         attention(q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), out.data<float>(), starts,
                   lengths, shape, static_cast<float>(scale));
       },
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("q_start"),
-      py::arg("kv_len"), py::arg("scale"),
+      py::arg("kv_len"), py::arg("scale"), py::arg("window") = 0,
       "Causal attention over a KV cache, written to out. q, out: [B, T, Hq, D] float32; k_cache, "
       "v_cache: [B, Hkv, S, D] float32 (Hq % Hkv == 0); q_start, kv_len: [B] int32. Query t of "
       "sequence b sits at position q_start[b] + t and sees cache entries j <= that position and "
-      "j < kv_len[b]. All contiguous; out must not overlap the inputs.");
+      "j < kv_len[b], and with window > 0 (a sliding window) only j > position - window. All contiguous; "
+      "out must not overlap the inputs.");
 }
 
 }  // namespace pyengine::bind

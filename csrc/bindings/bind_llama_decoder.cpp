@@ -19,12 +19,13 @@ struct PyLlamaDecoder {
 
 PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                             int64_t intermediate, double norm_eps, py::handle embed, py::handle final_norm,
-                            py::handle lm_head, py::sequence layers) {
+                            py::handle lm_head, py::sequence layers, int64_t sliding_window) {
   check_dims_positive({{vocab, "vocab_size"}, {hidden, "hidden_size"}, {num_heads, "num_heads"},
                        {num_kv_heads, "num_kv_heads"}, {head_dim, "head_dim"}, {intermediate, "intermediate_size"}});
   if (num_heads % num_kv_heads != 0) throw py::value_error("num_heads must be a multiple of num_kv_heads");
   if (head_dim % 2 != 0) throw py::value_error("head_dim must be even (rotary pairs)");
   check_positive(norm_eps, "norm_eps");
+  if (sliding_window < 0) throw py::value_error("sliding_window must be >= 0 (0: none)");
   if (py::len(layers) == 0) throw py::value_error("layers: must not be empty");
 
   PyLlamaDecoder out;
@@ -37,6 +38,7 @@ PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, in
   dims.head_dim = head_dim;
   dims.intermediate = intermediate;
   dims.norm_eps = static_cast<float>(norm_eps);
+  dims.sliding_window = sliding_window;
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
 
   const float* embed_data = take<float>(embed, "embed", DType::F32, {vocab, hidden}, kept);
@@ -91,11 +93,12 @@ void bind_llama_decoder(py::module_& m) {
       .def(py::init(&make_decoder), py::arg("vocab_size"), py::arg("hidden_size"), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("intermediate_size"), py::arg("norm_eps"),
            py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"), py::arg("layers"),
+           py::arg("sliding_window") = 0,
            "embed [V, H] fp32; final_norm [H]; lm_head and each layer's qkv/out/gate_up/down: linear weights "
            "(.weight [N, K] fp32, or .qweight [N, K] int8 + .scale [N] fp32; optional .bias [N]); layers: "
            "objects with attn_norm, qkv [(Hq + 2 Hkv) D, H] (q, k, v rows), out [H, Hq D], mlp_norm, "
            "gate_up [2 I, H] (gate rows, then up rows), down [H, I]. All contiguous CPU tensors, kept alive "
-           "by the decoder.")
+           "by the decoder. sliding_window > 0: each token attends only the last sliding_window positions.")
       .def("step", &step, py::arg("tokens"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
            py::arg("cos"), py::arg("sin"), py::arg("logits"),
            "One decode step: tokens [B] int64; k_cache, v_cache [L, B, Hkv, S, D] fp32 (the new k/v are "

@@ -62,6 +62,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Prefill tiles hold up to this many query rows (query positions x heads of one kv group): each
 // K/V block serves all of them, and the AVX2 tile kernel packs them in 8-row vectors.
 constexpr int64_t kTargetTileRows = 64;
+// A tile's rows span at most kTargetTileRows positions, so their windows all start within its first
+// key block (AttnRowTile's contract).
+static_assert(kTargetTileRows <= cpu::kAttnKeyBlock, "tile rows must start their windows in one key block");
 // Decode: the smallest KV chunk one thread takes (below it merging costs more than it saves),
 // and how many work items per thread to aim for so uneven chunks still balance.
 constexpr int64_t kMinDecodeChunk = 64;
@@ -106,22 +109,43 @@ struct RowTile {
   }
 };
 
-// The key-block step over every block of the tile, then the normalization.
+// Each row on its own: scores over its keys, their max, then the normalized weighted sum of V.
 void attend_tile_scalar(const cpu::AttnRowTile& t) {
-  thread_local RowTile tile;
-  tile.resize(t.n_rows, t.head_dim);
-  std::copy_n(t.q_rows, t.n_rows, tile.q_rows.begin());
-  std::copy_n(t.row_limit, t.n_rows, tile.limit.begin());
-  tile.reset(t.n_rows, t.head_dim);
-  tile.attend(cpu::attend_key_block_scalar, t.n_rows, t.k, t.v, 0, t.key_end, t.head_dim, t.scale);
+  const int64_t D = t.head_dim;
+  thread_local std::vector<float> scores;
   for (int64_t r = 0; r < t.n_rows; ++r) {
-    const float inv_sum = 1.0f / tile.row_sum[r];  // > 0: every row sees key 0
-    for (int64_t d = 0; d < t.head_dim; ++d) t.out_rows[r][d] = tile.acc[r * t.head_dim + d] * inv_sum;
+    const int64_t begin = t.row_start[r], n = t.row_limit[r] - begin;  // n >= 1
+    const float* q = t.q_rows[r];
+    scores.resize(n);
+    float max_score = kNegInf;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = t.k + (begin + j) * D;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      scores[j] = dot * t.scale;
+      max_score = std::max(max_score, scores[j]);
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += scores[j] = std::exp(scores[j] - max_score);
+    float* o = t.out_rows[r];
+    std::fill_n(o, D, 0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = t.v + (begin + j) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += scores[j] * v[d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= sum;
   }
 }
 
-int64_t visible_limit(int64_t position, int32_t kv_len) {
-  return std::min<int64_t>(position + 1, kv_len);
+// The keys [start, limit) a query at `position` sees. A query past kv_len + window (the padding of
+// a shorter prompt in a batch) still sees key kv_len - 1, so that its (unused) output stays finite.
+struct KeyRange {
+  int64_t start, limit;
+};
+KeyRange visible_keys(int64_t position, int32_t kv_len, int64_t window) {
+  const int64_t limit = std::min<int64_t>(position + 1, kv_len);
+  const int64_t start = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
+  return {std::min(start, limit - 1), limit};
 }
 
 void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cache, float* out,
@@ -137,27 +161,31 @@ void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cac
   {
     std::vector<const float*> q_rows(block_q * group);
     std::vector<float*> out_rows(block_q * group);
-    std::vector<int64_t> limits(block_q * group);
+    std::vector<int64_t> starts(block_q * group), limits(block_q * group);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       // Latest query blocks see the most keys: hand them out first.
       const int64_t qb = n_qblocks - 1 - item % n_qblocks;
       const int64_t kvh = (item / n_qblocks) % Hkv, b = item / (n_qblocks * Hkv);
       const int64_t t0 = qb * block_q, t1 = std::min(T, t0 + block_q);
-      int64_t key_end = 0;
+      int64_t key_begin = s.cache_len, key_end = 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t limit = visible_limit(q_start[b] + t, kv_len[b]);
-        key_end = std::max(key_end, limit);
+        const KeyRange keys = visible_keys(q_start[b] + t, kv_len[b], s.window);
+        key_begin = std::min(key_begin, keys.start);
+        key_end = std::max(key_end, keys.limit);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t r = (t - t0) * group + g, offset = ((b * T + t) * Hq + kvh * group + g) * D;
           q_rows[r] = q + offset;
           out_rows[r] = out + offset;
-          limits[r] = limit;
+          starts[r] = keys.start;
+          limits[r] = keys.limit;
         }
       }
       const int64_t kv_offset = (b * Hkv + kvh) * s.cache_len * D;
-      // Keys past key_end lie above the causal diagonal of every row: never visited.
-      fn({q_rows.data(), limits.data(), (t1 - t0) * group, k_cache + kv_offset, v_cache + kv_offset, key_end, D,
+      // Keys outside [key_begin, key_end) lie above the causal diagonal, or behind the window, of
+      // every row: never visited.
+      fn({q_rows.data(), starts.data(), limits.data(), (t1 - t0) * group, k_cache + kv_offset, v_cache + kv_offset,
+          key_begin, key_end, D,
           scale, out_rows.data()});
     }
   }
@@ -170,16 +198,19 @@ void decode(BlockFn fn, const float* q, const float* k_cache, const float* v_cac
             const int32_t* q_start, const int32_t* kv_len, const AttentionShape& s, float scale) {
   const int64_t B = s.batch, Hq = s.num_q_heads, Hkv = s.num_kv_heads, D = s.head_dim;
   const int64_t group = Hq / Hkv;
-  std::vector<int64_t> limit(B), first_chunk(B + 1, 0);
+  std::vector<KeyRange> keys(B);
+  std::vector<int64_t> first_chunk(B + 1, 0);
   int64_t total_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
-    limit[b] = visible_limit(q_start[b], kv_len[b]);
-    total_keys += limit[b];
+    keys[b] = visible_keys(q_start[b], kv_len[b], s.window);
+    total_keys += keys[b].limit - keys[b].start;
   }
   const int64_t threads = omp_get_max_threads();
   const int64_t chunk = std::max(
       kMinDecodeChunk, ceil_div(total_keys * Hkv, kDecodeItemsPerThread * threads));
-  for (int64_t b = 0; b < B; ++b) first_chunk[b + 1] = first_chunk[b] + ceil_div(limit[b], chunk);
+  for (int64_t b = 0; b < B; ++b) {
+    first_chunk[b + 1] = first_chunk[b] + ceil_div(keys[b].limit - keys[b].start, chunk);
+  }
   const int64_t n_chunks = first_chunk[B];  // over all sequences, per kv head
   const int64_t n_items = n_chunks * Hkv;
   const int64_t partial_stride = group * (D + 2);  // per item: group x (max, sum, acc[D])
@@ -196,12 +227,13 @@ void decode(BlockFn fn, const float* q, const float* k_cache, const float* v_cac
       const int64_t c = global_chunk - first_chunk[b];
       for (int64_t g = 0; g < group; ++g) {
         tile.q_rows[g] = q + (b * Hq + kvh * group + g) * D;
-        tile.limit[g] = limit[b];
+        tile.limit[g] = keys[b].limit;
       }
       tile.reset(group, D);
       const int64_t kv_offset = (b * Hkv + kvh) * s.cache_len * D;
-      tile.attend(fn, group, k_cache + kv_offset, v_cache + kv_offset, c * chunk,
-                  std::min(limit[b], (c + 1) * chunk), D, scale);
+      const int64_t begin = keys[b].start + c * chunk;
+      tile.attend(fn, group, k_cache + kv_offset, v_cache + kv_offset, begin, std::min(keys[b].limit, begin + chunk),
+                  D, scale);
       float* p = partials.data() + item * partial_stride;
       for (int64_t g = 0; g < group; ++g, p += D + 2) {
         p[0] = tile.row_max[g];
@@ -246,6 +278,7 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
   if (s.num_q_heads % s.num_kv_heads != 0) {
     throw std::invalid_argument("attention: num_q_heads must be a multiple of num_kv_heads");
   }
+  if (s.window < 0) throw std::invalid_argument("attention: window must be >= 0 (0: no sliding window)");
   for (int64_t b = 0; b < s.batch; ++b) {
     if (kv_len[b] < 1 || kv_len[b] > s.cache_len) {
       throw std::invalid_argument("attention: kv_len[" + std::to_string(b) + "] = " +

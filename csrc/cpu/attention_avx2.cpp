@@ -188,13 +188,14 @@ void attend_tile_avx2(const AttnRowTile& t) {
   const int64_t D = t.head_dim, R = (t.n_rows + 7) / 8 * 8;
   constexpr int64_t KB = kAttnKeyBlock;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // One allocation per thread, reused: qt [D][R] | st [KB][R] | acc [R][D] | five [R] vectors.
+  // One allocation per thread, reused: qt [D][R] | st [KB][R] | acc [R][D] | six [R] vectors.
   thread_local std::vector<float> scratch;
-  scratch.resize(D * R + KB * R + R * D + 5 * R);
+  scratch.resize(D * R + KB * R + R * D + 6 * R);
   float *qt = scratch.data(), *st = qt + D * R, *acc = st + KB * R, *row_max = acc + R * D;
-  float *row_sum = row_max + R, *rescale = row_sum + R, *limit = rescale + R, *block_max = limit + R;
+  float *row_sum = row_max + R, *rescale = row_sum + R, *limit = rescale + R, *start = limit + R;
+  float* block_max = start + R;
 
-  // Q^T (times scale) in 8 x 8 blocks; padded rows are zero queries that see key 0 only, so they
+  // Q^T (times scale) in 8 x 8 blocks; padded rows are zero queries that see every key, so they
   // stay finite; their results are dropped.
   const __m256 vscale = _mm256_set1_ps(t.scale);
   for (int64_t r0 = 0; r0 < R; r0 += 8) {
@@ -209,17 +210,19 @@ void attend_tile_avx2(const AttnRowTile& t) {
     for (; d < D; ++d)
       for (int64_t i = 0; i < 8; ++i) qt[d * R + r0 + i] = i < rows ? t.q_rows[r0 + i][d] * t.scale : 0.0f;
   }
-  int64_t min_limit = t.key_end;
+  int64_t min_limit = t.key_end, max_start = t.key_begin;
   for (int64_t r = 0; r < R; ++r) {
     const bool real = r < t.n_rows;
-    limit[r] = real ? static_cast<float>(t.row_limit[r]) : 1.0f;  // exact: limits are far below 2^24
-    if (real) min_limit = std::min(min_limit, t.row_limit[r]);
+    // Exact as floats: positions are far below 2^24.
+    limit[r] = static_cast<float>(real ? t.row_limit[r] : t.key_end);
+    start[r] = static_cast<float>(real ? t.row_start[r] : t.key_begin);
+    if (real) min_limit = std::min(min_limit, t.row_limit[r]), max_start = std::max(max_start, t.row_start[r]);
   }
   std::fill_n(row_max, R, kNegInf);
   std::fill_n(row_sum, R, 0.0f);
   std::fill_n(acc, R * D, 0.0f);
 
-  for (int64_t kb = 0; kb < t.key_end; kb += KB) {
+  for (int64_t kb = t.key_begin; kb < t.key_end; kb += KB) {
     const int64_t n = std::min(KB, t.key_end - kb);
     const float* k = t.k + kb * D;
     const float* v = t.v + kb * D;
@@ -231,22 +234,23 @@ void attend_tile_avx2(const AttnRowTile& t) {
       for (; r + 16 <= R; r += 16) scores_outer_keys<2>(qt + r, R, k + j * D, D, keys, st + j * R + r, block_max + r);
       if (r < R) scores_outer_keys<1>(qt + r, R, k + j * D, D, keys, st + j * R + r, block_max + r);
     }
-    // 2. Online softmax, eight rows per vector. On the causal diagonal, keys a row must not see
-    // become -inf first and the block max is taken again.
-    const bool masked = kb + n > min_limit;
+    // 2. Online softmax, eight rows per vector. On the causal diagonal, and at the window's back
+    // edge, keys a row must not see become -inf first and the block max is taken again.
+    const bool masked = kb + n > min_limit || kb < max_start;
     for (int64_t r = 0; r < R; r += 8) {
       __m256 max_now = _mm256_loadu_ps(block_max + r);
       if (masked) {
-        const __m256 lim = _mm256_loadu_ps(limit + r);
+        const __m256 lim = _mm256_loadu_ps(limit + r), first = _mm256_loadu_ps(start + r);
         max_now = _mm256_set1_ps(kNegInf);
         for (int64_t j = 0; j < n; ++j) {
-          const __m256 hidden = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(kb + j)), lim, _CMP_GE_OQ);
+          const __m256 key = _mm256_set1_ps(static_cast<float>(kb + j));
+          const __m256 hidden = _mm256_or_ps(_mm256_cmp_ps(key, lim, _CMP_GE_OQ), _mm256_cmp_ps(key, first, _CMP_LT_OQ));
           const __m256 s = _mm256_blendv_ps(_mm256_loadu_ps(st + j * R + r), _mm256_set1_ps(kNegInf), hidden);
           _mm256_storeu_ps(st + j * R + r, s);
           max_now = _mm256_max_ps(max_now, s);
         }
       }
-      // Finite for every row: block 0 holds key 0, which every row sees.
+      // Finite for every row: the first block holds every row's first key (see AttnRowTile).
       const __m256 old_max = _mm256_loadu_ps(row_max + r), new_max = _mm256_max_ps(old_max, max_now);
       const __m256 scale_old = avx2::exp_nonpositive_ps(_mm256_sub_ps(old_max, new_max));  // 0 on block 0
       __m256 sum = _mm256_setzero_ps();

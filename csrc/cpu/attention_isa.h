@@ -30,14 +30,17 @@ void attend_key_block_scalar(const AttnKeyBlock& a);
 void attend_key_block_avx2(const AttnKeyBlock& a);
 
 // Prefill: a tile of query rows (query positions x the heads of one kv group) against keys
-// [0, key_end) of their kv head, every key block in one call, normalized output per row.
+// [key_begin, key_end) of their kv head, every key block in one call, normalized output per row.
 struct AttnRowTile {
   const float* const* q_rows;  // n_rows pointers to head_dim floats
-  const int64_t* row_limit;    // row r sees keys j < row_limit[r]; every row sees key 0
+  // Row r sees keys row_start[r] <= j < row_limit[r]; every row_start[r] < key_begin + kAttnKeyBlock,
+  // so the online softmax's first key block gives every row a finite max.
+  const int64_t* row_start;
+  const int64_t* row_limit;
   int64_t n_rows;
   const float* k;  // key j at k + j * head_dim
   const float* v;
-  int64_t key_end;  // max of row_limit
+  int64_t key_begin, key_end;  // min of row_start, max of row_limit
   int64_t head_dim;
   float scale;
   float* const* out_rows;  // n_rows pointers to head_dim floats

@@ -308,6 +308,7 @@ void attention(const void* q, const void* k_cache, const void* v_cache, void* ou
       shape.cache_len <= 0 || shape.num_q_heads % shape.num_kv_heads != 0) {
     throw std::invalid_argument("attention: bad shape");
   }
+  if (shape.window != 0) throw std::invalid_argument("attention: the CUDA kernel has no sliding window");
   if (shape.head_dim != 64 && shape.head_dim != 128) {
     throw std::invalid_argument("attention: head_dim must be 64 or 128 on CUDA");
   }

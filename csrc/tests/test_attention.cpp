@@ -20,12 +20,17 @@ std::vector<float> reference(const std::vector<float>& q, const std::vector<floa
       for (int64_t h = 0; h < s.num_q_heads; ++h) {
         const float* qr = &q[((b * s.q_len + t) * s.num_q_heads + h) * D];
         const int64_t kv_base = (b * s.num_kv_heads + h / group) * s.cache_len * D;
-        const int64_t n = std::min<int64_t>(q_start[b] + t + 1, kv_len[b]);
+        // Keys [first, end): causal, valid, and inside the sliding window if there is one (a padding
+        // row past kv_len + window keeps the last valid key).
+        const int64_t position = q_start[b] + t, end = std::min<int64_t>(position + 1, kv_len[b]);
+        const int64_t first = s.window > 0 ? std::min(std::max<int64_t>(0, position + 1 - s.window), end - 1) : 0;
+        const int64_t n = end - first;
+        const int64_t key_base = kv_base + first * D;
         std::vector<double> w(n);
         double max_score = -1e300, sum = 0;
         for (int64_t j = 0; j < n; ++j) {
           double dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += double(qr[d]) * k[kv_base + j * D + d];
+          for (int64_t d = 0; d < D; ++d) dot += double(qr[d]) * k[key_base + j * D + d];
           w[j] = dot * scale;
           max_score = std::max(max_score, w[j]);
         }
@@ -33,7 +38,7 @@ std::vector<float> reference(const std::vector<float>& q, const std::vector<floa
         float* o = &out[((b * s.q_len + t) * s.num_q_heads + h) * D];
         for (int64_t d = 0; d < D; ++d) {
           double acc = 0;
-          for (int64_t j = 0; j < n; ++j) acc += w[j] * v[kv_base + j * D + d];
+          for (int64_t j = 0; j < n; ++j) acc += w[j] * v[key_base + j * D + d];
           o[d] = float(acc / sum);
         }
       }
@@ -77,12 +82,25 @@ int main() {
   check_case({1, 5, 6, 2, 8, 3}, {2}, {7});
   // Prefill tiles of 8 positions x 8 heads (GQA 8), head_dim 128, keys over three blocks.
   check_case({1, 150, 8, 1, 160, 128}, {0}, {150});
+  // Sliding windows: decode, prefill from 0 and continued, windows inside a block and across blocks.
+  check_case({2, 1, 9, 3, 300, 64, 37}, {299, 20}, {300, 21});
+  check_case({2, 150, 9, 3, 200, 64, 5}, {0, 40}, {150, 190});
+  check_case({1, 130, 4, 4, 130, 80, 70}, {0}, {130});
 
   bool threw = false;
   try {
     std::vector<float> x(64);
     int32_t start = 0, len = 0;
     attention(x.data(), x.data(), x.data(), x.data(), &start, &len, {1, 1, 1, 1, 1, 64}, 1.0f);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  PE_CHECK(threw);
+  threw = false;
+  try {  // a negative window
+    std::vector<float> x(64);
+    int32_t start = 0, len = 1;
+    attention(x.data(), x.data(), x.data(), x.data(), &start, &len, {1, 1, 1, 1, 1, 64, -1}, 1.0f);
   } catch (const std::invalid_argument&) {
     threw = true;
   }

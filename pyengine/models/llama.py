@@ -1,4 +1,4 @@
-"""Llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v bias).
+"""Llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (sliding window), Qwen2 (q/k/v bias).
 
 pre-norm decoder: x += attn(rms_norm(x)); x += mlp(rms_norm(x)), with rotary positions and
 grouped-query attention. q/k/v and gate/up are each one fused projection.

@@ -31,6 +31,7 @@ struct LlamaDims {
   int64_t head_dim = 0;      // D (even)
   int64_t intermediate = 0;  // I
   float norm_eps = 1e-5f;
+  int64_t sliding_window = 0;  // > 0: attention sees only the last sliding_window positions (Mistral)
 };
 
 class LlamaDecoder {
