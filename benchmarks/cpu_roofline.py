@@ -12,6 +12,10 @@ Measures, in this order and in one run:
     row and the KV cache) / the measured bandwidth, twice: against the higher of the two best-of-10
     readings taken at the start and at the end of the run (conservative), and repeat by repeat against a probe taken just before it ("beside": the machine
     is shared and its bandwidth moves by a third within minutes);
+  * for the fused backends, decode also against a plain read of the very weights it reads: the bytes of
+    its linear layers as they lie in memory (contiguous spans on 2 MB pages, in decode order), summed
+    right before each repeat, best of 3 ("of weights read"): how near the kernels come to just reading
+    their weights, on this host at that moment;
   * a batch sweep of decode tokens/s;
   * fused and fused-int8 decode with the C++ decode step switched off (the same kernels called op by op
     from Python), and a per-phase profile of one C++ decode step.
@@ -93,12 +97,52 @@ def _probe(probes):
         probes.append(read_bandwidth_gbs(repeats=3))
 
 
-def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats, probes=None):
+def weight_spans(engine) -> list[torch.Tensor]:
+    """The linear layers' weights (and int8 scales) of a fused engine as they lie in memory: one int64
+    view per contiguous span. The fused backends place them back to back in decode order, in 64 MB
+    chunks, so a few spans cover them, with at most alignment padding between tensors."""
+    model = engine.model
+    tensors = []
+    for owner in [*model.layers, model]:
+        for value in vars(owner).values():
+            if owner is model and value is not model.lm_head:
+                continue
+            tensors += [t for name in ("weight", "qweight", "scale")
+                        if isinstance(t := getattr(value, name, None), torch.Tensor)]
+    bounds = {}  # storage address -> (first byte, end byte)
+    for t in tensors:
+        storage = t.untyped_storage()
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        first, end, _ = bounds.get(storage.data_ptr(), (lo, hi, storage))
+        bounds[storage.data_ptr()] = (min(first, lo), max(end, hi), storage)
+    spans = []
+    for base, (first, end, storage) in bounds.items():
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        spans.append(raw[first - base:first - base + (end - first) // 8 * 8].view(torch.int64))
+    return spans
+
+
+def weights_read_gbs(spans, repeats: int = 3) -> float:
+    """Best-of-`repeats` rate of summing every span (integer sums: the bytes are not floats)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for span in spans:
+            span.sum()
+        best = min(best, time.perf_counter() - t)
+    return sum(s.numel() * 8 for s in spans) / best / 1e9
+
+
+def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats, probes=None, weight_probes=None):
+    """weight_probes: a list, appended the weights-read rate (weights_read_gbs) before each repeat."""
     prompts = [engine.tokenizer.decode(prompt_ids)] * batch
     engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+    spans = weight_spans(engine) if weight_probes is not None else None
     out = []
     for _ in range(repeats):
         _probe(probes)
+        if spans is not None:
+            weight_probes.append(weights_read_gbs(spans))
         r = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)[0]
         out.append(batch * (new_tokens - 1) / r.usage.decode_seconds)
     return out
@@ -183,8 +227,9 @@ def main(argv=None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = []
 
-    def record(name, precision, decode_by_batch, prefill, beside=None):
-        """beside: the bandwidth probed before each batch-1 decode repeat."""
+    def record(name, precision, decode_by_batch, prefill, beside=None, weights_beside=None, weight_bytes=None):
+        """beside: the bandwidth probed before each batch-1 decode repeat; weights_beside: the rate of
+        reading the engine's own weights (weight_bytes of them) probed before each."""
         row = {"backend": name, "precision": precision,
                "decode_tok_s": {b: median(v) for b, v in decode_by_batch.items()},
                "decode_tok_s_runs": decode_by_batch, "prefill_tok_s": median(prefill), "prefill_runs": prefill}
@@ -195,11 +240,17 @@ def main(argv=None) -> int:
             row["bandwidth_beside_gb_s"] = beside
             row["decode_roofline_fraction_beside"] = median(
                 [tok_s / (bw * 1e9 / per_byte) for tok_s, bw in zip(decode_by_batch[1], beside)])
+        if weights_beside and 1 in decode_by_batch:
+            row["weight_bytes"] = weight_bytes
+            row["weights_read_gb_s_beside"] = weights_beside
+            row["decode_fraction_of_weights_read"] = median(
+                [tok_s / (bw * 1e9 / weight_bytes) for tok_s, bw in zip(decode_by_batch[1], weights_beside)])
         rows.append(row)
         fraction = row["decode_roofline_fraction"]
         print(f"{name:<18} decode b1 {row['decode_tok_s'].get(1, float('nan')):7.1f} tok/s "
               f"({(fraction or 0) * 100:5.1f}% of {precision} roofline, "
-              f"{row.get('decode_roofline_fraction_beside', float('nan')) * 100:5.1f}% beside)  "
+              f"{row.get('decode_roofline_fraction_beside', float('nan')) * 100:5.1f}% beside, "
+              f"{row.get('decode_fraction_of_weights_read', float('nan')) * 100:5.1f}% of weights read)  "
               f"prefill {row['prefill_tok_s']:7.1f} tok/s  "
               f"batches {', '.join(f'{b}: {v:.1f}' for b, v in row['decode_tok_s'].items())}", flush=True)
 
@@ -227,18 +278,22 @@ def main(argv=None) -> int:
     for backend in ("torch", "fused", "fused-int8"):
         engine = pyengine.load(path, backend=backend)
         precision = "int8" if backend == "fused-int8" else "fp32"
-        beside = []
+        fused = backend != "torch"
+        weight_bytes = sum(s.numel() * 8 for s in weight_spans(engine)) if fused else None
+        beside, weights_beside = [], [] if fused else None
         record(backend, precision,
                {b: pyengine_runs(engine, prompt_ids, args.new_tokens, b, args.repeats,
-                                 probes=beside if b == 1 else None) for b in batch_sizes},
-               pyengine_prefill(engine, prefill_ids, args.repeats), beside)
-        if backend != "torch":
+                                 probes=beside if b == 1 else None,
+                                 weight_probes=weights_beside if b == 1 else None) for b in batch_sizes},
+               pyengine_prefill(engine, prefill_ids, args.repeats), beside, weights_beside, weight_bytes)
+        if fused:
             # The same kernels driven op by op from Python: what the C++ decode step saves.
             engine.model.cpp_decode = False
-            beside = []
+            beside, weights_beside = [], []
             record(f"{backend} (python)", precision,
-                   {1: pyengine_runs(engine, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside)},
-                   [float("nan")], beside)
+                   {1: pyengine_runs(engine, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside,
+                                     weight_probes=weights_beside)},
+                   [float("nan")], beside, weights_beside, weight_bytes)
             engine.model.cpp_decode = True
             profiles[backend] = profile_step(engine)
         del engine
@@ -268,12 +323,14 @@ def main(argv=None) -> int:
               "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows,
               "decode_step_profile_s": profiles}
     print("\nsummary (decode at batch 1; fraction of the roofline from the higher of the start and end bandwidth "
-          "readings, and from the bandwidth probed beside each repeat):")
+          "readings, from the bandwidth probed beside each repeat, and of a plain read of the engine's own weights "
+          "beside each repeat):")
     for r in rows:
         fraction = r.get("decode_roofline_fraction")
         print(f"  {r['backend']:<20} {r['decode_tok_s'].get(1, float('nan')):7.1f} tok/s  "
               f"{(fraction or 0) * 100:5.1f}% of {r['precision']} roofline "
-              f"({r.get('decode_roofline_fraction_beside', float('nan')) * 100:5.1f}% beside)  "
+              f"({r.get('decode_roofline_fraction_beside', float('nan')) * 100:5.1f}% beside, "
+              f"{r.get('decode_fraction_of_weights_read', float('nan')) * 100:5.1f}% of weights read)  "
               f"decode x{r.get('decode_speedup_vs_hf_eager', float('nan')):.2f}  "
               f"prefill x{r.get('prefill_speedup_vs_hf_eager', float('nan')):.2f} vs hf-eager")
     if args.json:
