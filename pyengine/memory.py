@@ -67,7 +67,6 @@ class WeightArena:
         self.chunk_bytes = chunk_bytes
         self._chunk: torch.Tensor | None = None
         self._used = 0
-        self.bytes_placed = 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized contiguous tensor (zero-filled in practice) placed in the arena."""
@@ -83,7 +82,6 @@ class WeightArena:
             self._chunk, _ = huge_page_buffer(max(self.chunk_bytes, nbytes))
             start = 0
         self._used = start + nbytes
-        self.bytes_placed += nbytes
         return self._chunk[start:start + nbytes].view(dtype).view(shape)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,6 @@ def test_arena_places_copies_aligned_and_in_order():
         assert out.data_ptr() % 64 == 0
     addresses = [t.data_ptr() for t in placed]
     assert addresses == sorted(addresses) and addresses[-1] - addresses[0] < 1 << 20  # one chunk, in order
-    assert arena.bytes_placed == sum(t.numel() * t.element_size() for t in sources)
 
 
 def test_arena_tensor_larger_than_a_chunk_and_empty_tensors():
