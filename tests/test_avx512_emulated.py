@@ -51,6 +51,11 @@ extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpui
 """
 
 
+# Data: each operand at the end of its own region, so a read past it faults.
+A_REGION, B_REGION, C_REGION = 0x1000_0000, 0x2000_0000, 0x3000_0000
+REGION_BYTES = 256 * 1024  # mapped; the page after each region is not
+C_SENTINEL = -0x5A5A5A5A
+
 # Each program: its entry source and the csrc/cpu files it links, with the CMakeLists.txt flags variable
 # each is compiled with (None: no ISA flags, as CMakeLists.txt builds isa_detect.cpp). The panel program
 # links the AVX2 kernel too, run on the same emulated CPU: the AVX-512 kernel must equal it bitwise.
@@ -98,10 +103,6 @@ def test_isa_detection_on_an_avx512_vnni_cpu(machine, osxsave, xcr0, expected):
 
 
 # ---- i8_dot_block_avx512: exact against an integer reference ----------------------------------
-
-A_REGION, B_REGION, C_REGION = 0x1000_0000, 0x2000_0000, 0x3000_0000
-REGION_BYTES = 256 * 1024  # mapped; the page after each region is not, so over-reads fault
-C_SENTINEL = -0x5A5A5A5A
 
 
 def run_i8_block(machine, entry, a, b, lda, ldb, ldc):

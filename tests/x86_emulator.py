@@ -61,15 +61,18 @@ def build_freestanding(sources: list[tuple[Path, list[str]]], entry: str, out: P
     common = ["-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", "-ffreestanding",
               "-fno-exceptions", "-fno-rtti", "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-fno-pic",
               "-ffunction-sections", "-fdata-sections"]
+    def run(command):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}\n{done.stderr}")
+
     objects = []
     for i, (source, flags) in enumerate(sources):
         obj = out.with_name(f"{out.stem}.{i}.o")
-        subprocess.run([compiler, *common, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True,
-                       text=True)
+        run([compiler, *common, *flags, "-c", str(source), "-o", str(obj)])
         objects.append(str(obj))
-    subprocess.run([compiler, "-no-pie", "-static", "-nostdlib", "-Wl,--gc-sections", f"-Wl,-e,{entry}",
-                    f"-Wl,-Ttext-segment={base:#x}",
-                    "-Wl,--build-id=none", "-o", str(out), *objects], check=True, capture_output=True, text=True)
+    run([compiler, "-no-pie", "-static", "-nostdlib", "-Wl,--gc-sections", f"-Wl,-e,{entry}",
+         f"-Wl,-Ttext-segment={base:#x}", "-Wl,--build-id=none", "-o", str(out), *objects])
     return out
 
 

@@ -142,7 +142,7 @@ void attend_tile_scalar(const cpu::AttnRowTile& t) {
 struct KeyRange {
   int64_t start, limit;
 };
-KeyRange visible_keys(int64_t position, int32_t kv_len, int64_t window) {
+KeyRange key_range(int64_t position, int32_t kv_len, int64_t window) {
   const int64_t limit = std::min<int64_t>(position + 1, kv_len);
   const int64_t start = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
   return {std::min(start, limit - 1), limit};
@@ -170,7 +170,7 @@ void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cac
       const int64_t t0 = qb * block_q, t1 = std::min(T, t0 + block_q);
       int64_t key_begin = s.cache_len, key_end = 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const KeyRange keys = visible_keys(q_start[b] + t, kv_len[b], s.window);
+        const KeyRange keys = key_range(q_start[b] + t, kv_len[b], s.window);
         key_begin = std::min(key_begin, keys.start);
         key_end = std::max(key_end, keys.limit);
         for (int64_t g = 0; g < group; ++g) {
@@ -202,7 +202,7 @@ void decode(BlockFn fn, const float* q, const float* k_cache, const float* v_cac
   std::vector<int64_t> first_chunk(B + 1, 0);
   int64_t total_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
-    keys[b] = visible_keys(q_start[b], kv_len[b], s.window);
+    keys[b] = key_range(q_start[b], kv_len[b], s.window);
     total_keys += keys[b].limit - keys[b].start;
   }
   const int64_t threads = omp_get_max_threads();

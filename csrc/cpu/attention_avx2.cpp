@@ -216,7 +216,10 @@ void attend_tile_avx2(const AttnRowTile& t) {
     // Exact as floats: positions are far below 2^24.
     limit[r] = static_cast<float>(real ? t.row_limit[r] : t.key_end);
     start[r] = static_cast<float>(real ? t.row_start[r] : t.key_begin);
-    if (real) min_limit = std::min(min_limit, t.row_limit[r]), max_start = std::max(max_start, t.row_start[r]);
+    if (real) {
+      min_limit = std::min(min_limit, t.row_limit[r]);
+      max_start = std::max(max_start, t.row_start[r]);
+    }
   }
   std::fill_n(row_max, R, kNegInf);
   std::fill_n(row_sum, R, 0.0f);
