@@ -138,14 +138,32 @@ PE_INLINE void i16i8_step(const int16_t* a, int64_t lda, const int8_t* b, __m256
   }
 }
 
+// acc[m] += activation row m x weight row br over k in [k0, k1).
+template <int MR>
+PE_INLINE void i16i8_row(const int16_t* a, int64_t lda, const int8_t* br, int64_t ldb, int64_t k0, int64_t k1,
+                         __m256i (&acc)[MR]) {
+  int64_t k = k0;
+  for (; k + 64 <= k1; k += 64) {  // one cache line of the weight row
+    prefetch_ahead<1>(br, ldb, k);  // the row kPrefetchTiles further down its stream
+    for (int j = 0; j < 64; j += 16) i16i8_step<MR>(a + k + j, lda, br + k + j, acc);
+  }
+  for (; k + 16 <= k1; k += 16) i16i8_step<MR>(a + k, lda, br + k, acc);
+  if (k < k1) {  // tail (only in the last block): zero-padded copies, so nothing past a row is read
+    alignas(32) int16_t a_tail[MR][16] = {};
+    alignas(16) int8_t b_tail[16] = {};
+    for (int m = 0; m < MR; ++m) std::memcpy(a_tail[m], a + m * lda + k, (k1 - k) * sizeof(int16_t));
+    std::memcpy(b_tail, br + k, k1 - k);
+    i16i8_step<MR>(&a_tail[0][0], 16, b_tail, acc);
+  }
+}
+
 // c[m * ldc + r] = exact sum over K of activation row m (of MR) times weight row r, for the `rows`
-// (1..4) weight rows at b. The weight rows are read one after another, not as a register tile: the
-// weights of a decode step are read once from DRAM, and on Zen 3 a single sequential stream reads
-// them ~1.5x faster than 2-8 interleaved row streams (measured on the model's matrices: 8-row tiles
-// 14-16 GB/s, one row at a time 18-22 GB/s, raw read 21-25 GB/s). What four rows share is the
-// call and the horizontal sums: each row leaves 4 int64 lanes, and one transposed reduction turns
-// four rows' lanes into four totals (a call and a horizontal sum per row cost 5-15% of the speed
-// in cache at K = 576, and ~3% over the model's matrices from DRAM, in paired runs).
+// (1..4) weight rows at b. The weight rows are read one after another, not as a register tile: on
+// Zen 3 one sequential stream reads the weights ~1.5x faster than 2-8 interleaved adjacent rows
+// (8-row tiles 14-16 GB/s, one row at a time 18-22 GB/s, raw read 21-25 GB/s). What four rows share
+// is the call and the horizontal sums: each row leaves 4 int64 lanes, and one transposed reduction
+// turns four rows' lanes into four totals (a call and a horizontal sum per row cost 5-15% of the
+// speed in cache at K = 576, and ~3% over the model's matrices from DRAM, in paired runs).
 template <int MR>
 void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc, int rows,
                 int64_t K) {
@@ -153,24 +171,11 @@ void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int
   for (int r = 0; r < 4; ++r)
     for (int m = 0; m < MR; ++m) lanes[r][m] = _mm256_setzero_si256();
   for (int r = 0; r < rows; ++r) {
-    const int8_t* br = b + r * ldb;
-    __m256i acc[MR];
     for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
       const int64_t k1 = std::min(K, k0 + kI16Block);
+      __m256i acc[MR];
       for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-      int64_t k = k0;
-      for (; k + 64 <= k1; k += 64) {  // one cache line of the weight row
-        prefetch_ahead<1>(br, ldb, k);  // the rows kPrefetchTiles ahead
-        for (int j = 0; j < 64; j += 16) i16i8_step<MR>(a + k + j, lda, br + k + j, acc);
-      }
-      for (; k + 16 <= k1; k += 16) i16i8_step<MR>(a + k, lda, br + k, acc);
-      if (k < k1) {  // tail (only in the last block): zero-padded copies, so nothing past a row is read
-        alignas(32) int16_t a_tail[MR][16] = {};
-        alignas(16) int8_t b_tail[16] = {};
-        for (int m = 0; m < MR; ++m) std::memcpy(a_tail[m], a + m * lda + k, (k1 - k) * sizeof(int16_t));
-        std::memcpy(b_tail, br + k, k1 - k);
-        i16i8_step<MR>(&a_tail[0][0], 16, b_tail, acc);
-      }
+      i16i8_row<MR>(a, lda, b + r * ldb, ldb, k0, k1, acc);
       for (int m = 0; m < MR; ++m) lanes[r][m] = _mm256_add_epi64(lanes[r][m], widen_epi32_pairs(acc[m]));
     }
   }
@@ -180,6 +185,49 @@ void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int
                        reduce4_epi64(lanes[0][m], lanes[1][m], lanes[2][m], lanes[3][m]));
     std::copy(totals, totals + rows, c + m * ldc);
   }
+}
+
+// One activation row (decode at batch 1): the thread's weight rows as TWO sequential streams, the
+// slice's first and second halves, a cache line of each in turn. Over the model's int8 matrices from
+// DRAM (2 threads, Zen 3, paired): a plain read of the slices goes from ~25 to ~30 GB/s when split in
+// two streams (four add nothing more), this kernel from ~21.5 to ~24.8 GB/s, and the whole C++ decode
+// step gets 10-13% faster (medians 5.8 / 6.25 against 6.7 / 6.95 ms; faster in 19 of 19 blocks of 20
+// steps, in each of three runs). Batches keep i16i8_rows: there the multiply-adds bound the speed,
+// and two streams measured slower (batch 4: 14.5 against 12.4 ms).
+// Two rows at b0 and b0 + ldb (stream 0) and rows1 (0..2) at b1, b1 + ldb (stream 1) -> c0[0..2),
+// c1[0..rows1).
+void i16i8_rows_two_streams(const int16_t* a, const int8_t* b0, const int8_t* b1, int64_t ldb, int64_t* c0,
+                            int64_t* c1, int rows1, int64_t K) {
+  __m256i lanes[4][1];  // rows of stream 0 at [0, 2), of stream 1 at [2, 4)
+  for (int r = 0; r < 4; ++r) lanes[r][0] = _mm256_setzero_si256();
+  for (int r = 0; r < 2; ++r) {
+    const int8_t* row0 = b0 + r * ldb;
+    const int8_t* row1 = b1 + r * ldb;
+    for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
+      const int64_t k1 = std::min(K, k0 + kI16Block);
+      __m256i acc0[1] = {_mm256_setzero_si256()}, acc1[1] = {_mm256_setzero_si256()};
+      int64_t k = k0;
+      if (r < rows1) {
+        for (; k + 64 <= k1; k += 64) {
+          prefetch_ahead<1>(row0, ldb, k);
+          prefetch_ahead<1>(row1, ldb, k);
+          for (int j = 0; j < 64; j += 16) {
+            i16i8_step<1>(a + k + j, 0, row0 + k + j, acc0);
+            i16i8_step<1>(a + k + j, 0, row1 + k + j, acc1);
+          }
+        }
+        i16i8_row<1>(a, 0, row1, ldb, k, k1, acc1);
+      }
+      i16i8_row<1>(a, 0, row0, ldb, k, k1, acc0);
+      lanes[r][0] = _mm256_add_epi64(lanes[r][0], widen_epi32_pairs(acc0[0]));
+      lanes[2 + r][0] = _mm256_add_epi64(lanes[2 + r][0], widen_epi32_pairs(acc1[0]));
+    }
+  }
+  alignas(32) int64_t totals[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(totals),
+                     reduce4_epi64(lanes[0][0], lanes[1][0], lanes[2][0], lanes[3][0]));
+  std::copy(totals, totals + 2, c0);
+  std::copy(totals + 2, totals + 2 + rows1, c1);
 }
 
 // ---- fp32 x fp32 -> fp32 ----
@@ -205,6 +253,34 @@ void f32_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c
       for (int64_t kk = k; kk < K; ++kk) sum += a[m * lda + kk] * b[n * ldb + kk];
       c[m * ldc + n] = sum;
     }
+  }
+}
+
+// Decode (one activation row) in two streams, as the int8 kernel: two rows at b0, b0 + ldb (stream 0)
+// and rows1 (0..2) at b1, b1 + ldb (stream 1), read in lockstep; each row's sum is the same FMA chain
+// f32_tile runs, so the results are bitwise those of f32_tile<1, n>. Over the model's fp32 matrices
+// from DRAM (2 threads, Zen 3, paired): 22.7-24.1 against 21.0-22.6 GB/s for 4-row tiles (faster in
+// 15 and 17 of 22 rounds); the fp32 C++ decode step 22.0 / 23.6 against 23.5 / 24.7 ms.
+PE_INLINE void f32_row_pairs(const float* a, const float* b0, const float* b1, int64_t ldb, float* c0, float* c1,
+                             int rows1, int64_t K) {
+  const float* rows[4] = {b0, b0 + ldb, b1, b1 + ldb};
+  const int n = 2 + rows1;
+  __m256 acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (k % 16 == 0) {  // one prefetch per cache line: each stream's rows two calls further down
+      for (int i = 0; i < n; ++i) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + 4 * ldb + k), _MM_HINT_T0);
+    }
+    const __m256 av = _mm256_loadu_ps(a + k);
+    for (int i = 0; i < 4; ++i) {
+      if (i < n) acc[i] = _mm256_fmadd_ps(av, _mm256_loadu_ps(rows[i] + k), acc[i]);
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    float sum = avx2::hsum_ps(acc[i]);
+    for (int64_t kk = k; kk < K; ++kk) sum += a[kk] * rows[i][kk];
+    (i < 2 ? c0[i] : c1[i - 2]) = sum;
   }
 }
 
@@ -254,6 +330,14 @@ constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
 
 void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
                           int64_t M, int64_t N, int64_t K) {
+  if (M == 1 && N >= 4) {
+    const int64_t half = (N + 3) / 4 * 2;  // stream 0: rows [0, half), stream 1: [half, N); half even
+    for (int64_t i = 0; i < half; i += 2) {
+      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
+      i16i8_rows_two_streams(a, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, rows1, K);
+    }
+    return;
+  }
   using RowsFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int, int64_t);
   static constexpr RowsFn kRows[4] = {i16i8_rows<1>, i16i8_rows<2>, i16i8_rows<3>, i16i8_rows<4>};
   // Four weight rows (at most 4 x K bytes) stay in L1 while every group of up to 4 activation rows
@@ -377,6 +461,14 @@ void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t 
 
 void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                         int64_t M, int64_t N, int64_t K) {
+  if (M == 1 && N >= 4) {
+    const int64_t half = (N + 3) / 4 * 2;  // stream 0: rows [0, half), stream 1: [half, N); half even
+    for (int64_t i = 0; i < half; i += 2) {
+      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
+      f32_row_pairs(a, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, rows1, K);
+    }
+    return;
+  }
   static constexpr TileTable<F32TileFn> table = PE_TILE_TABLE(f32_tile);
   tile_grid(table, kF32Nr, a, lda, b, ldb, c, ldc, M, N, K);
 }
