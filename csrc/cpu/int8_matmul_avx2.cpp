@@ -322,6 +322,15 @@ using I8TileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_
 using F32I8TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*, int64_t, int64_t);
 using F32TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
 
+// The decode GEMVs' two streams over N >= 4 rows: rows [0, half) and [half, N), half even and
+// N - half <= half. Calls pair(n0, n1, rows1) for rows n0, n0 + 1 of the first stream and rows1 (0..2)
+// rows from n1 of the second.
+template <class Pair>
+PE_INLINE void for_each_row_pair(int64_t N, const Pair& pair) {
+  const int64_t half = (N + 3) / 4 * 2;
+  for (int64_t i = 0; i < half; i += 2) pair(i, half + i, static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2)));
+}
+
 // Rows of b per tile for 1..4 rows of a, so accumulators and operands fit in 16 ymm registers.
 constexpr int kI8Nr[5] = {0, 4, 4, 2, 2};
 constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
@@ -331,11 +340,9 @@ constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
 void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
                           int64_t M, int64_t N, int64_t K) {
   if (M == 1 && N >= 4) {
-    const int64_t half = (N + 3) / 4 * 2;  // stream 0: rows [0, half), stream 1: [half, N); half even
-    for (int64_t i = 0; i < half; i += 2) {
-      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
-      i16i8_rows_two_streams(a, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, rows1, K);
-    }
+    for_each_row_pair(N, [&](int64_t n0, int64_t n1, int rows1) {
+      i16i8_rows_two_streams(a, b + n0 * ldb, b + n1 * ldb, ldb, c + n0, c + n1, rows1, K);
+    });
     return;
   }
   using RowsFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int, int64_t);
@@ -462,11 +469,9 @@ void f32i8_dot_block_avx2(const float* a, int64_t lda, const int8_t* b, int64_t 
 void f32_dot_block_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                         int64_t M, int64_t N, int64_t K) {
   if (M == 1 && N >= 4) {
-    const int64_t half = (N + 3) / 4 * 2;  // stream 0: rows [0, half), stream 1: [half, N); half even
-    for (int64_t i = 0; i < half; i += 2) {
-      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
-      f32_row_pairs(a, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, rows1, K);
-    }
+    for_each_row_pair(N, [&](int64_t n0, int64_t n1, int rows1) {
+      f32_row_pairs(a, b + n0 * ldb, b + n1 * ldb, ldb, c + n0, c + n1, rows1, K);
+    });
     return;
   }
   static constexpr TileTable<F32TileFn> table = PE_TILE_TABLE(f32_tile);
