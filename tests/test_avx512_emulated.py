@@ -5,6 +5,7 @@ developed on mostly do not. Here the same sources are compiled with CMakeLists.t
 run under Bochs: the int8 VNNI block against an exact integer reference, with guard pages that fault on
 any read past a row's K bytes; the prefill panel kernel against the AVX2 one (bitwise) and a float64
 reference; and the cpuid / xgetbv detection that decides when they run."""
+import faulthandler
 import platform
 import sys
 
@@ -55,6 +56,7 @@ extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpui
 A_REGION, B_REGION, C_REGION = 0x1000_0000, 0x2000_0000, 0x3000_0000
 REGION_BYTES = 256 * 1024  # mapped; the page after each region is not
 C_SENTINEL = -0x5A5A5A5A
+EMULATION_DEADLINE_S = 600  # the whole module takes ~10 s
 
 # Each program: its entry source and the csrc/cpu files it links, with the CMakeLists.txt flags variable
 # each is compiled with (None: no ISA flags, as CMakeLists.txt builds isa_detect.cpp). The panel program
@@ -81,11 +83,17 @@ def machine(tmp_path_factory):
             elves[name] = build_freestanding(compiled, "pe_entry", folder / f"{name}.elf", base=0x400000 * (i + 1))
         except FileNotFoundError as error:
             pytest.skip(str(error))
-    with X86Machine() as m:
-        entries = {name: m.load_elf(elf) for name, elf in elves.items()}
-        for region in (A_REGION, B_REGION, C_REGION):
-            m.map(region, REGION_BYTES)
-        yield m, entries
+    # The emulator has no instruction limit and cannot be interrupted from Python: a kernel that
+    # never returns would hang the run. Past this deadline the process prints its stack and exits.
+    faulthandler.dump_traceback_later(EMULATION_DEADLINE_S, exit=True)
+    try:
+        with X86Machine() as m:
+            entries = {name: m.load_elf(elf) for name, elf in elves.items()}
+            for region in (A_REGION, B_REGION, C_REGION):
+                m.map(region, REGION_BYTES)
+            yield m, entries
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # ---- detection -------------------------------------------------------------------------------
