@@ -102,13 +102,9 @@ def weight_spans(engine) -> list[torch.Tensor]:
     view per contiguous span. The fused backends place them back to back in decode order, in 64 MB
     chunks, so a few spans cover them, with at most alignment padding between tensors."""
     model = engine.model
-    tensors = []
-    for owner in [*model.layers, model]:
-        for value in vars(owner).values():
-            if owner is model and value is not model.lm_head:
-                continue
-            tensors += [t for name in ("weight", "qweight", "scale")
-                        if isinstance(t := getattr(value, name, None), torch.Tensor)]
+    linears = [value for layer in model.layers for value in vars(layer).values()] + [model.lm_head]
+    tensors = [t for linear in linears for name in ("weight", "qweight", "scale")
+               if isinstance(t := getattr(linear, name, None), torch.Tensor)]
     bounds = {}  # storage address -> (first byte, end byte)
     for t in tensors:
         storage = t.untyped_storage()
