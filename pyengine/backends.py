@@ -249,22 +249,20 @@ class FusedInt8Backend(FusedBackend):
     """As fused, with every linear layer (the tied output projection too) in int8: weights
     quantized per output channel at load time.
 
-    Decode (up to 16 rows): W8A16 (`_C.int8_linear_a16`: activations quantized to int16 per row, exact
-    int16 x int8 sums), a GEMV that streams the int8 weights once, one row at a time; 16-bit
-    activations keep it within ~1e-4 of the weight-only result.
-    Prefill (more rows): weight-only (`_C.int8_linear_wo`): each panel of 16 weight rows is
-    dequantized to fp32 once and fed to the packed-panel GEMM that `fused` uses.
+    Every Linear is W8A16 (`_C.int8_linear_a16`): activations quantized to int16 per row, exact
+    int16 x int8 sums, so a row's output is the same bits whichever rows share the call (prefill,
+    decode, a batch) and the C++ decode step (LlamaDecoder) matches this path bit for bit.
+    Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
+    on int16 pairs (`vpmaddwd`), which on Zen 3 measured 1.2-1.4x the fp32 FMA GEMM that the
+    weight-only path (`_C.int8_linear_wo`, the prefill path until stop 14) feeds with dequantized
+    panels (512-token linears of the default model, 2 threads).
     Chosen by measurement over W8A8 (int8 activations too, `_C.int8_linear`): on the default model
-    (WikiText-2, 2048 tokens) W8A8 lost 2.8% perplexity (KL 0.041, top-1 87%) while weight-only
-    stayed within 0.2% (KL 0.005, top-1 96%); and on AVX2 without VNNI its GEMM measured only ~1.2x
-    the weight-only one (512 x 3072 x 576 on Zen 3, 2 threads: 144-165 against 129-131 GFLOP/s),
-    too little for that loss.
-    `_C.int8_linear_weights` makes the decode/prefill choice (the cutoff is `_C.int8_a16_max_rows`),
-    for this path and for the C++ decode step (LlamaDecoder) alike, so the two stay bit-identical.
+    (WikiText-2, 2048 tokens) W8A8 lost 2.8% perplexity (KL 0.041, top-1 87%) while 16-bit
+    activations stay within ~1e-4 of the weight-only result (0.2%, KL 0.005, top-1 96%).
     """
 
     name = "fused-int8"
-    kernels = FusedBackend.kernels + ("int8_linear_weights",)
+    kernels = FusedBackend.kernels + ("int8_linear_a16",)
 
     def __init__(self, preloaded=None):
         super().__init__()
@@ -290,7 +288,7 @@ class FusedInt8Backend(FusedBackend):
     def linear(self, x, w):
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.empty(rows.shape[0], w.qweight.shape[0], dtype=torch.float32)
-        self._C.int8_linear_weights(rows, w.qweight, w.scale, out, w.bias)
+        self._C.int8_linear_a16(rows, w.qweight, w.scale, out, w.bias)
         return out.view(*x.shape[:-1], w.qweight.shape[0])
 
 

@@ -203,10 +203,10 @@ def _linear_args(M=2, N=3, K=8):
     return dict(x=torch.randn(M, K), w_q=torch.zeros(N, K, dtype=I8), w_scale=torch.ones(N), out=torch.empty(M, N))
 
 
-INT8_LINEARS = ["int8_linear", "int8_linear_wo", "int8_linear_a16", "int8_linear_weights"]
+INT8_LINEARS = ["int8_linear", "int8_linear_wo", "int8_linear_a16"]
 
 
-@pytest.mark.parametrize("fn", INT8_LINEARS)  # one binding and one set of checks for all four
+@pytest.mark.parametrize("fn", INT8_LINEARS)  # one binding and one set of checks for all three
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -341,9 +341,13 @@ def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, K):
 
 # ---- int8_linear_a16 (W8A16): exact integer sums, bitwise equal to the int64 reference ---------
 
-A16_M = [1, 2, 7, 16]
+# Up to 16 rows the GEMV (decode), above the packed-panel GEMM (prefill): 17 and 23 leave partial
+# 6-row tiles, 30 an odd number of whole ones.
+A16_M = [1, 2, 7, 16, 17, 23, 30]
 A16_N = [1, 3, 64]
-A16_K = [1, 5, 17, 576, 1536, 2049, 4100]  # off the 16-wide step; 2049 and 4100 cross the 2048 flush
+# Off the 16-wide step; odd K pads the GEMM's last pair of k; 2049 and 4100 cross the GEMV's 2048
+# flush and the GEMM's 512-k (256-pair) int64 chunks.
+A16_K = [1, 5, 17, 576, 1536, 2049, 4100]
 
 
 @pytest.mark.parametrize("K", A16_K)
@@ -359,10 +363,11 @@ def test_int8_linear_a16_exact_awkward_shapes(isa, K):
                                ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
 
 
-@pytest.mark.parametrize("M, N", [(1, 9), (2, 3), (7, 17), (16, 64)])
+@pytest.mark.parametrize("M, N", [(1, 9), (2, 3), (7, 17), (16, 64), (17, 33), (36, 16)])
 def test_int8_linear_a16_exact_extremes(isa, M, N):
     # Every product at its largest magnitude (32767 * 127) over K = 4100: the per-lane int32 sums
-    # would overflow without the 2048-wide flush, and the row total exceeds 2^31 (needs int64).
+    # would overflow without the GEMV's 2048-wide flush or the GEMM's int64 chunks (which such rows
+    # must take: their int32 bound fails), and the row total exceeds 2^31 (needs int64).
     K = 4100
     gen = torch.Generator().manual_seed(11)
     w_scale = torch.full((N,), 0.5)
@@ -404,7 +409,7 @@ def test_int8_linear_a16_rounds_half_to_even(isa):
 
 
 @settings(max_examples=30, deadline=None)
-@given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+@given(M=st.integers(1, 40), N=st.integers(1, 40), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
 def test_int8_linear_a16_random_shapes_every_isa(M, N, K, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen)
@@ -452,14 +457,31 @@ def test_int8_linear_a16_leading_dims_and_opcheck():
     torch.library.opcheck(ops.int8_linear_a16, (torch.randn(3, 40), w_q[:, :40].contiguous(), w_scale, torch.randn(10)))
 
 
-@pytest.mark.parametrize("m", [1, 16, 17, 40])
-def test_int8_linear_weights_picks_a16_for_decode_and_weight_only_above(m):
-    torch.manual_seed(m)
-    x = torch.randn(m, 96)
-    w_q, w_scale = ops.quantize_rows_reference(torch.randn(48, 96))
-    expected = torch.empty(m, 48)
-    chosen = _C.int8_linear_a16 if m <= _C.int8_a16_max_rows else _C.int8_linear_wo
-    chosen(x, w_q, w_scale, expected, None)
-    out = torch.empty(m, 48)
-    _C.int8_linear_weights(x, w_q, w_scale, out, None)
-    assert torch.equal(out, expected)
+@pytest.mark.parametrize("M", [17, 40, 101])
+def test_int8_linear_a16_prefill_rows_are_decode_rows(isa, M):
+    """The GEMM (prefill) and the GEMV (decode) give each row the same bits: a row's output does not
+    depend on the rows it is computed with. Holds for the fused-int8 engine's prefill against its
+    decode steps, and for ragged batches."""
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 577, generator=gen) * torch.rand(M, 1, generator=gen) * 4
+    w_q, w_scale = ops.quantize_rows(torch.randn(45, 577, generator=gen))
+    bias = torch.randn(45, generator=gen)
+    out = ops.int8_linear_a16(x, w_q, w_scale, bias)
+    for m in range(M):
+        assert torch.equal(out[m:m + 1], ops.int8_linear_a16(x[m:m + 1], w_q, w_scale, bias)), m
+
+
+@pytest.mark.parametrize("K", [511, 512, 513])
+def test_int8_linear_a16_prefill_at_the_int32_bound(isa, K):
+    """Rows at full scale (every |xq| = 32767) against +-127 weights: up to K = 512 a row's sums fit
+    int32 and take the GEMM kernel with the fused epilogue (the sums reach 2.13e9, just under 2^31);
+    at 513 they take the int64 chunks. Exact either way."""
+    gen = torch.Generator().manual_seed(K)
+    signs = lambda *s: torch.where(torch.rand(s, generator=gen) < 0.5, -1.0, 1.0)  # noqa: E731
+    x = torch.cat([torch.full((12, K), 0.75), signs(12, K)])
+    w_q = torch.cat([torch.full((8, K), 127, dtype=torch.int8), torch.full((8, K), -127, dtype=torch.int8),
+                     (signs(16, K) * 127).to(torch.int8)])
+    w_scale = torch.full((32,), 0.25)
+    out = ops.int8_linear_a16(x, w_q, w_scale)
+    assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale))
+    assert out[0, 0].item() == pytest.approx(K * 127 * 0.75 * 0.25, rel=1e-6)  # the largest sum, not wrapped

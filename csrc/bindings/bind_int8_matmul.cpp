@@ -107,13 +107,9 @@ void bind_int8_matmul(py::module_& m) {
       "w_scale [N], out [M, N], bias None or [N].");
   def_int8_linear<int8_linear_wo>(
       m, "int8_linear_wo", "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
-  def_int8_linear<int8_linear_weights>(
-      m, "int8_linear_weights",
-      "The fused-int8 engine's Linear: int8_linear_a16 for up to 16 rows (decode), int8_linear_wo above.");
-  m.attr("int8_a16_max_rows") = kInt8A16MaxRows;
   def_int8_linear<int8_linear_a16>(
       m, "int8_linear_a16",
-      "W8A16 Linear (for few rows: decode): x rows quantized to int16 (x_scale = max|x_row| / 32767, "
+      "W8A16 Linear, the fused-int8 engine's: x rows quantized to int16 (x_scale = max|x_row| / 32767, "
       "round half to even), out[m, n] = float(exact sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * "
       "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], w_scale [N], out [M, N], "
       "bias None or [N].");

@@ -24,7 +24,7 @@ void check_decoder_linear(const DecoderLinear& w, const std::string& name, int64
 
 void run_decoder_linear(const DecoderLinear& w, const float* x, float* out, int64_t rows) {
   if (w.weight_i8 != nullptr) {
-    int8_linear_weights(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
+    int8_linear_a16(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
   } else {
     linear_f32(x, w.weight_f32, w.bias, out, rows, w.out_features, w.in_features);
   }

@@ -72,6 +72,30 @@ void panel_kernel_scalar(const float* a_pack, const float* b_pack, int64_t K, fl
   for (int m = 0; m < kPanelRows; ++m) std::copy(acc[m], acc[m] + kPanelCols, c + m * ldc);
 }
 
+void i16_panel_kernel_scalar(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, int64_t* c, int64_t ldc) {
+  int64_t acc[kPanelRows][kPanelCols] = {};  // int64 throughout: no chunks needed
+  for (int64_t p = 0; p < pairs; ++p, a_pack += 2 * kPanelRows, b_pack += 2 * kPanelCols) {
+    for (int m = 0; m < kPanelRows; ++m) {
+      for (int n = 0; n < kPanelCols; ++n) {
+        acc[m][n] += int64_t{a_pack[2 * m]} * b_pack[2 * n] + int64_t{a_pack[2 * m + 1]} * b_pack[2 * n + 1];
+      }
+    }
+  }
+  for (int m = 0; m < kPanelRows; ++m) std::copy(acc[m], acc[m] + kPanelCols, c + m * ldc);
+}
+
+void pack_panel_i16_scalar(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int64_t c = 0; c < kPanelCols; ++c) {
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t k = 2 * p + j;
+        panel[(p * kPanelCols + c) * 2 + j] = c < cols && k < K ? w[c * ldw + k] : 0;
+      }
+    }
+  }
+}
+
 namespace {
 
 // The scalar packing loop of pack_panel_{i8,f32}_scalar; element(c, k) is weight row c at k.
@@ -147,75 +171,196 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
 }
 
 // Two consecutive packed tiles through a one-tile kernel, as panel_kernel_pair_avx512 does in one pass.
-template <cpu::PanelKernelFn kernel>
-void panel_kernel_pair(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {
-  kernel(a_pack, b_pack, K, c, ldc);
-  kernel(a_pack + cpu::kPanelRows * K, b_pack, K, c + cpu::kPanelRows * ldc, ldc);
+// A tile is kPanelRows * depth * slot elements (slot: values per row and depth step).
+template <class A, class B, class Acc, void (*kernel)(const A*, const B*, int64_t, Acc*, int64_t), int64_t slot>
+void panel_kernel_pair(const A* a_pack, const B* b_pack, int64_t depth, Acc* c, int64_t ldc) {
+  kernel(a_pack, b_pack, depth, c, ldc);
+  kernel(a_pack + slot * cpu::kPanelRows * depth, b_pack, depth, c + cpu::kPanelRows * ldc, ldc);
 }
+
+// Epilogue of the integer Linears: out[m, n] = float(acc[m, n]) * (x_scale[m] * w_scale[n]) (+ bias[n]).
+// The same fp32 operations, in the same order, as the torch references (this file has no FMA).
+template <class Acc>
+void scale_tile(const Acc* acc, int64_t lda, int64_t tm, int64_t tn, const float* x_scale, const float* w_scale,
+                const float* bias, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < tm; ++m) {
+    float* o = out + m * ldo;
+    const Acc* c = acc + m * lda;
+    const float sx = x_scale[m];
+    if (bias != nullptr) {
+      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]) + bias[n];
+    } else {
+      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]);
+    }
+  }
+}
+
+// The two element types of the prefill GEMM below. Each says how to pack a tile of activations and
+// how to multiply one or two packed tiles by a packed weight panel into the output.
+//
+// fp32 (linear_f32, int8_linear_wo): activations as they are, fp32 sums.
+struct F32Panels {
+  using Elem = float;
+  static constexpr int64_t kSlot = 1;  // one k per depth step
+  const float* x;
+  const float* bias;
+  int64_t K;
+  cpu::PanelKernelFn kernel, pair_kernel;
+
+  F32Panels(const float* x_, const float* bias_, int64_t K_) : x(x_), bias(bias_), K(K_) {
+    kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
+    pair_kernel = active_isa() >= Isa::Avx512 ? cpu::panel_kernel_pair_avx512
+                  : active_isa() >= Isa::Avx2 ? panel_kernel_pair<float, float, float, cpu::panel_kernel_avx2, 1>
+                                              : panel_kernel_pair<float, float, float, cpu::panel_kernel_scalar, 1>;
+  }
+  int64_t depth() const { return K; }
+  // dst[k * kPanelRows + r] = x[m + r, k] for the tile's first `rows` rows, zeros below.
+  void pack_tile(int64_t m, int64_t rows, float* dst) const {
+    for (int64_t r = 0; r < cpu::kPanelRows; ++r) {
+      for (int64_t k = 0; k < K; ++k) dst[k * cpu::kPanelRows + r] = r < rows ? x[(m + r) * K + k] : 0.0f;
+    }
+  }
+  // out rows m .. m + tm, columns n0 .. n0 + cols, from `tiles` (1 or 2) packed tiles at a.
+  void run(const float* a, const float* panel, int tiles, int64_t m, int64_t tm, int64_t n0, int64_t cols,
+           float* out, int64_t ldo) const {
+    (void)m;
+    constexpr int64_t C = cpu::kPanelCols;
+    // A whole tile's sums go straight into out; a partial one's through a scratch tile, so that
+    // nothing outside out is written.
+    alignas(64) float tile[2 * cpu::kPanelRows * C];
+    const bool whole = tm == tiles * cpu::kPanelRows && cols == C;
+    float* sums = whole ? out : tile;
+    const int64_t lds = whole ? ldo : C;
+    (tiles == 2 ? pair_kernel : kernel)(a, panel, K, sums, lds);
+    for (int64_t r = 0; r < tm; ++r) {
+      float* o = out + r * ldo;
+      if (!whole) std::copy(sums + r * lds, sums + r * lds + cols, o);
+      if (bias != nullptr) {
+        for (int64_t n = 0; n < cols; ++n) o[n] += bias[n0 + n];
+      }
+    }
+  }
+};
+
+// W8A16 (int8_linear_a16): each token quantized to int16 as it is packed, k in pairs, exact sums,
+// scaled by token and weight row as the small-M path does: prefill and decode give the same bits
+// for the same row. A tile whose sums cannot overflow int32 (nearly all: the bound is checked per
+// row when it is packed) takes the AVX2 kernel with the epilogue fused; others sum in int64.
+struct I16Panels {
+  using Elem = int16_t;
+  static constexpr int64_t kSlot = 2;  // a pair of k per depth step
+  const float* x;
+  const float* w_scale;
+  const float* bias;
+  float* x_scale;       // [tiles * kPanelRows], written by pack_tile (zeros on padding rows)
+  uint8_t* tile_fits;   // [tiles]: does the tile's every sum fit int32? written by pack_tile
+  int64_t K;
+  bool avx2;
+  void (*quantize_row)(const float*, int16_t*, float*, int64_t);
+
+  I16Panels(const float* x_, const float* w_scale_, const float* bias_, float* x_scale_, uint8_t* tile_fits_, int64_t K_)
+      : x(x_), w_scale(w_scale_), bias(bias_), x_scale(x_scale_), tile_fits(tile_fits_), K(K_) {
+    avx2 = active_isa() >= Isa::Avx2;
+    quantize_row = avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
+  }
+  int64_t depth() const { return (K + 1) / 2; }
+  // dst[(p * kPanelRows + r) * 2 + j] = xq[m + r, 2p + j], zeros below `rows` and past K.
+  void pack_tile(int64_t m, int64_t rows, int16_t* dst) const {
+    thread_local std::vector<int16_t> row;
+    row.assign(2 * depth(), 0);
+    bool fits = true;
+    for (int64_t r = 0; r < cpu::kPanelRows; ++r) {
+      if (r < rows) {
+        quantize_row(x + (m + r) * K, row.data(), x_scale + m + r, K);
+        int64_t l1 = 0;
+        for (int64_t k = 0; k < K; ++k) l1 += row[k] < 0 ? -row[k] : row[k];
+        // Every partial sum of a row is at most sum_k |xq[k]| * |w[k]| <= 128 * l1.
+        fits = fits && 128 * l1 <= INT32_MAX;
+      } else {
+        std::fill(row.begin(), row.end(), int16_t{0});
+        x_scale[m + r] = 0.0f;
+      }
+      for (int64_t p = 0; p < depth(); ++p) {
+        dst[(p * cpu::kPanelRows + r) * 2] = row[2 * p];
+        dst[(p * cpu::kPanelRows + r) * 2 + 1] = row[2 * p + 1];
+      }
+    }
+    tile_fits[m / cpu::kPanelRows] = fits;
+  }
+  void run(const int16_t* a, const int16_t* panel, int tiles, int64_t m, int64_t tm, int64_t n0, int64_t cols,
+           float* out, int64_t ldo) const {
+    constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
+    const int64_t tile_elems = R * depth() * kSlot;
+    for (int t = 0; t < tiles; ++t) {
+      const int64_t mt = m + t * R, rows = std::min(R, tm - t * R);
+      if (rows <= 0) break;
+      float* o = out + t * R * ldo;
+      if (avx2 && tile_fits[mt / R]) {
+        // Whole panels read their scales and bias in place; a partial one through zero-padded copies.
+        alignas(32) float scale_pad[C] = {}, bias_pad[C] = {}, tile[R * C];
+        const float* ws = w_scale + n0;
+        const float* b = bias != nullptr ? bias + n0 : nullptr;
+        if (cols < C) {
+          std::copy(ws, ws + cols, scale_pad);
+          ws = scale_pad;
+          if (b != nullptr) std::copy(b, b + cols, bias_pad), b = bias_pad;
+        }
+        const bool whole = rows == R && cols == C;
+        cpu::i16_panel_kernel_scaled_avx2(a + t * tile_elems, panel, depth(), x_scale + mt, ws, b,
+                                          whole ? o : tile, whole ? ldo : C);
+        if (!whole) {
+          for (int64_t r = 0; r < rows; ++r) std::copy(tile + r * C, tile + r * C + cols, o + r * ldo);
+        }
+      } else {
+        int64_t sums[R * C];
+        (avx2 ? cpu::i16_panel_kernel_avx2 : cpu::i16_panel_kernel_scalar)(a + t * tile_elems, panel, depth(), sums, C);
+        scale_tile(sums, C, rows, cols, x_scale + mt, w_scale + n0, bias ? bias + n0 : nullptr, o, ldo);
+      }
+    }
+  }
+};
 
 // Rows of packed activations kept per pass over the weight panels: up to ~2 MB of them, so a long
 // prompt's block stays in the last-level cache while every panel streams past it.
 constexpr int64_t kPanelActivationBytes = 2 << 20;
 
-// Prefill (M > kSmallM) Linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W given by
-// pack_panel(n0, cols, panel), which writes W[n0 .. n0 + cols) as fp32 [K][kPanelCols] (zeros past
-// cols). The activations are packed once per block into tiles of kPanelRows tokens; each thread
-// then takes weight panels, packs one (for int8: dequantizes it, once per block instead of once per
-// token tile) and runs it against every activation tile of the block.
-template <class PackPanel>
-void panel_gemm(const float* x, const float* bias, float* out, int64_t M, int64_t N, int64_t K,
-                const PackPanel& pack_panel) {
+// Prefill (M > kSmallM) Linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) in the element type
+// of `Panels` (above), with W given by pack_panel(n0, cols, panel), which writes W[n0 .. n0 + cols) in
+// the micro-kernel's panel layout (zeros past cols). The activations are packed once per block into
+// tiles of kPanelRows tokens; each thread then takes weight panels, packs one (for int8: converts it,
+// once per block instead of once per token tile) and runs it against every activation tile of the block.
+template <class Panels, class PackPanel>
+void panel_gemm(const Panels& panels_of, float* out, int64_t M, int64_t N, const PackPanel& pack_panel) {
+  using Elem = typename Panels::Elem;
   constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
-  const cpu::PanelKernelFn kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
-  const cpu::PanelKernelFn pair_kernel = active_isa() >= Isa::Avx512 ? cpu::panel_kernel_pair_avx512
-                                         : active_isa() >= Isa::Avx2 ? panel_kernel_pair<cpu::panel_kernel_avx2>
-                                                                     : panel_kernel_pair<cpu::panel_kernel_scalar>;
-  const int64_t tiles_per_block = std::max<int64_t>(1, kPanelActivationBytes / (R * K * 4));
+  const int64_t tile_elems = R * panels_of.depth() * Panels::kSlot;
+  const int64_t panel_elems = C * panels_of.depth() * Panels::kSlot;
+  const int64_t tiles_per_block = std::max<int64_t>(1, kPanelActivationBytes / (tile_elems * int64_t{sizeof(Elem)}));
   const int64_t panels = ceil_div(N, C);
-  thread_local std::vector<float> a_pack;  // the calling thread's; shared by the workers below
+  thread_local std::vector<Elem> a_pack;  // the calling thread's; shared by the workers below
   for (int64_t m_block = 0; m_block < M; m_block += tiles_per_block * R) {
     const int64_t rows = std::min(M - m_block, tiles_per_block * R), tiles = ceil_div(rows, R);
-    a_pack.resize(tiles * R * K);
-    float* ap = a_pack.data();
+    a_pack.resize(tiles * tile_elems);
+    Elem* ap = a_pack.data();
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tiles; ++t) {
-        float* dst = ap + t * R * K;
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t m = m_block + t * R + r;
-          if (m < M) {
-            for (int64_t k = 0; k < K; ++k) dst[k * R + r] = x[m * K + k];
-          } else {
-            for (int64_t k = 0; k < K; ++k) dst[k * R + r] = 0.0f;
-          }
-        }
+        const int64_t m = m_block + t * R;
+        panels_of.pack_tile(m, std::min(R, M - m), ap + t * tile_elems);
       }  // implicit barrier: the packed block is complete before any panel uses it
-      thread_local std::vector<float> panel_storage;  // per worker; 64-byte aligned below
-      panel_storage.resize(K * C + 16);
-      float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t{63});
-      alignas(64) float tile[2 * R * C];
+      thread_local std::vector<Elem> panel_storage;  // per worker; 64-byte aligned below
+      panel_storage.resize(panel_elems + 64 / sizeof(Elem));
+      Elem* panel = reinterpret_cast<Elem*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t{63});
 #pragma omp for schedule(dynamic, 1)
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t n0 = p * C, cols = std::min(C, N - n0);
         pack_panel(n0, cols, panel);
         // Tiles two at a time (the last one alone when their number is odd).
         for (int64_t t = 0; t < tiles; t += 2) {
-          const bool pair = t + 1 < tiles;
-          const int64_t rows = pair ? 2 * R : R;
-          const int64_t m0 = m_block + t * R, tm = std::min(rows, M - m0);
-          const cpu::PanelKernelFn run = pair ? pair_kernel : kernel;
-          float* o = out + m0 * N + n0;
-          if (tm == rows && cols == C) {
-            run(ap + t * R * K, panel, K, o, N);
-          } else {  // a partial tile: through a scratch tile, so nothing outside out is written
-            run(ap + t * R * K, panel, K, tile, C);
-            for (int64_t r = 0; r < tm; ++r) std::copy(tile + r * C, tile + r * C + cols, o + r * N);
-          }
-          if (bias != nullptr) {
-            for (int64_t r = 0; r < tm; ++r)
-              for (int64_t n = 0; n < cols; ++n) o[r * N + n] += bias[n0 + n];
-          }
+          const int pair_tiles = t + 1 < tiles ? 2 : 1;
+          const int64_t m0 = m_block + t * R, tm = std::min(pair_tiles * R, M - m0);
+          panels_of.run(ap + t * tile_elems, panel, pair_tiles, m0, tm, n0, cols, out + m0 * N + n0, N);
         }
       }
     }
@@ -230,23 +375,6 @@ cpu::I8DotBlockFn i8_block() {
   }
 }
 
-// Epilogue of the integer Linears: out[m, n] = float(acc[m, n]) * (x_scale[m] * w_scale[n]) (+ bias[n]).
-// The same fp32 operations, in the same order, as the torch references (this file has no FMA).
-template <class Acc>
-void scale_tile(const Acc* acc, int64_t tm, int64_t tn, const float* x_scale, const float* w_scale,
-                const float* bias, float* out, int64_t ldo) {
-  for (int64_t m = 0; m < tm; ++m) {
-    float* o = out + m * ldo;
-    const Acc* c = acc + m * tn;
-    const float sx = x_scale[m];
-    if (bias != nullptr) {
-      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]) + bias[n];
-    } else {
-      for (int64_t n = 0; n < tn; ++n) o[n] = static_cast<float>(c[n]) * (sx * w_scale[n]);
-    }
-  }
-}
-
 // The integer Linears after activation quantization: per tile, exact sums of the quantized rows xq
 // (scales xs) against w_q in Acc, then the scale_tile epilogue.
 template <class Acc, class XQ, class BlockFn>
@@ -257,7 +385,7 @@ void integer_linear_tiles(BlockFn block, const XQ* xq, const float* xs, const in
     const int64_t tm = m1 - m0, tn = n1 - n0;
     acc.resize(tm * tn);
     block(xq + m0 * K, K, w_q + n0 * K, K, acc.data(), tn, tm, tn, K);
-    scale_tile(acc.data(), tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
+    scale_tile(acc.data(), tn, tm, tn, xs + m0, w_scale + n0, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
   });
 }
 
@@ -285,7 +413,7 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
                     int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
     const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_i8_avx2 : cpu::pack_panel_i8_scalar;
-    panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
+    panel_gemm(F32Panels(x, bias, K), out, M, N, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w_q + n0 * K, K, w_scale + n0, cols, K, panel);  // dequantized once per panel
     });
     return;
@@ -306,10 +434,22 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                      int64_t M, int64_t N, int64_t K) {
-  thread_local std::vector<int16_t> x_q;  // reused: decode calls this hundreds of times per token
-  thread_local std::vector<float> x_scale;
-  x_q.resize(M * K);
+  thread_local std::vector<float> x_scale;  // reused: decode calls this hundreds of times per token
+  if (M > kSmallM) {  // prefill: tokens are quantized as they are packed
+    thread_local std::vector<uint8_t> tile_fits;
+    const int64_t tiles = ceil_div(M, cpu::kPanelRows);
+    x_scale.resize(tiles * cpu::kPanelRows);
+    tile_fits.resize(tiles);
+    const I16Panels panels_of(x, w_scale, bias, x_scale.data(), tile_fits.data(), K);
+    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_i16_avx2 : cpu::pack_panel_i16_scalar;
+    panel_gemm(panels_of, out, M, N, [&](int64_t n0, int64_t cols, int16_t* panel) {
+      pack(w_q + n0 * K, K, cols, K, panel);  // widened once per panel
+    });
+    return;
+  }
   x_scale.resize(M);
+  thread_local std::vector<int16_t> x_q;
+  x_q.resize(M * K);
   const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
   const auto block = active_isa() >= Isa::Avx2 ? cpu::i16i8_dot_block_avx2 : cpu::i16i8_dot_block_scalar;
@@ -319,7 +459,7 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
     const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_f32_avx2 : cpu::pack_panel_f32_scalar;
-    panel_gemm(x, bias, out, M, N, K, [&](int64_t n0, int64_t cols, float* panel) {
+    panel_gemm(F32Panels(x, bias, K), out, M, N, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w + n0 * K, K, cols, K, panel);
     });
     return;
@@ -333,15 +473,6 @@ void linear_f32(const float* x, const float* w, const float* bias, float* out, i
       }
     }
   });
-}
-
-void int8_linear_weights(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
-                         int64_t M, int64_t N, int64_t K) {
-  if (M <= kInt8A16MaxRows) {
-    int8_linear_a16(x, w_q, w_scale, bias, out, M, N, K);
-  } else {
-    int8_linear_wo(x, w_q, w_scale, bias, out, M, N, K);
-  }
 }
 
 }  // namespace pyengine

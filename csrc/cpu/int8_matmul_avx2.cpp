@@ -391,6 +391,117 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
 
 namespace {
 
+// The pair (a[0], a[1]) as one int32 in every lane: vpbroadcastd from memory.
+PE_INLINE __m256i broadcast_pair(const int16_t* a) {
+  int32_t pair;
+  std::memcpy(&pair, a, sizeof(pair));
+  return _mm256_set1_epi32(pair);
+}
+
+// c[0 .. 8) += the eight int32 lanes of v, widened to int64.
+PE_INLINE void add_to_i64(int64_t* c, __m256i v) {
+  __m256i* lo = reinterpret_cast<__m256i*>(c);
+  __m256i* hi = reinterpret_cast<__m256i*>(c + 4);
+  _mm256_storeu_si256(lo, _mm256_add_epi64(_mm256_loadu_si256(lo), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v))));
+  _mm256_storeu_si256(hi, _mm256_add_epi64(_mm256_loadu_si256(hi), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
+}
+
+// The 6 x 16 tile's pair sums over `pairs` pairs, in int32 (the caller keeps them from overflowing),
+// handed to sink as rows[m][half] (columns 8 * half .. 8 * half + 7).
+template <class Sink>
+PE_INLINE void i16_panel_sums(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, const Sink& sink) {
+  static_assert(kPanelRows == 6 && kPanelCols == 16, "6 x 16 tile: two ymm of weight pairs per pair of k");
+  // 12 int32 accumulators + 2 weight vectors + 1 broadcast + 1 product: all 16 ymm registers.
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < pairs; ++p, a_pack += 2 * kPanelRows, b_pack += 2 * kPanelCols) {
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b_pack));
+    const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b_pack + 16));
+    __m256i a = broadcast_pair(a_pack + 0);
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0)), c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1));
+    a = broadcast_pair(a_pack + 2);
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0)), c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1));
+    a = broadcast_pair(a_pack + 4);
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0)), c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1));
+    a = broadcast_pair(a_pack + 6);
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0)), c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1));
+    a = broadcast_pair(a_pack + 8);
+    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, b0)), c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, b1));
+    a = broadcast_pair(a_pack + 10);
+    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, b0)), c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, b1));
+  }
+  const __m256i rows[kPanelRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  sink(rows);
+}
+
+// One chunk of i16_panel_kernel_avx2: c (6 x 16 int64) += the chunk's sums. Its own function so that
+// the accumulators live only here: inlined into the chunk loop, GCC spilled one of them every pair.
+__attribute__((noinline)) void i16_panel_chunk(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs,
+                                               int64_t* c, int64_t ldc) {
+  i16_panel_sums(a_pack, b_pack, pairs, [&](const __m256i (&rows)[kPanelRows][2]) {
+    for (int m = 0; m < kPanelRows; ++m) {
+      add_to_i64(c + m * ldc, rows[m][0]);
+      add_to_i64(c + m * ldc + 8, rows[m][1]);
+    }
+  });
+}
+
+}  // namespace
+
+void i16_panel_kernel_scaled_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, const float* row_scale,
+                                  const float* col_scale, const float* bias, float* out, int64_t ldo) {
+  i16_panel_sums(a_pack, b_pack, pairs, [&](const __m256i (&rows)[kPanelRows][2]) {
+    for (int m = 0; m < kPanelRows; ++m) {
+      const __m256 sx = _mm256_set1_ps(row_scale[m]);
+      for (int half = 0; half < 2; ++half) {
+        // float(sum) * (sx * w_scale): the scalar epilogue's operations in its order (the int32 sum
+        // is exact, so its conversion rounds as the int64 one does).
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(rows[m][half]), _mm256_mul_ps(sx, _mm256_loadu_ps(col_scale + 8 * half)));
+        if (bias != nullptr) {
+          __asm__("" : "+x"(v));  // keeps GCC from fusing the multiply and the add into an FMA
+          v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * half));
+        }
+        _mm256_storeu_ps(out + m * ldo + 8 * half, v);
+      }
+    }
+  });
+}
+
+void i16_panel_kernel_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, int64_t* c, int64_t ldc) {
+  for (int m = 0; m < kPanelRows; ++m) std::fill(c + m * ldc, c + m * ldc + kPanelCols, int64_t{0});
+  for (int64_t p0 = 0; p0 < pairs; p0 += kI16PanelChunkPairs) {
+    const int64_t chunk = std::min(kI16PanelChunkPairs, pairs - p0);
+    i16_panel_chunk(a_pack + p0 * 2 * kPanelRows, b_pack + p0 * 2 * kPanelCols, chunk, c, ldc);
+  }
+}
+
+void pack_panel_i16_avx2(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel) {
+  static_assert(kPanelCols == 16, "two 8 x 8 blocks of pairs per 16 values of k");
+  // Each row's 16 k widened to int16 are 8 int32-sized pairs: transposing 8 rows x 8 pairs as
+  // floats (only moves, no arithmetic) gives 8 pairs x 8 rows, the panel's layout.
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 block[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t c = half * 8 + i;
+        block[i] = c < cols ? _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * ldw + k))))
+                            : _mm256_setzero_ps();
+      }
+      avx2::transpose8x8(block);
+      for (int i = 0; i < 8; ++i) {
+        _mm256_storeu_ps(reinterpret_cast<float*>(panel + (k / 2 + i) * 2 * kPanelCols + half * 16), block[i]);
+      }
+    }
+  }
+  // The last K % 16 values of k (and the odd K's zero pad): the scalar packing of that slice.
+  if (k < K) pack_panel_i16_scalar(w + k, ldw, cols, K - k, panel + k * kPanelCols);
+}
+
+namespace {
+
 // The packing loop of pack_panel_{i8,f32}_avx2: load8(c, k) is weight row c at k .. k + 7 as fp32,
 // element(c, k) one value (the K % 8 tail).
 template <class Load8, class Element>

@@ -60,6 +60,32 @@ void pack_panel_i8_avx2(const int8_t* w, int64_t ldw, const float* row_scale, in
 void pack_panel_f32_scalar(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
 void pack_panel_f32_avx2(const float* w, int64_t ldw, int64_t cols, int64_t K, float* panel);
 
+// The W8A16 prefill micro-kernel: the same outer-product tile as panel_kernel, on integers. Depth
+// goes in pairs of k, because AVX2's vpmaddwd multiplies int16 pairs and adds each pair into one
+// int32 lane (twice the multiply-adds per instruction of an fp32 FMA):
+//   a_pack: int16 [pairs][kPanelRows][2], token m's x[2p], x[2p + 1] (int16 activations);
+//   b_pack: int16 [pairs][kPanelCols][2], weight row n's w[2p], w[2p + 1] (int8 weights, widened);
+//   c[m * ldc + n] = sum_p a_pack[p][m][0] * b_pack[p][n][0] + a_pack[p][m][1] * b_pack[p][n][1]
+// exact, in int64. An odd K is padded with a zero k. The int32 lanes are added into c every
+// kI16PanelChunkPairs pairs, before they can overflow: 256 * 2 * 32767 * 128 < 2^31.
+constexpr int64_t kI16PanelChunkPairs = 256;
+using I16PanelKernelFn = void (*)(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, int64_t* c,
+                                  int64_t ldc);
+void i16_panel_kernel_scalar(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, int64_t* c, int64_t ldc);
+void i16_panel_kernel_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, int64_t* c, int64_t ldc);
+// The same sums with int8_linear_a16's epilogue fused:
+//   out[m * ldo + n] = float(sum[m][n]) * (row_scale[m] * col_scale[n])  (+ bias[n] where bias is given)
+// with the sums kept in int32 lanes throughout, so only for tiles whose sums cannot overflow int32:
+// 128 * sum_k |a[m][k]| < 2^31 for every row m (the caller checks; see i16_row_fits_int32).
+// row_scale: kPanelRows values; col_scale and bias: kPanelCols.
+void i16_panel_kernel_scaled_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, const float* row_scale,
+                                  const float* col_scale, const float* bias, float* out, int64_t ldo);
+
+// Weight packing for the W8A16 micro-kernel: int8 rows w[0 .. cols) into b_pack's layout above
+// (zeros for c >= cols and for the odd K's last k). The AVX2 version gives bitwise the scalar result.
+void pack_panel_i16_scalar(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel);
+void pack_panel_i16_avx2(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel);
+
 // One row of quantize_rows.
 void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols);
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols);

@@ -36,7 +36,7 @@ std::vector<int32_t> reference_i32(const std::vector<int8_t>& a, const std::vect
 void check_panel_packing() {
   constexpr int64_t C = cpu::kPanelCols;
   for (int64_t cols : {1, 5, 8, 9, 16}) {
-    for (int64_t K : {1, 7, 8, 33, 576}) {
+    for (int64_t K : {1, 7, 8, 15, 16, 17, 33, 576}) {
       const int64_t ldw = K + 3;
       const auto w8 = random_i8(cols * ldw, 5, false);
       const auto wf = testing::random_floats(cols * ldw, 6);
@@ -50,11 +50,25 @@ void check_panel_packing() {
           PE_CHECK(f32_ref[k * C + c] == (c < cols ? wf[c * ldw + k] : 0.0f));
         }
       }
+      // The W8A16 panel: pairs of k, [pair][c][2], an odd K's last k padded with zero.
+      const int64_t pairs = (K + 1) / 2;
+      std::vector<int16_t> i16_ref(pairs * C * 2, -1);
+      cpu::pack_panel_i16_scalar(w8.data(), ldw, cols, K, i16_ref.data());
+      for (int64_t p = 0; p < pairs; ++p) {
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t k = 2 * p + j;
+            PE_CHECK(i16_ref[(p * C + c) * 2 + j] == (c < cols && k < K ? w8[c * ldw + k] : 0));
+          }
+        }
+      }
       if (detected_isa() < Isa::Avx2) continue;
       std::vector<float> i8_avx2(K * C, -1.0f), f32_avx2(K * C, -1.0f);
+      std::vector<int16_t> i16_avx2(pairs * C * 2, -1);
       cpu::pack_panel_i8_avx2(w8.data(), ldw, scale.data(), cols, K, i8_avx2.data());
       cpu::pack_panel_f32_avx2(wf.data(), ldw, cols, K, f32_avx2.data());
-      PE_CHECK(i8_avx2 == i8_ref && f32_avx2 == f32_ref);
+      cpu::pack_panel_i16_avx2(w8.data(), ldw, cols, K, i16_avx2.data());
+      PE_CHECK(i8_avx2 == i8_ref && f32_avx2 == f32_ref && i16_avx2 == i16_ref);
     }
   }
 }
@@ -67,7 +81,9 @@ int main() {
   // empty or one row shorter); the vectors are sized exactly, so the sanitizer build sees any stray row.
   const int64_t shapes[][3] = {{1, 1, 1},  {1, 2, 17},  {1, 3, 40},   {1, 4, 576},  {1, 5, 33},   {1, 6, 65},
                                {1, 7, 33}, {1, 9, 100}, {3, 5, 2049}, {7, 1, 1000}, {7, 33, 576}, {64, 70, 65},
-                               {20, 9, 1536}};
+                               {20, 9, 1536}, {30, 17, 4100}};
+  // Above 16 rows int8_linear_a16 is the int16-pair GEMM: {64, 70, 65} takes its fused-epilogue
+  // kernel, {30, 17, 4100} (random rows at that length could overflow int32) its int64 chunks.
   for (const auto& s : shapes) {
     const int64_t M = s[0], N = s[1], K = s[2];
     for (bool extreme : {false, true}) {

@@ -9,7 +9,7 @@ namespace pyengine {
 
 // out = x @ W^T + bias for W [out_features, in_features]: either fp32 (weight_f32, linear_f32) or
 // int8 (weight_i8 + one fp32 scale per output row, the layout of pyengine.quant.Int8Linear, run by
-// int8_linear_weights). Exactly one of weight_f32 / weight_i8 is set; bias may be null.
+// int8_linear_a16). Exactly one of weight_f32 / weight_i8 is set; bias may be null.
 struct DecoderLinear {
   const float* weight_f32 = nullptr;
   const int8_t* weight_i8 = nullptr;

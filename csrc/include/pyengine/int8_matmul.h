@@ -24,23 +24,17 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K);
 
-// W8A16 Linear for small M (decode): each x row is quantized to int16,
+// W8A16 Linear, the one the fused-int8 engine uses: each x row is quantized to int16,
 //   x_scale[m] = max_k |x[m, k]| / 32767,  xq[m, k] = clamp(round_half_even(x[m, k] / x_scale[m]), +-32767)
 // (an all-zero row gets scale 0 and zeros), then
 //   out[m, n] = float(sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n].
-// The integer dot product is exact (int32 per block of 2048 k, blocks summed in int64), converted to
-// fp32 once: bitwise equal to an int64 reference.
-// Cheaper per weight than int8_linear_wo on AVX2 (no int->float convert of the weights) and, with
-// 16-bit activations, far closer to fp32 than W8A8. Shapes as int8_linear.
+// The integer dot product is exact, converted to fp32 once: bitwise equal to an int64 reference, so
+// an output row does not depend on which other rows share the call (prefill and decode agree).
+// Up to 16 rows a GEMV streams the int8 weights once (decode); above, the packed-panel GEMM on int16
+// pairs (prefill), ~1.3x the fp32 FMA GEMM's rate on AVX2. With 16-bit activations it stays far
+// closer to fp32 than W8A8. Shapes as int8_linear.
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                      int64_t M, int64_t N, int64_t K);
-
-// The int8-weight Linear the fused-int8 engine uses: W8A16 (int8_linear_a16) for up to
-// kInt8A16MaxRows rows (decode), weight-only (int8_linear_wo) above (prefill). One place owns the
-// cutoff, so the C++ decode step and the Python path give the same bits for the same batch.
-constexpr int64_t kInt8A16MaxRows = 16;
-void int8_linear_weights(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
-                         int64_t M, int64_t N, int64_t K);
 
 // fp32 Linear: out = x @ w^T + bias. x: [M, K], w: [N, K], bias: [N] or null, out: [M, N].
 // Up to 16 rows a streaming GEMV; above, the packed-panel GEMM (6 tokens x 16 features per tile).
