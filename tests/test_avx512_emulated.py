@@ -3,8 +3,9 @@
 The native tests run the AVX-512 paths only where the CPU has AVX-512; the machines this project is
 developed on mostly do not. Here the same sources are compiled with CMakeLists.txt's AVX-512 flags and
 run under Bochs: the int8 VNNI block against an exact integer reference, with guard pages that fault on
-any read past a row's K bytes; the prefill panel kernel against the AVX2 one (bitwise) and a float64
-reference; and the cpuid / xgetbv detection that decides when they run."""
+any read past a row's K bytes; the fp32 prefill panel kernel against the AVX2 one (bitwise) and a float64
+reference; the W8A16 (int16-pair) prefill kernel against the AVX2 one and an exact reference, both
+bitwise; and the cpuid / xgetbv detection that decides when they run."""
 import faulthandler
 import platform
 import sys
@@ -46,6 +47,25 @@ extern "C" void pe_entry(int64_t avx512, const float* a_pack, const float* b_pac
 }
 """
 
+I16_PANEL_ENTRY = """
+#include "cpu/int8_matmul_isa.h"
+using namespace pyengine::cpu;
+// mode bit 0: the AVX-512 pair kernel (else the AVX2 kernel once per tile); bit 1: with bias.
+// scales: row_scale [12], col_scale [16], bias [16].
+extern "C" void pe_entry(int64_t mode, const int16_t* a_pack, const int16_t* b_pack, int64_t pairs,
+                         const float* scales, float* out, int64_t ldo) {
+  const float* col_scale = scales + 2 * kPanelRows;
+  const float* bias = (mode & 2) ? col_scale + kPanelCols : nullptr;
+  if (mode & 1) {
+    i16_panel_kernel_scaled_pair_avx512(a_pack, b_pack, pairs, scales, col_scale, bias, out, ldo);
+  } else {
+    i16_panel_kernel_scaled_avx2(a_pack, b_pack, pairs, scales, col_scale, bias, out, ldo);
+    i16_panel_kernel_scaled_avx2(a_pack + 2 * kPanelRows * pairs, b_pack, pairs, scales + kPanelRows, col_scale,
+                                 bias, out + kPanelRows * ldo, ldo);
+  }
+}
+"""
+
 DETECT_ENTRY = """
 #include "cpu/isa_detect.h"
 extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpuid()); }
@@ -64,6 +84,8 @@ EMULATION_DEADLINE_S = 600  # the whole module takes ~10 s
 PROGRAMS = {
     "i8_block": (I8_BLOCK_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS")]),
     "panel": (PANEL_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"), ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
+    "i16_panel": (I16_PANEL_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"),
+                                    ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
     "detect": (DETECT_ENTRY, [("isa_detect.cpp", None)]),
 }
 
@@ -230,3 +252,74 @@ def test_panel_pair_kernel_matches_avx2_bitwise(machine, K, ldc_pad):
     for m in range(2 * PANEL_ROWS):
         written[m * ldc:m * ldc + PANEL_COLS] = True
     assert np.isnan(buffer512[~written]).all()  # nothing written between the rows
+
+
+# ---- i16_panel_kernel_scaled_pair_avx512: the W8A16 prefill GEMM micro-kernel -----------------
+
+
+def run_i16_panel(machine, entry, avx512, a_pack, b_pack, scales, with_bias, ldc):
+    """a_pack: [2, pairs, 6, 2] int16 (two packed tiles), b_pack: [pairs, 16, 2] int16, scales: fp32
+    row_scale [12] + col_scale [16] + bias [16]. Operands end where their regions end (b 64-byte
+    aligned, as panel_gemm aligns it). Returns out [12, 16] and the whole out buffer."""
+    pairs = b_pack.shape[0]
+    a_addr = A_REGION + REGION_BYTES - a_pack.nbytes
+    b_addr = B_REGION + REGION_BYTES - b_pack.nbytes
+    s_addr = A_REGION  # the scales at the start of a's region, far below a_pack
+    assert b_addr % 64 == 0 and s_addr + scales.nbytes <= a_addr
+    c_words = (2 * PANEL_ROWS - 1) * ldc + PANEL_COLS
+    c_addr = C_REGION + REGION_BYTES - 4 * c_words
+    machine.write(a_addr, a_pack.tobytes())
+    machine.write(b_addr, b_pack.tobytes())
+    machine.write(s_addr, scales.tobytes())
+    machine.write(c_addr, np.full(c_words, np.nan, np.float32).tobytes())
+    machine.call(entry, int(avx512) | (2 if with_bias else 0), a_addr, b_addr, pairs, s_addr, c_addr, ldc)
+    c_buffer = np.frombuffer(machine.read(c_addr, 4 * c_words), np.float32)
+    return np.stack([c_buffer[m * ldc:m * ldc + PANEL_COLS] for m in range(2 * PANEL_ROWS)]), c_buffer
+
+
+def i16_panel_reference(a_pack, b_pack, scales, with_bias):
+    """Exact integer sums, then the epilogue in float32 (IEEE rounding, as the kernels round)."""
+    tokens = a_pack.transpose(0, 2, 1, 3).reshape(2 * PANEL_ROWS, -1).astype(np.int64)  # [12, 2 * pairs]
+    weights = b_pack.transpose(1, 0, 2).reshape(PANEL_COLS, -1).astype(np.int64)  # [16, 2 * pairs]
+    sums = tokens @ weights.T
+    assert np.abs(sums).max() < 2**31  # the kernels' precondition
+    row_scale, col_scale, bias = scales[:12], scales[12:28], scales[28:44]
+    out = sums.astype(np.float32) * (row_scale[:, None] * col_scale[None, :])
+    return out + bias[None, :] if with_bias else out
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 7, 64, 288, 768])
+@pytest.mark.parametrize("with_bias, ldc_pad", [(False, 0), (True, 5)])
+def test_i16_panel_pair_kernel_matches_avx2_and_exact_reference(machine, pairs, with_bias, ldc_pad):
+    m, entries = machine
+    rng = np.random.default_rng(pairs * 10 + ldc_pad)
+    # Activations at up to a tenth of full scale, so that even 768 pairs (K = 1536) stay inside int32.
+    a_pack = rng.integers(-3276, 3277, (2, pairs, PANEL_ROWS, 2), dtype=np.int16)
+    b_pack = rng.integers(-127, 128, (pairs, PANEL_COLS, 2), dtype=np.int16)
+    scales = np.concatenate([rng.random(12) * 1e-3, rng.random(16) * 1e-2, rng.standard_normal(16)]).astype(np.float32)
+    ldc = PANEL_COLS + ldc_pad
+    c512, buffer512 = run_i16_panel(m, entries["i16_panel"], True, a_pack, b_pack, scales, with_bias, ldc)
+    c256, _ = run_i16_panel(m, entries["i16_panel"], False, a_pack, b_pack, scales, with_bias, ldc)
+    np.testing.assert_array_equal(c512, i16_panel_reference(a_pack, b_pack, scales, with_bias))
+    np.testing.assert_array_equal(c512, c256)
+    written = np.zeros(buffer512.size, bool)
+    for row in range(2 * PANEL_ROWS):
+        written[row * ldc:row * ldc + PANEL_COLS] = True
+    assert np.isnan(buffer512[~written]).all()  # nothing written between the rows
+
+
+def test_i16_panel_pair_kernel_exact_at_the_int32_edge(machine):
+    # 256 pairs (K = 512) of full-scale products: sums of +-512 * 32767 * 127 (2.13e9), the largest
+    # the caller's int32 bound lets through, come out exact (and their float conversion rounds as the
+    # reference's does).
+    m, entries = machine
+    pairs = 256
+    a_pack = np.full((2, pairs, PANEL_ROWS, 2), 32767, np.int16)
+    a_pack[1] = -32767
+    b_pack = np.full((pairs, PANEL_COLS, 2), 127, np.int16)
+    b_pack[:, 1::2] = -127
+    scales = np.ones(44, np.float32)
+    c512, _ = run_i16_panel(m, entries["i16_panel"], True, a_pack, b_pack, scales, False, PANEL_COLS)
+    expected = i16_panel_reference(a_pack, b_pack, scales, False)
+    assert abs(expected).max() == np.float32(512 * 32767 * 127)
+    np.testing.assert_array_equal(c512, expected)

@@ -255,13 +255,12 @@ struct I16Panels {
   float* x_scale;       // [tiles * kPanelRows], written by pack_tile (zeros on padding rows)
   uint8_t* tile_fits;   // [tiles]: does the tile's every sum fit int32? written by pack_tile
   int64_t K;
-  bool avx2;
+  Isa isa;
   void (*quantize_row)(const float*, int16_t*, float*, int64_t);
 
   I16Panels(const float* x_, const float* w_scale_, const float* bias_, float* x_scale_, uint8_t* tile_fits_, int64_t K_)
-      : x(x_), w_scale(w_scale_), bias(bias_), x_scale(x_scale_), tile_fits(tile_fits_), K(K_) {
-    avx2 = active_isa() >= Isa::Avx2;
-    quantize_row = avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
+      : x(x_), w_scale(w_scale_), bias(bias_), x_scale(x_scale_), tile_fits(tile_fits_), K(K_), isa(active_isa()) {
+    quantize_row = isa >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
   }
   int64_t depth() const { return (K + 1) / 2; }
   // dst[(p * kPanelRows + r) * 2 + j] = xq[m + r, 2p + j], zeros below `rows` and past K.
@@ -291,31 +290,41 @@ struct I16Panels {
            float* out, int64_t ldo) const {
     constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
     const int64_t tile_elems = R * depth() * kSlot;
-    for (int t = 0; t < tiles; ++t) {
-      const int64_t mt = m + t * R, rows = std::min(R, tm - t * R);
-      if (rows <= 0) break;
-      float* o = out + t * R * ldo;
-      if (avx2 && tile_fits[mt / R]) {
-        // Whole panels read their scales and bias in place; a partial one through zero-padded copies.
-        alignas(32) float scale_pad[C] = {}, bias_pad[C] = {}, tile[R * C];
-        const float* ws = w_scale + n0;
-        const float* b = bias != nullptr ? bias + n0 : nullptr;
-        if (cols < C) {
-          std::copy(ws, ws + cols, scale_pad);
-          ws = scale_pad;
-          if (b != nullptr) std::copy(b, b + cols, bias_pad), b = bias_pad;
-        }
-        const bool whole = rows == R && cols == C;
-        cpu::i16_panel_kernel_scaled_avx2(a + t * tile_elems, panel, depth(), x_scale + mt, ws, b,
-                                          whole ? o : tile, whole ? ldo : C);
-        if (!whole) {
-          for (int64_t r = 0; r < rows; ++r) std::copy(tile + r * C, tile + r * C + cols, o + r * ldo);
-        }
-      } else {
-        int64_t sums[R * C];
-        (avx2 ? cpu::i16_panel_kernel_avx2 : cpu::i16_panel_kernel_scalar)(a + t * tile_elems, panel, depth(), sums, C);
-        scale_tile(sums, C, rows, cols, x_scale + mt, w_scale + n0, bias ? bias + n0 : nullptr, o, ldo);
+    const bool fits = tile_fits[m / R] && (tiles == 1 || tile_fits[m / R + 1]);
+    if (isa >= Isa::Avx2 && fits) {
+      // Whole panels read their scales and bias in place; a partial one through zero-padded copies.
+      alignas(64) float scale_pad[C] = {}, bias_pad[C] = {}, tile[2 * R * C];
+      const float* ws = w_scale + n0;
+      const float* b = bias != nullptr ? bias + n0 : nullptr;
+      if (cols < C) {
+        std::copy(ws, ws + cols, scale_pad);
+        ws = scale_pad;
+        if (b != nullptr) std::copy(b, b + cols, bias_pad), b = bias_pad;
       }
+      const bool whole = tm == tiles * R && cols == C;
+      float* dst = whole ? out : tile;
+      const int64_t ldd = whole ? ldo : C;
+      if (tiles == 2 && isa >= Isa::Avx512) {
+        cpu::i16_panel_kernel_scaled_pair_avx512(a, panel, depth(), x_scale + m, ws, b, dst, ldd);
+      } else {
+        for (int t = 0; t < tiles; ++t) {
+          cpu::i16_panel_kernel_scaled_avx2(a + t * tile_elems, panel, depth(), x_scale + m + t * R, ws, b,
+                                            dst + t * R * ldd, ldd);
+        }
+      }
+      if (!whole) {
+        for (int64_t r = 0; r < tm; ++r) std::copy(tile + r * C, tile + r * C + cols, out + r * ldo);
+      }
+      return;
+    }
+    // Exact int64 sums (or no AVX2), then the scalar epilogue.
+    for (int t = 0; t < tiles; ++t) {
+      const int64_t rows = std::min(R, tm - t * R);
+      int64_t sums[R * C];
+      (isa >= Isa::Avx2 ? cpu::i16_panel_kernel_avx2 : cpu::i16_panel_kernel_scalar)(a + t * tile_elems, panel,
+                                                                                      depth(), sums, C);
+      scale_tile(sums, C, rows, cols, x_scale + m + t * R, w_scale + n0, bias ? bias + n0 : nullptr,
+                 out + t * R * ldo, ldo);
     }
   }
 };

@@ -391,10 +391,11 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
 
 namespace {
 
-// The pair (a[0], a[1]) as one int32 in every lane: vpbroadcastd from memory.
+// The pair (a[0], a[1]) as one int32 in every lane: vpbroadcastd from memory. (__builtin_memcpy: a
+// load even where the emulated tests compile this file freestanding, with no memcpy to call.)
 PE_INLINE __m256i broadcast_pair(const int16_t* a) {
   int32_t pair;
-  std::memcpy(&pair, a, sizeof(pair));
+  __builtin_memcpy(&pair, a, sizeof(pair));
   return _mm256_set1_epi32(pair);
 }
 

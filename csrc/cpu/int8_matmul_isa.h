@@ -80,6 +80,12 @@ void i16_panel_kernel_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t
 // row_scale: kPanelRows values; col_scale and bias: kPanelCols.
 void i16_panel_kernel_scaled_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs, const float* row_scale,
                                   const float* col_scale, const float* bias, float* out, int64_t ldo);
+// Two consecutive packed tiles (a_pack and a_pack + 2 * kPanelRows * pairs; row_scale: 2 * kPanelRows
+// values) in one pass, as two i16_panel_kernel_scaled_avx2 calls would write them: one zmm of weight
+// pairs per pair of k, and VNNI's vpdpwssd multiplies and accumulates in one instruction.
+void i16_panel_kernel_scaled_pair_avx512(const int16_t* a_pack, const int16_t* b_pack, int64_t pairs,
+                                         const float* row_scale, const float* col_scale, const float* bias,
+                                         float* out, int64_t ldo);
 
 // Weight packing for the W8A16 micro-kernel: int8 rows w[0 .. cols) into b_pack's layout above
 // (zeros for c >= cols and for the odd K's last k). The AVX2 version gives bitwise the scalar result.
