@@ -284,9 +284,14 @@ class _Run:
                 if all(f is not None for f in finish) or step == self.max_new_tokens - 1:
                     break
                 active_per_step.append([b for b in range(B) if finish[b] is None])
-                logits = model.forward(next_ids[:, None], cache)[:, -1]
-                cache.lengths += active  # finished sequences stay put and rewrite their last slot
-                next_ids = sample(logits, self.params, generator)
+                # Finished sequences stay put (advance 0) and rewrite their last slot.
+                stepped = model.decode_greedy(next_ids, cache, active) if self.params.greedy else None
+                if stepped is not None:  # the C++ step chose the tokens: one call per token
+                    next_ids = stepped
+                else:
+                    logits = model.forward(next_ids[:, None], cache)[:, -1]
+                    cache.lengths += active
+                    next_ids = sample(logits, self.params, generator)
             decode_seconds = time.perf_counter() - t1
             energy = None
             if self.meter is not None:

@@ -30,9 +30,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [batch, vocab] -> token ids [batch]."""
     if params.greedy:
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            # numpy's argmax: ~10 us over a 49k vocab where torch's takes ~130 us (its reduction
-            # machinery), a per-token cost at 100+ tokens/s. Same first-index tie-break.
-            return torch.from_numpy(logits.numpy().argmax(axis=-1))
+            # Ours (numpy's rule: first index of the maximum, NaN first): a few us over a 49k vocab
+            # where torch's argmax takes ~130 us (its reduction machinery), a per-token cost at
+            # 100+ tokens/s. The C++ decode steps choose greedy tokens with the same kernel.
+            from pyengine import _C
+
+            ids = torch.empty(logits.shape[0], dtype=torch.long)
+            _C.argmax_rows(logits.contiguous(), ids)
+            return ids
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:

@@ -71,16 +71,18 @@ PyGpt2Decoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, int
 }
 
 void step(PyGpt2Decoder& self, py::handle tokens_obj, py::handle k_obj, py::handle v_obj, py::handle positions_obj,
-          py::handle logits_obj) {
+          py::handle logits_obj, py::handle next_tokens_obj, py::handle advance_obj) {
   Gpt2Decoder& dec = *self.decoder;
   const Gpt2Dims& d = dec.dims();
   Tensor tokens(tokens_obj, "tokens"), k(k_obj, "k_cache"), v(v_obj, "v_cache"), positions(positions_obj, "positions"),
       logits(logits_obj, "logits");
   const int64_t B = check_decode_step_tensors(tokens, k, v, positions, logits, dec.num_layers(), d.num_heads,
                                               d.head_dim, d.vocab);
+  const StepTail tail = check_step_tail(next_tokens_obj, advance_obj, tokens, k, v, positions, logits);
   py::gil_scoped_release release;  // std::invalid_argument from the checks on values -> ValueError
   dec.step(tokens.data<int64_t>(), B, k.data<float>(), v.data<float>(), k.size(3), positions.data<int32_t>(),
            logits.data<float>());
+  tail.run(logits.data<float>(), B, d.vocab, positions.data<int32_t>());
 }
 
 }  // namespace
@@ -95,10 +97,10 @@ void bind_gpt2_decoder(py::module_& m) {
            "linear weights (.weight [N, K] fp32, or .qweight [N, K] int8 + .scale [N] fp32; optional .bias "
            "[N]). All contiguous CPU tensors, kept alive by the decoder.")
       .def("step", &step, py::arg("tokens"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
-           py::arg("logits"),
+           py::arg("logits"), py::kw_only(), py::arg("next_tokens") = py::none(), py::arg("advance") = py::none(),
            "One decode step: tokens [B] int64; k_cache, v_cache [L, B, heads, S, D] fp32 (the new k/v are "
            "written at positions[b]); positions [B] int32 (each sequence's current length); logits [B, V] "
-           "fp32 (written).")
+           "fp32 (written). next_tokens, advance: as LlamaDecoder.step's.")
       .def_property_readonly("num_layers", [](const PyGpt2Decoder& self) { return self.decoder->num_layers(); });
 }
 

@@ -62,7 +62,8 @@ PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, in
 }
 
 void step(PyLlamaDecoder& self, py::handle tokens_obj, py::handle k_obj, py::handle v_obj, py::handle positions_obj,
-          py::handle cos_obj, py::handle sin_obj, py::handle logits_obj) {
+          py::handle cos_obj, py::handle sin_obj, py::handle logits_obj, py::handle next_tokens_obj,
+          py::handle advance_obj) {
   LlamaDecoder& dec = *self.decoder;
   const LlamaDims& d = dec.dims();
   Tensor tokens(tokens_obj, "tokens"), k(k_obj, "k_cache"), v(v_obj, "v_cache"), positions(positions_obj, "positions"),
@@ -80,9 +81,11 @@ void step(PyLlamaDecoder& self, py::handle tokens_obj, py::handle k_obj, py::han
     check_no_overlap(v, *in);
     check_no_overlap(logits, *in);
   }
+  const StepTail tail = check_step_tail(next_tokens_obj, advance_obj, tokens, k, v, positions, logits);
   py::gil_scoped_release release;  // std::invalid_argument from the checks on values -> ValueError
   dec.step(tokens.data<int64_t>(), B, k.data<float>(), v.data<float>(), k.size(3), positions.data<int32_t>(),
            cos.data<float>(), sin.data<float>(), cos.size(0), logits.data<float>());
+  tail.run(logits.data<float>(), B, d.vocab, positions.data<int32_t>());
 }
 
 }  // namespace
@@ -100,10 +103,13 @@ void bind_llama_decoder(py::module_& m) {
            "gate_up [2 I, H] (gate rows, then up rows), down [H, I]. All contiguous CPU tensors, kept alive "
            "by the decoder. sliding_window > 0: each token attends only the last sliding_window positions.")
       .def("step", &step, py::arg("tokens"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
-           py::arg("cos"), py::arg("sin"), py::arg("logits"),
+           py::arg("cos"), py::arg("sin"), py::arg("logits"), py::kw_only(), py::arg("next_tokens") = py::none(),
+           py::arg("advance") = py::none(),
            "One decode step: tokens [B] int64; k_cache, v_cache [L, B, Hkv, S, D] fp32 (the new k/v are "
            "written at positions[b]); positions [B] int32 (each sequence's current length); cos, sin "
-           "[P, D / 2] rotary tables covering every position; logits [B, V] fp32 (written).")
+           "[P, D / 2] rotary tables covering every position; logits [B, V] fp32 (written). Then, for "
+           "greedy decoding in one call: next_tokens [B] int64 (written: each logits row's argmax, as "
+           "argmax_rows) and positions[b] += advance[b] (advance [B] int32).")
       .def_property_readonly("num_layers", [](const PyLlamaDecoder& self) { return self.decoder->num_layers(); })
       .def("set_profiling", [](PyLlamaDecoder& self, bool on) { self.decoder->set_profiling(on); }, py::arg("on"),
            "Time each phase of step() (adds a clock read per op).")

@@ -9,6 +9,7 @@ void bind_silu_mul(py::module_& m);
 void bind_gelu(py::module_& m);
 void bind_layer_norm(py::module_& m);
 void bind_embedding(py::module_& m);
+void bind_argmax(py::module_& m);
 
 void bind_small_ops(py::module_& m) {
   bind_rope(m);
@@ -16,6 +17,7 @@ void bind_small_ops(py::module_& m) {
   bind_gelu(m);
   bind_layer_norm(m);
   bind_embedding(m);
+  bind_argmax(m);
 }
 
 }  // namespace pyengine::bind

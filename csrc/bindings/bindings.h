@@ -8,7 +8,7 @@ namespace pyengine::bind {
 namespace py = pybind11;
 
 void bind_rms_norm(py::module_& m);
-void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, layer_norm, embedding
+void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, layer_norm, embedding, argmax_rows
 void bind_attention(py::module_& m);
 void bind_int8_matmul(py::module_& m);
 void bind_llama_decoder(py::module_& m);

@@ -1,5 +1,7 @@
 #include "bindings/decoder_args.h"
 
+#include "pyengine/argmax.h"
+
 namespace pyengine::bind {
 namespace {
 
@@ -67,6 +69,34 @@ int64_t check_decode_step_tensors(const Tensor& tokens, const Tensor& k, const T
   check_no_overlap(logits, k);
   check_no_overlap(logits, v);
   return B;
+}
+
+StepTail check_step_tail(py::handle next_tokens_obj, py::handle advance_obj, const Tensor& tokens, const Tensor& k,
+                         const Tensor& v, const Tensor& positions, const Tensor& logits) {
+  StepTail tail;
+  const int64_t B = tokens.size(0);
+  if (!next_tokens_obj.is_none()) {
+    Tensor next(next_tokens_obj, "next_tokens");
+    check_cpu_contiguous(next, DType::I64, 1);
+    check_size(next, 0, B, "the batch of tokens");
+    for (const Tensor* other : {&tokens, &k, &v, &positions, &logits}) check_no_overlap(next, *other);
+    tail.next_tokens = next.data<int64_t>();
+  }
+  if (!advance_obj.is_none()) {
+    Tensor advance(advance_obj, "advance");
+    check_cpu_contiguous(advance, DType::I32, 1);
+    check_size(advance, 0, B, "the batch of tokens");
+    check_no_overlap(positions, advance);
+    tail.advance = advance.data<int32_t>();
+  }
+  return tail;
+}
+
+void StepTail::run(const float* logits, int64_t B, int64_t vocab, int32_t* positions) const {
+  if (next_tokens != nullptr) argmax_rows(logits, B, vocab, next_tokens);
+  if (advance != nullptr) {
+    for (int64_t b = 0; b < B; ++b) positions[b] += advance[b];
+  }
 }
 
 }  // namespace pyengine::bind

@@ -48,4 +48,17 @@ int64_t check_decode_step_tensors(const Tensor& tokens, const Tensor& k, const T
                                   const Tensor& logits, int64_t layers, int64_t kv_heads, int64_t head_dim,
                                   int64_t vocab);
 
+// A step's optional tail, so that greedy decoding makes one call per token: next_tokens [B] int64
+// gets each logits row's argmax (argmax_rows), then positions[b] += advance[b] (advance [B] int32,
+// the Python loop's `cache.lengths += active`). Either may be None.
+struct StepTail {
+  int64_t* next_tokens = nullptr;
+  const int32_t* advance = nullptr;
+  void run(const float* logits, int64_t B, int64_t vocab, int32_t* positions) const;  // after the step
+};
+// Checks next_tokens / advance (contiguous CPU, [B], overlapping none of the step's tensors) before
+// the step runs, so that a bad one fails with nothing written.
+StepTail check_step_tail(py::handle next_tokens_obj, py::handle advance_obj, const Tensor& tokens, const Tensor& k,
+                         const Tensor& v, const Tensor& positions, const Tensor& logits);
+
 }  // namespace pyengine::bind

@@ -61,11 +61,8 @@ class DecoderModel:
         Returns logits [batch, n_new, vocab], or [batch, vocab] at index logits_at[b] of each row
         (prefill needs only each sequence's last real token, which saves the large vocab projection).
         """
-        if tokens.shape[1] == 1 and logits_at is None and n_new is None and self.cpp_decode:
-            if self._decoder is None:
-                self._decoder = self.make_cpp_decoder() or False  # False: none here
-            if self._decoder:
-                return self._decode_step(tokens, cache)
+        if tokens.shape[1] == 1 and logits_at is None and n_new is None and self._cpp_decoder() is not None:
+            return self._decode_step(tokens, cache)
         step = self.make_step(tokens.shape[1], cache, n_new)
         hidden = self.hidden_states(tokens, cache, step)
         if logits_at is not None:
@@ -74,6 +71,28 @@ class DecoderModel:
 
     def hidden_states(self, tokens, cache, step) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_greedy(self, tokens: torch.Tensor, cache: KVCache, advance: torch.Tensor) -> torch.Tensor | None:
+        """A greedy decode step in one C++ call: tokens [batch] int64 through the model, each row's
+        argmax out ([batch] int64, as `sample` would choose it), then cache.lengths += advance
+        ([batch] int32). None where no C++ decoder runs: then forward() and sample()."""
+        decoder = self._cpp_decoder()
+        if decoder is None:
+            return None
+        B = tokens.shape[0]
+        logits = torch.empty(B, self.config.vocab_size)
+        next_ids = torch.empty(B, dtype=torch.long)
+        decoder.step(tokens, cache.keys, cache.values, cache.lengths, *self._decoder_tables(cache), logits,
+                     next_tokens=next_ids, advance=advance)
+        return next_ids
+
+    def _cpp_decoder(self):
+        """The backend's C++ decoder for this model, built on first use; None where there is none."""
+        if not self.cpp_decode:
+            return None
+        if self._decoder is None:
+            self._decoder = self.make_cpp_decoder() or False  # False: none here
+        return self._decoder or None
 
     def make_cpp_decoder(self):
         """The backend's C++ decode step for this architecture (one call per token), or None: decode
