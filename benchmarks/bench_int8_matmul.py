@@ -33,8 +33,8 @@ SHAPES = {  # name: (N, K), torch Linear weight layout
     "lm_head": (49152, 576),
 }
 POOL_BYTES = 192 << 20  # >> 32 MiB L3
-IMPLS = ["int8_w8a8", "int8_weight_only", "pyengine_f32", "torch_f32", "torch_dynamic_qint8"]
-GEMV_IMPLS = IMPLS + ["int8_w8a16"]  # W8A16 is the decode (few-row) kernel: GEMV only
+# int8_w8a16 is the fused-int8 engine's Linear (GEMV for decode, the int16-pair GEMM for prefill).
+IMPLS = ["int8_w8a16", "int8_w8a8", "int8_weight_only", "pyengine_f32", "torch_f32", "torch_dynamic_qint8"]
 INT8_KERNELS = {"int8_w8a8": "int8_linear", "int8_weight_only": "int8_linear_wo", "int8_w8a16": "int8_linear_a16"}
 RESULTS = {"gemv": {}, "gemm": {}}
 
@@ -107,7 +107,7 @@ def test_read_bandwidth(benchmark):
     RESULTS["read_GBps"] = gbps
 
 
-@pytest.mark.parametrize("impl", GEMV_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_gemv(benchmark, name, impl):
     calls, weight_bytes = _pool(name, impl)
@@ -137,9 +137,9 @@ def test_gemm(benchmark, name, impl):
     N, K = SHAPES[name]
     x, w = torch.randn(M, K), torch.randn(N, K) * 0.05
     out = torch.empty(M, N)
-    if impl in ("int8_w8a8", "int8_weight_only"):
+    if impl in INT8_KERNELS:
         w_q, w_scale = ops.quantize_rows(w)
-        kernel = _C.int8_linear if impl == "int8_w8a8" else _C.int8_linear_wo
+        kernel = getattr(_C, INT8_KERNELS[impl])
         fn = lambda: kernel(x, w_q, w_scale, out)  # noqa: E731
     elif impl == "pyengine_f32":
         fn = lambda: _C.linear_f32(x, w, out)  # noqa: E731
@@ -179,7 +179,7 @@ def test_zz_summary():
     lines.append("GEMV M=1, weights from DRAM: weight GB/s median/best (fraction of read bandwidth), median us")
     for name in SHAPES:
         cells = []
-        for impl in GEMV_IMPLS:
+        for impl in IMPLS:
             if (name, impl) in RESULTS["gemv"]:
                 t, g, best = RESULTS["gemv"][(name, impl)]
                 frac = f" ({g / read:.0%}/{best / read:.0%})" if read else ""
