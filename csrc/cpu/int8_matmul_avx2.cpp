@@ -477,39 +477,17 @@ void i16_panel_kernel_avx2(const int16_t* a_pack, const int16_t* b_pack, int64_t
   }
 }
 
-void pack_panel_i16_avx2(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel) {
-  static_assert(kPanelCols == 16, "two 8 x 8 blocks of pairs per 16 values of k");
-  // Each row's 16 k widened to int16 are 8 int32-sized pairs: transposing 8 rows x 8 pairs as
-  // floats (only moves, no arithmetic) gives 8 pairs x 8 rows, the panel's layout.
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    for (int half = 0; half < 2; ++half) {
-      __m256 block[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t c = half * 8 + i;
-        block[i] = c < cols ? _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
-                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * ldw + k))))
-                            : _mm256_setzero_ps();
-      }
-      avx2::transpose8x8(block);
-      for (int i = 0; i < 8; ++i) {
-        _mm256_storeu_ps(reinterpret_cast<float*>(panel + (k / 2 + i) * 2 * kPanelCols + half * 16), block[i]);
-      }
-    }
-  }
-  // The last K % 16 values of k (and the odd K's zero pad): the scalar packing of that slice.
-  if (k < K) pack_panel_i16_scalar(w + k, ldw, cols, K - k, panel + k * kPanelCols);
-}
-
 namespace {
 
-// The packing loop of pack_panel_{i8,f32}_avx2: load8(c, k) is weight row c at k .. k + 7 as fp32,
-// element(c, k) one value (the K % 8 tail).
-template <class Load8, class Element>
-PE_INLINE void pack_panel(int64_t cols, int64_t K, float* panel, const Load8& load8, const Element& element) {
-  static_assert(kPanelCols == 16, "two 8 x 8 blocks per 8 values of k");
+// The vector part of the weight packing (pack_panel_{i8,f32,i16}_avx2): blocks of 8 panel rows, each
+// read as 8 vectors of eight 32-bit values, load8(c, k) for weight row c from k on, and transposed in
+// registers (moves only, no arithmetic). A panel row is kPanelCols such values: one k of fp32, or
+// (kPerRow = 2) one pair of k of int16. Returns the first k left for the caller's scalar tail.
+template <int kPerRow, class Load8>
+PE_INLINE int64_t pack_panel_blocks(int64_t cols, int64_t K, float* panel, const Load8& load8) {
+  static_assert(kPanelCols == 16, "two 8 x 8 blocks per 8 panel rows");
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
+  for (; k + 8 * kPerRow <= K; k += 8 * kPerRow) {
     for (int half = 0; half < 2; ++half) {
       __m256 block[8];
       for (int i = 0; i < 8; ++i) {
@@ -517,10 +495,16 @@ PE_INLINE void pack_panel(int64_t cols, int64_t K, float* panel, const Load8& lo
         block[i] = c < cols ? load8(c, k) : _mm256_setzero_ps();
       }
       avx2::transpose8x8(block);
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * kPanelCols + half * 8, block[i]);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k / kPerRow + i) * kPanelCols + half * 8, block[i]);
     }
   }
-  for (; k < K; ++k) {
+  return k;
+}
+
+// pack_panel_{i8,f32}_avx2: the blocks, then element(c, k), one value, for the K % 8 tail.
+template <class Load8, class Element>
+PE_INLINE void pack_panel(int64_t cols, int64_t K, float* panel, const Load8& load8, const Element& element) {
+  for (int64_t k = pack_panel_blocks<1>(cols, K, panel, load8); k < K; ++k) {
     for (int64_t c = 0; c < kPanelCols; ++c) panel[k * kPanelCols + c] = c < cols ? element(c, k) : 0.0f;
   }
 }
@@ -541,6 +525,15 @@ void pack_panel_f32_avx2(const float* w, int64_t ldw, int64_t cols, int64_t K, f
   pack_panel(
       cols, K, panel, [&](int64_t c, int64_t k) { return _mm256_loadu_ps(w + c * ldw + k); },
       [&](int64_t c, int64_t k) { return w[c * ldw + k]; });
+}
+
+void pack_panel_i16_avx2(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel) {
+  // 16 k of a row widened to int16 are 8 pairs, each the size of a float.
+  const int64_t k = pack_panel_blocks<2>(cols, K, reinterpret_cast<float*>(panel), [&](int64_t c, int64_t k0) {
+    return _mm256_castsi256_ps(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * ldw + k0))));
+  });
+  // The last K % 16 values of k (and the odd K's zero pad): the scalar packing of that slice.
+  if (k < K) pack_panel_i16_scalar(w + k, ldw, cols, K - k, panel + k * kPanelCols);
 }
 
 // Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
