@@ -253,9 +253,9 @@ class FusedInt8Backend(FusedBackend):
     int16 x int8 sums, so a row's output is the same bits whichever rows share the call (prefill,
     decode, a batch) and the C++ decode step (LlamaDecoder) matches this path bit for bit.
     Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
-    on int16 pairs (`vpmaddwd`), which on Zen 3 measured 1.2-1.4x the fp32 FMA GEMM that the
-    weight-only path (`_C.int8_linear_wo`, the prefill path until stop 14) feeds with dequantized
-    panels (512-token linears of the default model, 2 threads).
+    on int16 pairs (`vpmaddwd`), which on Zen 3 measured 1.2-1.5x the fp32 FMA GEMM that the
+    weight-only kernel (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels
+    (512-token linears of the default model, 2 threads).
     Chosen by measurement over W8A8 (int8 activations too, `_C.int8_linear`): on the default model
     (WikiText-2, 2048 tokens) W8A8 lost 2.8% perplexity (KL 0.041, top-1 87%) while 16-bit
     activations stay within ~1e-4 of the weight-only result (0.2%, KL 0.005, top-1 96%).
