@@ -25,7 +25,6 @@ class Step:
     uniform_start: int | None  # the common q_start when all sequences start at the same position
     rope_cos: torch.Tensor | None  # [positions, head_dim / 2] rotary tables (None: no rotary embedding)
     rope_sin: torch.Tensor | None
-    window: int = 0  # > 0: sliding window, a query at position p sees only keys j > p - window
     cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
 
     def cached(self, key, make):
@@ -85,10 +84,10 @@ class TorchBackend:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    def attention(self, q, k_cache, v_cache, step: Step, scale: float) -> torch.Tensor:
+    def attention(self, q, k_cache, v_cache, step: Step, scale: float, window: int = 0) -> torch.Tensor:
         """q: [B, T, Hq, D]; caches: [B, Hkv, S, D]. Query t of sequence b sees keys
-        j <= q_start[b] + t and j < kv_len[b] (and j > q_start[b] + t - step.window with a sliding
-        window). Returns [B, T, Hq, D]."""
+        j <= q_start[b] + t and j < kv_len[b] (and j > q_start[b] + t - window with a sliding
+        window, window > 0). Returns [B, T, Hq, D]."""
         longest = int(step.kv_len.max())
         keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
 
@@ -96,14 +95,14 @@ class TorchBackend:
             j = torch.arange(longest, device=q.device)
             query_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
             seen = (j <= query_pos) & (j < step.kv_len[:, None, None, None])
-            if step.window:
+            if window:
                 # As the C++ kernel: a padding query past kv_len + window keeps key kv_len - 1 (its
                 # output is unused, but must not be NaN).
-                back = torch.minimum(query_pos - step.window, step.kv_len[:, None, None, None] - 2)
+                back = torch.minimum(query_pos - window, step.kv_len[:, None, None, None] - 2)
                 seen &= j > back
             return seen
 
-        mask = step.cached("mask", visible)
+        mask = step.cached(("mask", window), visible)  # once per step and window, shared by the layers
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[2] != keys.shape[1])
         return out.transpose(1, 2)
@@ -195,9 +194,9 @@ class FusedBackend(TorchBackend):
         self._C.rope(x, step.rope_cos, step.rope_sin, positions, False)
         return x
 
-    def attention(self, q, k_cache, v_cache, step, scale):
+    def attention(self, q, k_cache, v_cache, step, scale, window=0):
         out = torch.empty(q.shape, dtype=q.dtype)
-        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale, step.window)
+        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale, window)
         return out
 
     def silu_mul(self, gate, up):
@@ -226,8 +225,7 @@ class FusedBackend(TorchBackend):
         return self._C.LlamaDecoder(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, intermediate_size=c.intermediate_size, norm_eps=c.norm_eps,
-            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers,
-            sliding_window=c.sliding_window or 0)
+            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers)
 
     def make_gpt2_decoder(self, model):
         """The C++ decode step of GPT-2 (_C.Gpt2Decoder), as make_llama_decoder."""

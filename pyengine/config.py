@@ -22,14 +22,15 @@ class ModelConfig:
     head_dim: int
     intermediate_size: int
     norm_eps: float
-    max_context: int  # positions the model can attend over (see from_hf for Qwen2's window)
+    max_context: int  # positions the model can attend over
     tie_word_embeddings: bool
     attention_bias: bool = False  # bias on q/k/v (and o for Llama's attention_bias)
     o_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3 parameters, or None
-    sliding_window: int | None = None  # Mistral: a token attends only the last sliding_window positions
+    sliding_window: int | None = None  # a windowed layer's token attends only the last sliding_window positions
+    layer_windows: tuple[int, ...] = ()  # per layer: its window (0: full attention); () when no layer has one
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default=())  # anything the loader simplified, said out loud
@@ -80,18 +81,8 @@ class ModelConfig:
             hidden = need("hidden_size")
             heads = need("num_attention_heads")
             max_context = need("max_position_embeddings")
-            window = raw.get("sliding_window")
-            sliding_window = None
-            if window is not None and (not isinstance(window, int) or window < 1):
-                raise CheckpointError(source, f"sliding_window must be a positive integer or null, got {window!r}")
-            if model_type == "mistral" and window is not None and window < max_context:
-                sliding_window = window  # every layer
-            elif raw.get("use_sliding_window", False) and window is not None and window < max_context:
-                # Qwen2 windows only the layers from max_window_layers on: not implemented. Cap the
-                # context at the window, where full and windowed attention are the same computation.
-                notes.append(f"sliding_window={window} on some layers (use_sliding_window) not implemented: "
-                             f"context capped at {window} tokens")
-                max_context = window
+            sliding_window, layer_windows = _sliding_windows(raw, model_type, need("num_hidden_layers"),
+                                                             max_context, source)
             rope_theta, rope_scaling = _rope_parameters(raw, source)
             qkv_bias = model_type == "qwen2" or bool(raw.get("attention_bias", False))
             config = dict(
@@ -102,7 +93,7 @@ class ModelConfig:
                 max_context=max_context, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias, o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)), rope_theta=rope_theta, rope_scaling=rope_scaling,
-                sliding_window=sliding_window,
+                sliding_window=sliding_window, layer_windows=layer_windows,
             )
             act = raw.get("hidden_act", "silu")
             if act != "silu":
@@ -123,6 +114,38 @@ class ModelConfig:
                                           f"num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise CheckpointError(source, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+def _sliding_windows(raw: dict, model_type: str, num_layers: int, max_context: int, source):
+    """(sliding_window, layer_windows): which layers attend through a sliding window, as transformers
+    reads the config. Mistral: every layer. Qwen2 with use_sliding_window: the layers named
+    "sliding_attention" in layer_types, or else those from max_window_layers on. A window that covers
+    the whole context is no window."""
+    window = raw.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise CheckpointError(source, f"sliding_window must be a positive integer or null, got {window!r}")
+    if window is None or window >= max_context:
+        return None, ()
+    if model_type == "mistral":
+        windowed = [True] * num_layers
+    elif model_type == "qwen2" and raw.get("use_sliding_window", False):
+        types = raw.get("layer_types")
+        if types is not None:
+            if not isinstance(types, list) or len(types) != num_layers or \
+                    not set(types) <= {"full_attention", "sliding_attention"}:
+                raise CheckpointError(source, "layer_types must list 'full_attention' or 'sliding_attention' "
+                                              f"for each of the {num_layers} layers, got {types!r}")
+            windowed = [t == "sliding_attention" for t in types]
+        else:
+            first = raw.get("max_window_layers", 28)  # transformers' Qwen2Config default
+            if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+                raise CheckpointError(source, f"max_window_layers must be a non-negative integer, got {first!r}")
+            windowed = [i >= first for i in range(num_layers)]
+    else:
+        return None, ()
+    if not any(windowed):
+        return None, ()
+    return window, tuple(window if w else 0 for w in windowed)
 
 
 def _rope_parameters(raw: dict, source) -> tuple[float, dict | None]:

@@ -26,6 +26,11 @@ TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, use_sliding_window=False),
+    # Qwen2's sliding window on the layers from max_window_layers on: layer 0 full, layer 1 windowed.
+    "qwen2-window": dict(model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         use_sliding_window=True, sliding_window=12, max_window_layers=1),
     "gpt2": dict(model_type="gpt2", vocab_size=384, n_embd=64, n_layer=2, n_head=4, n_positions=256),
 }
 

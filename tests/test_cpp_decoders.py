@@ -9,7 +9,8 @@ import pyengine
 from pyengine import _C
 from pyengine.backends import LinearWeights
 
-ARCHS = ["llama", "llama3-scaled", "qwen2", "mistral", "gpt2"]  # qwen2: q/k/v bias; llama3: scaled rope tables
+# qwen2: q/k/v bias; llama3: scaled rope tables; qwen2-window: a sliding window on layer 1 only
+ARCHS = ["llama", "llama3-scaled", "qwen2", "qwen2-window", "mistral", "gpt2"]
 BACKENDS = ["fused", "fused-int8"]
 
 
@@ -220,6 +221,8 @@ def test_constructor_rejects_bad_weights(engines):
         (dict(layers=with_layer(model, 0, down=LinearWeights(layer.down.weight, torch.zeros(H + 1)))), ValueError,
          r"layers\[0\]\.down\.bias"),
         (dict(layers=with_layer(model, 0, mlp_norm="weights")), TypeError, r"layers\[0\]\.mlp_norm"),
+        (dict(layers=with_layer(model, 1, window=-1)), ValueError, r"layers\[1\]\.window must be >= 0"),
+        (dict(layers=with_layer(model, 1, window="16")), TypeError, r"layers\[1\]\.window: expected an int"),
         (dict(layers=[object()]), TypeError, r"layers\[0\]: has no attribute 'attn_norm'"),
         (dict(layers=[]), ValueError, "layers: must not be empty"),
         (dict(lm_head=object()), TypeError, "lm_head: expected linear weights"),

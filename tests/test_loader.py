@@ -163,23 +163,34 @@ def test_rope_parameters_layout(model_copy):
 
 
 def test_sliding_window_config(tiny_models):
-    """Mistral's window is kept (every layer, no context cap); Qwen2's per-layer window is not
-    implemented and caps the context, said in the notes; a nonsense window is an error."""
+    """Which layers attend through a window, as transformers reads the config: Mistral every layer;
+    Qwen2 (use_sliding_window) those named in layer_types, else those from max_window_layers on. No
+    context cap; a window covering the context is none; nonsense is an error."""
     from pyengine.config import ModelConfig
 
     mistral = json.loads((tiny_models["mistral"] / "config.json").read_text())
     cfg = ModelConfig.from_hf(mistral)
-    assert (cfg.sliding_window, cfg.max_context, cfg.notes) == (16, 256, ())
-    assert ModelConfig.from_hf(dict(mistral, sliding_window=256)).sliding_window is None  # covers the context
+    assert (cfg.sliding_window, cfg.layer_windows, cfg.max_context, cfg.notes) == (16, (16, 16), 256, ())
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=256)).layer_windows == ()  # covers the context
     assert ModelConfig.from_hf(dict(mistral, sliding_window=None)).sliding_window is None
-    for bad in (0, -4, "16", 2.5):
+    for bad in (0, -4, "16", 2.5, True):
         with pytest.raises(CheckpointError, match="sliding_window must be a positive integer"):
             ModelConfig.from_hf(dict(mistral, sliding_window=bad))
     qwen2 = json.loads((tiny_models["qwen2"] / "config.json").read_text())
-    capped = ModelConfig.from_hf(dict(qwen2, use_sliding_window=True, sliding_window=32))
-    assert (capped.sliding_window, capped.max_context) == (None, 32)
-    assert "context capped at 32 tokens" in capped.notes[0]
-    assert ModelConfig.from_hf(dict(qwen2, use_sliding_window=False, sliding_window=32)).max_context == 256
+    assert qwen2.pop("layer_types") == ["full_attention"] * 2  # transformers writes it out; tested below
+    assert ModelConfig.from_hf(dict(qwen2, use_sliding_window=False, sliding_window=32)).layer_windows == ()
+    windowed = dict(qwen2, use_sliding_window=True, sliding_window=32)
+    cfg = ModelConfig.from_hf(dict(windowed, max_window_layers=1))
+    assert (cfg.sliding_window, cfg.layer_windows, cfg.max_context, cfg.notes) == (32, (0, 32), 256, ())
+    assert ModelConfig.from_hf(dict(windowed, max_window_layers=0)).layer_windows == (32, 32)
+    assert ModelConfig.from_hf(windowed).layer_windows == ()  # transformers' default max_window_layers: 28
+    explicit = ModelConfig.from_hf(dict(windowed, layer_types=["sliding_attention", "full_attention"]))
+    assert explicit.layer_windows == (32, 0)  # layer_types wins over max_window_layers
+    for bad in (["sliding_attention"], ["full_attention", "chunked_attention"], "sliding_attention"):
+        with pytest.raises(CheckpointError, match="layer_types must list"):
+            ModelConfig.from_hf(dict(windowed, layer_types=bad))
+    with pytest.raises(CheckpointError, match="max_window_layers must be a non-negative integer"):
+        ModelConfig.from_hf(dict(windowed, max_window_layers=-1))
 
 
 def test_gpt2_vocab_merges_tokenizer(tiny_models, tmp_path):

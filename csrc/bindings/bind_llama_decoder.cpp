@@ -19,13 +19,12 @@ struct PyLlamaDecoder {
 
 PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                             int64_t intermediate, double norm_eps, py::handle embed, py::handle final_norm,
-                            py::handle lm_head, py::sequence layers, int64_t sliding_window) {
+                            py::handle lm_head, py::sequence layers) {
   check_dims_positive({{vocab, "vocab_size"}, {hidden, "hidden_size"}, {num_heads, "num_heads"},
                        {num_kv_heads, "num_kv_heads"}, {head_dim, "head_dim"}, {intermediate, "intermediate_size"}});
   if (num_heads % num_kv_heads != 0) throw py::value_error("num_heads must be a multiple of num_kv_heads");
   if (head_dim % 2 != 0) throw py::value_error("head_dim must be even (rotary pairs)");
   check_positive(norm_eps, "norm_eps");
-  if (sliding_window < 0) throw py::value_error("sliding_window must be >= 0 (0: none)");
   if (py::len(layers) == 0) throw py::value_error("layers: must not be empty");
 
   PyLlamaDecoder out;
@@ -38,7 +37,6 @@ PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, in
   dims.head_dim = head_dim;
   dims.intermediate = intermediate;
   dims.norm_eps = static_cast<float>(norm_eps);
-  dims.sliding_window = sliding_window;
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
 
   const float* embed_data = take<float>(embed, "embed", DType::F32, {vocab, hidden}, kept);
@@ -55,6 +53,14 @@ PyLlamaDecoder make_decoder(int64_t vocab, int64_t hidden, int64_t num_heads, in
     l.mlp_norm = take<float>(required_attr(layer, p, "mlp_norm"), p + ".mlp_norm", DType::F32, {hidden}, kept);
     l.gate_up = take_linear(required_attr(layer, p, "gate_up"), p + ".gate_up", 2 * intermediate, hidden, kept);
     l.down = take_linear(required_attr(layer, p, "down"), p + ".down", hidden, intermediate, kept);
+    const py::object window = required_attr(layer, p, "window");
+    if (!py::isinstance<py::int_>(window)) {
+      throw py::type_error(p + ".window: expected an int, got " + std::string(py::str(py::type::of(window))));
+    }
+    l.window = window.cast<int64_t>();
+    if (l.window < 0) {
+      throw py::value_error(p + ".window must be >= 0 (0: full attention), got " + std::to_string(l.window));
+    }
     layer_weights.push_back(l);
   }
   out.decoder = std::make_unique<LlamaDecoder>(dims, embed_data, final_norm_data, head, std::move(layer_weights));
@@ -96,12 +102,12 @@ void bind_llama_decoder(py::module_& m) {
       .def(py::init(&make_decoder), py::arg("vocab_size"), py::arg("hidden_size"), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("intermediate_size"), py::arg("norm_eps"),
            py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"), py::arg("layers"),
-           py::arg("sliding_window") = 0,
            "embed [V, H] fp32; final_norm [H]; lm_head and each layer's qkv/out/gate_up/down: linear weights "
            "(.weight [N, K] fp32, or .qweight [N, K] int8 + .scale [N] fp32; optional .bias [N]); layers: "
            "objects with attn_norm, qkv [(Hq + 2 Hkv) D, H] (q, k, v rows), out [H, Hq D], mlp_norm, "
-           "gate_up [2 I, H] (gate rows, then up rows), down [H, I]. All contiguous CPU tensors, kept alive "
-           "by the decoder. sliding_window > 0: each token attends only the last sliding_window positions.")
+           "gate_up [2 I, H] (gate rows, then up rows), down [H, I], and window (int: > 0, that layer's "
+           "token attends only the last `window` positions; 0: full attention). All contiguous CPU tensors, "
+           "kept alive by the decoder.")
       .def("step", &step, py::arg("tokens"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
            py::arg("cos"), py::arg("sin"), py::arg("logits"), py::kw_only(), py::arg("next_tokens") = py::none(),
            py::arg("advance") = py::none(),

@@ -109,7 +109,7 @@ void LlamaDecoder::step(const int64_t* tokens, int64_t batch, float* k_cache, fl
   const int64_t q_size = Hq * D, kv_size = Hkv * D, qkv_size = q_size + 2 * kv_size;
   const int64_t layer_stride = batch * Hkv * cache_capacity * D;  // one layer's [B, Hkv, S, D]
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const AttentionShape shape{batch, 1, Hq, Hkv, cache_capacity, D, d.sliding_window};
+  AttentionShape shape{batch, 1, Hq, Hkv, cache_capacity, D, 0};
   for (int64_t b = 0; b < batch; ++b) kv_len_[b] = positions[b] + 1;
 
   float *x = x_.data(), *h = h_.data(), *delta = delta_.data(), *qkv = qkv_.data(), *q = q_.data(),
@@ -142,6 +142,7 @@ void LlamaDecoder::step(const int64_t* tokens, int64_t batch, float* k_cache, fl
     write_kv(k, kv_size, qkv + q_size + kv_size, qkv_size, positions, batch, Hkv, D, cache_capacity, k_layer,
              v_layer);
     clock.mark(kRopeCache);
+    shape.window = layer.window;
     attention(q, k_layer, v_layer, attn, positions, kv_len_.data(), shape, scale);
     clock.mark(kAttention);
     run_decoder_linear(layer.out, attn, delta, batch);

@@ -42,7 +42,7 @@ class DecoderModel:
         kv_len = q_start + (n_new if lengths is None else lengths.to(q_start.device, torch.int32))
         cos, sin = self._rope_tables(int(positions.max()) + 1)
         return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform,
-                    rope_cos=cos, rope_sin=sin, window=self.config.sliding_window or 0)
+                    rope_cos=cos, rope_sin=sin)
 
     def _rope_tables(self, needed: int):
         """cos/sin of every position's rotation angles, [positions, head_dim / 2], at least `needed` rows."""

@@ -1,4 +1,5 @@
-"""Llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (sliding window), Qwen2 (q/k/v bias).
+"""Llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (sliding window), Qwen2 (q/k/v bias, sliding
+window on some layers).
 
 pre-norm decoder: x += attn(rms_norm(x)); x += mlp(rms_norm(x)), with rotary positions and
 grouped-query attention. q/k/v and gate/up are each one fused projection.
@@ -21,6 +22,7 @@ class LlamaLayer:
     mlp_norm: torch.Tensor
     gate_up: object  # [2 I, hidden]
     down: object
+    window: int = 0  # > 0: this layer's attention sees only the last `window` positions
 
 
 class Llama(DecoderModel):
@@ -55,6 +57,7 @@ class Llama(DecoderModel):
                                                           param(p + "mlp.up_proj.weight", (I, H))]), gate_up_b),
                 down=backend.prepare_linear(param(p + "mlp.down_proj.weight", (H, I)),
                                             bias(p + "mlp.down_proj.bias", H, c.mlp_bias)),
+                window=c.layer_windows[i] if c.layer_windows else 0,
             ))
         self.final_norm = param("model.norm.weight", (H,))
         tied = c.tie_word_embeddings or not reader.has("lm_head.weight")
@@ -82,7 +85,7 @@ class Llama(DecoderModel):
             q = ops.rope(q.reshape(B, T, c.num_heads, c.head_dim), step)
             k = ops.rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), step)
             cache.write(i, k, v.reshape(B, T, c.num_kv_heads, c.head_dim), step.q_start, step.uniform_start)
-            attn = ops.attention(q, cache.keys[i], cache.values[i], step, scale)
+            attn = ops.attention(q, cache.keys[i], cache.values[i], step, scale, layer.window)
             h = ops.add_rms_norm(x, ops.linear(attn.reshape(B, T, q_size), layer.out), layer.mlp_norm, c.norm_eps)
             gate, up = ops.linear(h, layer.gate_up).chunk(2, dim=-1)
             pending = ops.linear(ops.silu_mul(gate, up), layer.down)

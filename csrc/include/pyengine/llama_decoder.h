@@ -21,6 +21,7 @@ struct LlamaLayerWeights {
   const float* mlp_norm = nullptr;   // [H]
   DecoderLinear gate_up;             // [2 I, H]: gate rows, then up rows
   DecoderLinear down;                // [H, I]
+  int64_t window = 0;                // > 0: this layer attends only the last `window` positions (sliding)
 };
 
 struct LlamaDims {
@@ -31,7 +32,6 @@ struct LlamaDims {
   int64_t head_dim = 0;      // D (even)
   int64_t intermediate = 0;  // I
   float norm_eps = 1e-5f;
-  int64_t sliding_window = 0;  // > 0: attention sees only the last sliding_window positions (Mistral)
 };
 
 class LlamaDecoder {
