@@ -2,6 +2,7 @@
 // positions throw before anything is written.
 #include "pyengine/llama_decoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
@@ -58,9 +59,11 @@ void ref_rope(float* v, int64_t heads, int64_t pos, const std::vector<float>& co
   }
 }
 
-// One sequence's decode step, caches [L, B, Hkv, S, D] (writes slot pos of sequence b).
-void ref_step(const Weights& w, int64_t token, int64_t b, int64_t pos, std::vector<float>& kc, std::vector<float>& vc,
-              const std::vector<float>& cos, const std::vector<float>& sin, float* logits) {
+// One sequence's decode step, caches [L, B, Hkv, S, D] (writes slot pos of sequence b); layer l attends
+// the last windows[l] positions (0: all).
+void ref_step(const Weights& w, const int64_t (&windows)[L], int64_t token, int64_t b, int64_t pos,
+              std::vector<float>& kc, std::vector<float>& vc, const std::vector<float>& cos,
+              const std::vector<float>& sin, float* logits) {
   std::vector<float> x(w.embed.begin() + token * H, w.embed.begin() + (token + 1) * H), h(H),
       qkv((Hq + 2 * Hkv) * D), attn(Hq * D), delta(H), gu(2 * I), act(I);
   for (int64_t l = 0; l < L; ++l) {
@@ -75,9 +78,11 @@ void ref_step(const Weights& w, int64_t token, int64_t b, int64_t pos, std::vect
         vc[slot] = qkv[(Hq + Hkv) * D + kvh * D + d];
       }
     }
+    const int64_t first = windows[l] > 0 ? std::max<int64_t>(0, pos + 1 - windows[l]) : 0;
     for (int64_t qh = 0; qh < Hq; ++qh) {
-      const int64_t base = ((l * B + b) * Hkv + qh / (Hq / Hkv)) * S * D;
-      ref_attention_row(qkv.data() + qh * D, kc.data() + base, vc.data() + base, pos + 1, D, attn.data() + qh * D);
+      const int64_t base = ((l * B + b) * Hkv + qh / (Hq / Hkv)) * S * D + first * D;
+      ref_attention_row(qkv.data() + qh * D, kc.data() + base, vc.data() + base, pos + 1 - first, D,
+                        attn.data() + qh * D);
     }
     ref_linear(attn.data(), w.out[l], nullptr, delta.data(), H, Hq * D);
     for (int64_t i = 0; i < H; ++i) x[i] += delta[i];
@@ -91,11 +96,12 @@ void ref_step(const Weights& w, int64_t token, int64_t b, int64_t pos, std::vect
   ref_linear(h.data(), w.embed, nullptr, logits, V, H);  // tied lm_head
 }
 
-void test_matches_reference(Isa isa) {
+void test_matches_reference(Isa isa, const int64_t (&windows)[L]) {
   set_isa(isa);
   const Weights w;
   std::vector<LlamaLayerWeights> layers(L);
   for (int64_t l = 0; l < L; ++l) {
+    layers[l].window = windows[l];
     layers[l].attn_norm = w.attn_norm[l].data();
     layers[l].qkv = f32_linear(w.qkv[l], w.qkv_bias[l].data(), (Hq + 2 * Hkv) * D, H);
     layers[l].out = f32_linear(w.out[l], nullptr, H, Hq * D);
@@ -120,7 +126,7 @@ void test_matches_reference(Isa isa) {
     const int32_t positions[B] = {step, step + 3};
     dec.step(tokens, B, kc.data(), vc.data(), S, positions, cos.data(), sin.data(), S, logits.data());
     for (int64_t b = 0; b < B; ++b) {
-      ref_step(w, tokens[b], b, positions[b], ref_kc, ref_vc, cos, sin, ref.data());
+      ref_step(w, windows, tokens[b], b, positions[b], ref_kc, ref_vc, cos, sin, ref.data());
       for (int64_t v = 0; v < V; ++v) PE_CHECK(std::fabs(logits[b * V + v] - ref[v]) < 1e-4f);
     }
   }
@@ -161,7 +167,13 @@ void test_matches_reference(Isa isa) {
 }  // namespace
 
 int main() {
-  for (Isa isa : pyengine::testing::supported_isas()) test_matches_reference(isa);
+  // Full attention, then a sliding window of 3 positions on layer 1 only (Qwen2's per-layer windows;
+  // positions reach 6, so the window cuts keys from the second step of sequence 1 on).
+  const int64_t full[L] = {0, 0}, windowed[L] = {0, 3};
+  for (Isa isa : pyengine::testing::supported_isas()) {
+    test_matches_reference(isa, full);
+    test_matches_reference(isa, windowed);
+  }
   std::printf("test_llama_decoder: ok\n");
   return 0;
 }
