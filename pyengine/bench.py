@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 HF = "hf-eager"
+# The greedy-agreement check: this many corpus prompts of this many tokens, this many greedy tokens each.
+GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 32, 12, 16
 PYENGINE_BACKENDS = ("torch", "fused", "fused-int8")
 ENERGY_SOURCES = ("auto", "nvml", "rapl", "estimate")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "bench_text.txt"
@@ -246,6 +248,22 @@ def _exact_slice(tokenizer, stream, start, n_tokens):
     return None
 
 
+def greedy_rows(tokenizer, ids: list[int], count: int = GREEDY_PROMPTS,
+                length: int = GREEDY_PROMPT_TOKENS) -> list[tuple[str, list[int]]]:
+    """Prompts for the greedy-agreement check: slices of the corpus ids, evenly spaced, kept where
+    their text encodes back (as Engine.generate encodes it) to exactly `length` ids, so that every
+    backend, HF's included, starts from the same ids, and the batch needs no padding."""
+    from pyengine import quality
+
+    rows = []
+    for piece in quality.greedy_prompts(ids, count, length):
+        text = tokenizer.decode(piece)
+        encoded = tokenizer.encode(text, add_special_tokens=True)
+        if text.strip() and len(encoded) == length:
+            rows.append((text, encoded))
+    return rows
+
+
 def corpus_ids(tokenizer, path: Path, n_tokens: int) -> list[int]:
     """The first ``n_tokens`` tokens of a text file (only as much of it is read as needed)."""
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -341,6 +359,14 @@ class HFRunner:
         return seconds, (meter.stop(w) if meter else None)
 
     @torch.inference_mode()
+    def greedy(self, rows, new_tokens):
+        """Each row's greedy continuation (token ids), the rows as one batch."""
+        ids = self._ids(rows)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, **self.gen_kwargs)
+        return out[:, ids.shape[1]:].tolist()
+
+    @torch.inference_mode()
     def logits(self, ids):
         t = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(input_ids=t).logits[0].float().cpu()
@@ -376,6 +402,11 @@ class EngineRunner:
         u = res[0].usage
         return Phases(prefill=(u.prefill_seconds, _usage_joules(res, "prefill_joules")),
                       decode=(u.decode_seconds, _usage_joules(res, "decode_joules")))
+
+    def greedy(self, rows, new_tokens):
+        """Each row's greedy continuation (token ids), the rows as one batch."""
+        results = self.engine.generate([t for t, _ in rows], max_new_tokens=new_tokens, ignore_eos=True)
+        return [r.token_ids for r in results]
 
     def logits(self, ids):
         return self.engine.logits([ids])[0].cpu()
@@ -592,10 +623,11 @@ def run(args) -> int:
     prompts = {b: build_prompts(tokenizer, cfg.prompt_tokens, b) for b in cfg.batch_sizes}
     long_prompts = ({b: build_prompts(tokenizer, cfg.prefill_tokens, b) for b in cfg.batch_sizes}
                     if cfg.prefill_tokens else None)
-    wins = []
+    wins, greedy_prompts = [], []
     if cfg.quality:
         ids = corpus_ids(tokenizer, cfg.corpus, cfg.quality_tokens)
         wins = quality.windows(ids, cfg.quality_tokens, cfg.quality_window)
+        greedy_prompts = greedy_rows(tokenizer, ids)
         if not wins:
             raise ValueError(f"--corpus {cfg.corpus}: too short to score (needs at least 2 tokens)")
         if sum(len(w) for w in wins) < cfg.quality_tokens:
@@ -604,9 +636,10 @@ def run(args) -> int:
     reference = ("torch" if "torch" in cfg.backends else HF if HF in cfg.backends else cfg.backends[0])
     order = [reference] + [b for b in cfg.backends if b != reference]
     per_batch = cfg.warmup + cfg.repeats
-    total = len(order) * (1 + len(cfg.batch_sizes) * per_batch * (2 if long_prompts else 1) + len(wins))
+    total = len(order) * (1 + len(cfg.batch_sizes) * per_batch * (2 if long_prompts else 1) + len(wins)
+                          + (1 if greedy_prompts else 0))
     results, qualities, load_info = {}, {}, {}
-    ref_logits = None
+    ref_logits = ref_greedy = None
     bar = tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=args.no_progress, leave=False)
     try:
         for i, name in enumerate(order):
@@ -630,6 +663,15 @@ def run(args) -> int:
                                                  keep=keep, progress=bar)
                     if keep:
                         ref_logits = kept
+                    if greedy_prompts:  # the greedy continuations of corpus prompts, against the reference's
+                        continuations = runner.greedy(greedy_prompts, GREEDY_NEW_TOKENS)
+                        if keep:
+                            ref_greedy = continuations
+                        else:
+                            res.extra.update(quality.greedy_agreement(ref_greedy, continuations),
+                                             greedy_prompt_tokens=GREEDY_PROMPT_TOKENS,
+                                             greedy_new_tokens=GREEDY_NEW_TOKENS)
+                        bar.update(1)
                     qualities[name] = res
             finally:
                 runner.close()

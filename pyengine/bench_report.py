@@ -87,9 +87,13 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
             q["ppl_delta"] = q["perplexity"] - ref_q.perplexity if ref_q else None
             q["ppl_delta_pct"] = (q["ppl_delta"] / ref_q.perplexity * 100.0) if ref_q else None
             per[name] = q
+        g = next((q for q in per.values() if q.get("greedy_prompts")), None)
         quality = {"reference": reference, "corpus": str(cfg.corpus), "tokens": sum(len(w) for w in wins),
                    "window": cfg.quality_window, "windows": len(wins), "backends": per,
-                   "kl": "mean over positions of KL(reference || backend), nats"}
+                   "kl": "mean over positions of KL(reference || backend), nats",
+                   "greedy": (f"share of {g['greedy_prompts']} prompts cut from the corpus "
+                              f"({g['greedy_prompt_tokens']} tokens each) whose {g['greedy_new_tokens']} greedy "
+                              "tokens equal the reference's" if g else None)}
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": "pyengine bench",
@@ -152,9 +156,12 @@ def tradeoffs(report) -> dict:
         if "fused-int8" in q and fp32 in q:
             dppl = q["fused-int8"]["perplexity"] - q[fp32]["perplexity"]
             entry.update(ppl_delta=dppl, ppl_delta_pct=dppl / q[fp32]["perplexity"] * 100.0,
-                         kl=q["fused-int8"]["kl"], top1_agreement=q["fused-int8"]["top1_agreement"])
+                         kl=q["fused-int8"]["kl"], top1_agreement=q["fused-int8"]["top1_agreement"],
+                         greedy_same_share=q["fused-int8"].get("greedy_same_share"))
             line += (f"; quality: ppl {dppl:+.3f} ({entry['ppl_delta_pct']:+.2f}%), KL {_fmt(entry['kl'], 4)}, "
-                     f"top-1 {_fmt(_pct(entry['top1_agreement']), 1)}% vs {q['fused-int8']['reference']}")
+                     f"top-1 {_fmt(_pct(entry['top1_agreement']), 1)}%"
+                     + (f", greedy {_fmt(_pct(entry['greedy_same_share']), 0)}%" if entry["greedy_same_share"]
+                        is not None else "") + f" vs {q['fused-int8']['reference']}")
         out["by_batch"].append(entry)
         out["lines"].append(line)
         if out["break_even_batch"] is None and j8 is not None and j32 is not None and j8 < j32:
@@ -210,7 +217,7 @@ def format_report(report) -> str:
     head = ["backend", "batch", "prefill tok/s", "decode tok/s", "prefill J/tok", "decode J/tok"]
     if idle:
         head += ["prefill J/tok act", "decode J/tok act"]
-    head += ["avg W", "gCO2e/1k tok", "speedup", "saved", "ppl", "Δppl", "KL", "top-1"]
+    head += ["avg W", "gCO2e/1k tok", "speedup", "saved", "ppl", "Δppl", "KL", "top-1", "greedy"]
     body = []
     any_est = False
     for r in report["results"]:
@@ -234,7 +241,8 @@ def format_report(report) -> str:
                 "ref" if qq and r["backend"] == (report["quality"] or {}).get("reference") else
                 "-" if qq.get("ppl_delta") is None else f"{qq['ppl_delta']:+.3g}",
                 "-" if qq.get("kl") is None else f"{qq['kl']:.3g}",
-                "-" if qq.get("top1_agreement") is None else f"{qq['top1_agreement'] * 100:.1f}%"]
+                "-" if qq.get("top1_agreement") is None else f"{qq['top1_agreement'] * 100:.1f}%",
+                "-" if qq.get("greedy_same_share") is None else f"{qq['greedy_same_share'] * 100:.0f}%"]
         body.append(row)
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
@@ -267,6 +275,8 @@ def format_report(report) -> str:
         qd = report["quality"]
         lines.append(f"quality: {qd['tokens']} tokens of {qd['corpus']} in {qd['windows']} windows of "
                      f"{qd['window']}; reference {qd['reference']}; KL = {qd['kl']}")
+        if qd.get("greedy"):
+            lines.append(f"greedy: {qd['greedy']}")
     else:
         lines.append("quality: not measured (--no-quality)")
     for line in report["tradeoffs"]["lines"]:

@@ -79,6 +79,32 @@ def windows(ids: list[int], max_tokens: int, window: int) -> list[list[int]]:
     return [w for w in out if len(w) >= 2]
 
 
+def greedy_prompts(ids: list[int], count: int, length: int) -> list[list[int]]:
+    """Up to `count` prompts of `length` tokens each, evenly spaced over the corpus token ids."""
+    if length < 1 or count < 1:
+        raise ValueError(f"greedy prompts need count >= 1 and length >= 1, got {count} and {length}")
+    if len(ids) < length:
+        return []
+    count = min(count, len(ids) // length)
+    stride = (len(ids) - length) // (count - 1) if count > 1 else 0
+    return [list(ids[i * stride:i * stride + length]) for i in range(count)]
+
+
+def greedy_agreement(reference: list[list[int]], tokens: list[list[int]]) -> dict:
+    """How far each prompt's greedy continuation follows the reference's: the share of prompts whose
+    continuation is the same token for token, and the mean number of tokens before the first
+    difference."""
+    if len(reference) != len(tokens) or not reference:
+        raise ValueError(f"greedy agreement needs one continuation per reference prompt, got {len(tokens)} "
+                         f"for {len(reference)}")
+    before = []
+    for ref, out in zip(reference, tokens):
+        before.append(next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out))))
+    same = sum(n == len(ref) == len(out) for n, ref, out in zip(before, reference, tokens))
+    return {"greedy_prompts": len(reference), "greedy_same_share": same / len(reference),
+            "greedy_tokens_before_difference": sum(before) / len(before)}
+
+
 @dataclass
 class QualityResult:
     perplexity: float

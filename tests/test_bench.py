@@ -184,6 +184,12 @@ def test_bench_end_to_end(e2e):
     assert q["backends"]["hf-eager"]["kl"] < 1e-6
     assert q["backends"]["hf-eager"]["top1_agreement"] > 0.99
     assert abs(q["backends"]["hf-eager"]["ppl_delta_pct"]) < 1e-3
+    # Greedy continuations of prompts cut from the corpus: the same model, the same 16 tokens.
+    hf = q["backends"]["hf-eager"]
+    assert hf["greedy_prompts"] >= 4 and hf["greedy_prompt_tokens"] == 12 and hf["greedy_new_tokens"] == 16
+    assert hf["greedy_same_share"] == 1.0 and hf["greedy_tokens_before_difference"] == 16
+    assert "greedy_same_share" not in q["backends"]["torch"]  # the reference
+    assert "prompts cut from the corpus" in q["greedy"]
     assert report["tradeoffs"]["lines"] and "fused-int8" in report["tradeoffs"]["lines"][0]
     assert _is_png(out / "r.png")
 
@@ -191,7 +197,8 @@ def test_bench_end_to_end(e2e):
 def test_bench_terminal_table(e2e):
     rc, stdout, stderr, _ = e2e
     assert rc == 0
-    for word in ("backend", "decode tok/s", "decode J/tok", "gCO2e/1k tok", "speedup", "top-1", "hf-eager", "torch"):
+    for word in ("backend", "decode tok/s", "decode J/tok", "gCO2e/1k tok", "speedup", "top-1", "greedy", "hf-eager",
+                 "torch", "greedy: share of"):
         assert word in stdout
     assert "~" in stdout and "estimate: process CPU time x W/core, not a measurement" in stdout
     assert "energy source: estimate" in stdout and "fallback:" in stdout
@@ -285,6 +292,24 @@ def test_top1_agreement():
     cand = torch.tensor([[0.0, 5.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
     assert quality.top1_agreement(ref, cand) == 0.5
     assert quality.top1_agreement(ref, ref) == 1.0
+
+
+def test_greedy_prompts_and_agreement():
+    ids = list(range(100))
+    prompts = quality.greedy_prompts(ids, 4, 10)
+    assert prompts == [list(range(s, s + 10)) for s in (0, 30, 60, 90)]  # evenly spaced, the last at the end
+    assert len(quality.greedy_prompts(ids, 50, 10)) == 10  # no more than the corpus holds
+    assert quality.greedy_prompts(ids[:5], 4, 10) == []
+    with pytest.raises(ValueError, match="count >= 1"):
+        quality.greedy_prompts(ids, 0, 10)
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    out = quality.greedy_agreement(ref, [[1, 2, 3, 4], [5, 6, 0, 8], [0, 9, 9, 9]])
+    assert out == {"greedy_prompts": 3, "greedy_same_share": 1 / 3, "greedy_tokens_before_difference": (4 + 2 + 0) / 3}
+    assert quality.greedy_agreement(ref, ref)["greedy_same_share"] == 1.0
+    stopped_early = [[1, 2, 3], [5, 6, 7, 8], [9, 9, 9, 9]]
+    assert quality.greedy_agreement(ref, stopped_early)["greedy_same_share"] == 2 / 3
+    with pytest.raises(ValueError, match="one continuation per reference prompt"):
+        quality.greedy_agreement(ref, ref[:2])
 
 
 def test_windows_and_evaluate():
