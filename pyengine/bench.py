@@ -255,13 +255,8 @@ def greedy_rows(tokenizer, ids: list[int], count: int = GREEDY_PROMPTS,
     backend, HF's included, starts from the same ids, and the batch needs no padding."""
     from pyengine import quality
 
-    rows = []
-    for piece in quality.greedy_prompts(ids, count, length):
-        text = tokenizer.decode(piece)
-        encoded = tokenizer.encode(text, add_special_tokens=True)
-        if text.strip() and len(encoded) == length:
-            rows.append((text, encoded))
-    return rows
+    found = (_exact_slice(tokenizer, piece, 0, length) for piece in quality.greedy_prompts(ids, count, length))
+    return [row for row in found if row is not None]
 
 
 def corpus_ids(tokenizer, path: Path, n_tokens: int) -> list[int]:

@@ -76,14 +76,10 @@ class DecoderModel:
         """A greedy decode step in one C++ call: tokens [batch] int64 through the model, each row's
         argmax out ([batch] int64, as `sample` would choose it), then cache.lengths += advance
         ([batch] int32). None where no C++ decoder runs: then forward() and sample()."""
-        decoder = self._cpp_decoder()
-        if decoder is None:
+        if self._cpp_decoder() is None:
             return None
-        B = tokens.shape[0]
-        logits = torch.empty(B, self.config.vocab_size)
-        next_ids = torch.empty(B, dtype=torch.long)
-        decoder.step(tokens, cache.keys, cache.values, cache.lengths, *self._decoder_tables(cache), logits,
-                     next_tokens=next_ids, advance=advance)
+        next_ids = torch.empty(tokens.shape[0], dtype=torch.long)
+        self._decode_step(tokens, cache, next_tokens=next_ids, advance=advance)
         return next_ids
 
     def _cpp_decoder(self):
@@ -99,13 +95,13 @@ class DecoderModel:
         then runs op by op through hidden_states."""
         return None
 
-    def _decode_step(self, tokens, cache):
+    def _decode_step(self, tokens, cache, **tail):
         """One new token per sequence through the C++ decoder, written at cache.lengths[b]; logits
-        [batch, 1, vocab]."""
+        [batch, 1, vocab]. tail: the step's next_tokens / advance options (decode_greedy)."""
         B = tokens.shape[0]
         logits = torch.empty(B, 1, self.config.vocab_size)
         self._decoder.step(tokens.reshape(B).long(), cache.keys, cache.values, cache.lengths,
-                           *self._decoder_tables(cache), logits.view(B, -1))
+                           *self._decoder_tables(cache), logits.view(B, -1), **tail)
         return logits
 
     def _decoder_tables(self, cache) -> tuple:
