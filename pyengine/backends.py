@@ -154,9 +154,12 @@ class FusedBackend(TorchBackend):
 
         self._C = _C
         self.arena = WeightArena()  # the linears' weights, on 2 MB pages where the OS gives them
+        self.linears = []  # prepared linears in construction order (save_int8, GPTQ calibration)
 
     def prepare_linear(self, weight, bias=None):
-        return LinearWeights(self.arena.copy(weight), bias)
+        lin = LinearWeights(self.arena.copy(weight), bias)
+        self.linears.append(lin)
+        return lin
 
     def check_dtype(self, dtype):
         if dtype != torch.float32:
@@ -264,7 +267,6 @@ class FusedInt8Backend(FusedBackend):
 
     def __init__(self, preloaded=None):
         super().__init__()
-        self.linears = []  # in construction order, for save_int8
         self._preloaded = list(preloaded) if preloaded is not None else None
 
     def prepare_linear(self, weight, bias=None):

@@ -1,4 +1,4 @@
-"""`pyengine` command line: generate, bench, info."""
+"""`pyengine` command line: generate, quantize, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--int8-method", default=None, help="fused-int8: absmax (default) or gptq")
+    gen.add_argument("--int8-weights", default=None, help="fused-int8: a file written by `pyengine quantize`")
     gen.set_defaults(func=_generate)
+
+    quant = sub.add_parser("quantize", help="quantize a model's weights to int8 once, for fused-int8 to reload")
+    quant.add_argument("output", help="the safetensors file to write")
+    quant.add_argument("--model", default="default", help="local HF model folder, or 'default'")
+    quant.add_argument("--method", default="gptq", help="gptq (default: closer to fp32, minutes of CPU) or absmax")
+    quant.add_argument("--threads", type=int, default=None)
+    quant.set_defaults(func=_quantize)
 
     info = sub.add_parser("info", help="version, CPU ISA, CUDA, energy sources")
     info.set_defaults(func=_info)
@@ -47,13 +56,26 @@ def _generate(args) -> int:
 
     if args.threads is not None:
         ops.set_num_threads(args.threads)
-    engine = pyengine.load(args.model, backend=args.backend, device=args.device)
+    int8 = {k: v for k, v in (("int8_method", args.int8_method), ("int8_weights", args.int8_weights)) if v}
+    engine = pyengine.load(args.model, backend=args.backend, device=args.device, **int8)
     pieces = engine.stream(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _quantize(args) -> int:
+    import pyengine
+    from pyengine import ops
+
+    if args.threads is not None:
+        ops.set_num_threads(args.threads)
+    engine = pyengine.load(args.model, backend="fused-int8", int8_method=args.method)
+    path = engine.save_int8(args.output)
+    print(f"wrote {path} ({args.method}); use it with --backend fused-int8 --int8-weights {path}", file=sys.stderr)
     return 0
 
 

@@ -40,23 +40,21 @@ class Engine:
     pass a list of prompts to generate them as one batch."""
 
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
-                 dtype: torch.dtype | None = None, int8_weights: str | Path | None = None, progress: bool = True):
+                 dtype: torch.dtype | None = None, int8_weights: str | Path | None = None,
+                 int8_method: str | None = None, progress: bool = True):
         self.device = _check_device(device)
         self.dtype = dtype or torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         self.backend_name = backend or default_backend(self.device)
         make_backend(self.backend_name, device=self.device, dtype=self.dtype)  # bad arguments fail before loading
+        _check_int8_options(self.backend_name, int8_weights, int8_method)
         checkpoint = load_checkpoint(model, dtype=self.dtype, progress=progress)
         self.model_path: Path = checkpoint.path
         self.config = checkpoint.config
-        options = {}
-        if int8_weights is not None:
-            if self.backend_name != "fused-int8":
-                raise ValueError("int8_weights is for backend='fused-int8'")
-            from pyengine.quant import load_int8
-
-            options["preloaded"] = load_int8(int8_weights, self.config)
+        options, self.int8_method = {}, None
+        if self.backend_name == "fused-int8":
+            options["preloaded"], self.int8_method = self._int8_weights(int8_weights, int8_method, progress)
         self.backend = make_backend(self.backend_name, device=self.device, dtype=self.dtype, **options)
         self.tokenizer = checkpoint.tokenizer
         reader = WeightReader(checkpoint.weights, checkpoint.path)
@@ -135,9 +133,24 @@ class Engine:
             raise ValueError("save_int8 needs an engine loaded with backend='fused-int8'")
         from pyengine.quant import save_int8
 
-        return save_int8(self.backend.linears, self.config, path, source=self.model_path)
+        return save_int8(self.backend.linears, self.config, path, source=self.model_path, method=self.int8_method)
 
     # ---- internals -----------------------------------------------------------------------------
+
+    def _int8_weights(self, int8_weights, int8_method, progress):
+        """(preloaded int8 linears or None to round at load, the method that made them)."""
+        from pyengine.quant import load_int8
+
+        if int8_weights is not None:
+            linears, method = load_int8(int8_weights, self.config)
+            if int8_method is not None and int8_method != method:
+                raise ValueError(f"int8_weights {str(int8_weights)!r} were made by {method!r}, not {int8_method!r}")
+            return linears, method
+        if int8_method == "gptq":
+            from pyengine.gptq import load_or_quantize
+
+            return load_or_quantize(self.model_path, self.config, progress=progress), "gptq"
+        return None, "absmax"
 
     def _prompt_texts(self, prompt, messages, chat) -> tuple[list[str], bool]:
         if messages is not None:
@@ -360,6 +373,15 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return longest
 
 
+def _check_int8_options(backend_name, int8_weights, int8_method):
+    from pyengine.quant import METHODS
+
+    if (int8_weights is not None or int8_method is not None) and backend_name != "fused-int8":
+        raise ValueError("int8_weights and int8_method are for backend='fused-int8'")
+    if int8_method is not None and int8_method not in METHODS:
+        raise ValueError(f"int8_method must be one of {', '.join(METHODS)}, got {int8_method!r}")
+
+
 def _check_device(device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -377,12 +399,16 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def load(model="default", *, backend: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-         int8_weights: str | Path | None = None, progress: bool = True) -> Engine:
+         int8_weights: str | Path | None = None, int8_method: str | None = None, progress: bool = True) -> Engine:
     """Load a model folder (or 'default', SmolLM2-135M-Instruct) for generation.
 
     backend: 'torch' (reference), 'fused' (our fp32 kernels) or 'fused-int8'; default: the fastest
-    exact one here. int8_weights: a file from Engine.save_int8, reused instead of quantizing again."""
-    return Engine(model, backend=backend, device=device, dtype=dtype, int8_weights=int8_weights, progress=progress)
+    exact one here. int8_weights: a file from Engine.save_int8, reused instead of quantizing again.
+    int8_method ('fused-int8'): 'absmax' (default: each weight rounded alone, instant) or 'gptq'
+    (rounding errors compensated over text the model samples itself: closer to fp32; about two
+    minutes of CPU for the default model the first time, then read from the cache; see pyengine.gptq)."""
+    return Engine(model, backend=backend, device=device, dtype=dtype, int8_weights=int8_weights,
+                  int8_method=int8_method, progress=progress)
 
 
 def generate(prompt, model="default", *, backend: str | None = None, device: str = "cpu", dtype=None, **kwargs):

@@ -2,6 +2,8 @@
 
 A weight matrix W [out, in] becomes int8 Q and one fp32 scale per output row, W ~= Q * scale[:, None],
 scale = max|W_row| / 127. Activations are quantized per token at run time by the int8 kernels.
+Which integer each weight gets is the method's choice: "absmax" rounds each to nearest (here),
+"gptq" compensates rounding errors across a row (pyengine.gptq); the file format is the same.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from pyengine.errors import CheckpointError
 
 FORMAT = "pyengine-int8-v1"
+METHODS = ("absmax", "gptq")  # plain rounding (quantize_per_channel) or GPTQ (pyengine.gptq); one format
 
 
 @dataclass
@@ -47,8 +50,10 @@ def model_fingerprint(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_int8(linears: list[Int8Linear], config, path: Path | str, *, source: Path | str | None = None) -> Path:
-    """Write the quantized linears (in model construction order) to one safetensors file."""
+def save_int8(linears: list[Int8Linear], config, path: Path | str, *, source: Path | str | None = None,
+              method: str = "absmax") -> Path:
+    """Write the quantized linears (in model construction order) to one safetensors file, with the
+    method that rounded them."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -59,13 +64,13 @@ def save_int8(linears: list[Int8Linear], config, path: Path | str, *, source: Pa
             tensors[f"linear.{i}.bias"] = lin.bias.contiguous()
     path = Path(path)
     metadata = {"format": FORMAT, "fingerprint": model_fingerprint(config), "count": str(len(linears)),
-                "source": str(source or "")}
+                "source": str(source or ""), "method": method}
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def load_int8(path: Path | str, config) -> list[Int8Linear]:
-    """Read a file written by save_int8, checking that it belongs to this model."""
+def load_int8(path: Path | str, config) -> tuple[list[Int8Linear], str]:
+    """Read a file written by save_int8, checking that it belongs to this model: (linears, method)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -78,6 +83,9 @@ def load_int8(path: Path | str, config) -> list[Int8Linear]:
                 raise CheckpointError(path, f"not a {FORMAT} file (format {meta.get('format')!r})")
             if meta.get("fingerprint") != model_fingerprint(config):
                 raise CheckpointError(path, "int8 weights were made for a different model (fingerprint mismatch)")
+            method = meta.get("method", "absmax")  # files from before the method was recorded
+            if method not in METHODS:
+                raise CheckpointError(path, f"int8 weights made by an unknown method {method!r}")
             names = set(f.keys())
             out = []
             for i in range(int(meta["count"])):
@@ -87,4 +95,4 @@ def load_int8(path: Path | str, config) -> list[Int8Linear]:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(path, f"cannot read int8 weights ({e})") from None
-    return out
+    return out, method
