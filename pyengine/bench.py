@@ -34,9 +34,12 @@ from pathlib import Path
 
 import torch
 
+from pyengine.quant import METHODS
+
 HF = "hf-eager"
 # The greedy-agreement check: this many corpus prompts of this many tokens, this many greedy tokens each.
-GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 32, 12, 16
+# 128 prompts: a share measured on them is within ~+-4.4% (one standard error); on 32 it was +-9%.
+GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 128, 12, 16
 PYENGINE_BACKENDS = ("torch", "fused", "fused-int8")
 ENERGY_SOURCES = ("auto", "nvml", "rapl", "estimate")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "bench_text.txt"
@@ -79,6 +82,8 @@ class BenchConfig:
     json_path: Path | None
     plot_path: Path | None
     cooldown: float
+    int8_method: str | None = None  # fused-int8: how its weights are rounded at load (None: absmax)
+    int8_weights: Path | None = None  # fused-int8: a saved int8 file instead of quantizing at load
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -91,6 +96,7 @@ class BenchConfig:
             "corpus": str(self.corpus), "quality": self.quality, "quality_tokens": self.quality_tokens,
             "quality_window": self.quality_window, "json": str(self.json_path) if self.json_path else None,
             "plot": str(self.plot_path) if self.plot_path else None, "cooldown": self.cooldown,
+            "int8_method": self.int8_method, "int8_weights": str(self.int8_weights) if self.int8_weights else None,
         }
 
 
@@ -125,6 +131,12 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG: J/token per backend and phase, power timeline")
     p.add_argument("--cooldown", type=float, default=0.0, help="seconds to sleep between backends (GPU only)")
+    p.add_argument("--int8-method", default=None, choices=METHODS,
+                   help="how fused-int8 rounds its weights at load: absmax (default, instant) or gptq "
+                        "(closer to fp32; minutes of CPU, see pyengine.gptq)")
+    p.add_argument("--int8-weights", default=None,
+                   help="fused-int8: int8 weights saved by Engine.save_int8 / pyengine quantize, instead of "
+                        "quantizing at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -185,6 +197,11 @@ def validate(args) -> BenchConfig:
     corpus = Path(args.corpus).expanduser() if args.corpus else DEFAULT_CORPUS
     if not args.no_quality and not corpus.is_file():
         raise ValueError(f"--corpus: {corpus} does not exist or is not a file")
+    int8_weights = Path(args.int8_weights).expanduser() if args.int8_weights else None
+    if (args.int8_method or int8_weights) and "fused-int8" not in backends:
+        raise ValueError("--int8-method / --int8-weights apply to the fused-int8 backend, which is not in --backends")
+    if int8_weights is not None and not int8_weights.is_file():
+        raise ValueError(f"--int8-weights: {int8_weights} does not exist or is not a file")
     notes = []
     if args.cooldown and device.type != "cuda":
         notes.append(f"--cooldown {args.cooldown:g} ignored: it applies to GPU runs only")
@@ -195,7 +212,8 @@ def validate(args) -> BenchConfig:
         energy_source=args.energy_source, grid=grid, pue=float(args.pue), corpus=corpus,
         quality=not args.no_quality, quality_tokens=args.quality_tokens, quality_window=args.quality_window,
         json_path=Path(args.json) if args.json else None, plot_path=Path(args.plot) if args.plot else None,
-        cooldown=args.cooldown if device.type == "cuda" else 0.0, notes=notes)
+        cooldown=args.cooldown if device.type == "cuda" else 0.0, int8_method=args.int8_method,
+        int8_weights=int8_weights, notes=notes)
 
 
 def _resolve_model(model: str):
@@ -285,6 +303,8 @@ class HFRunner:
 
     name = HF
 
+    info: dict = {}  # nothing to add to the load record
+
     def __init__(self, path: Path, device: torch.device):
         import transformers
 
@@ -373,12 +393,13 @@ class HFRunner:
 class EngineRunner:
     """A pyengine backend, timed and metered by the engine itself (usage)."""
 
-    def __init__(self, name: str, path: Path, device: torch.device, meter):
+    def __init__(self, name: str, path: Path, device: torch.device, meter, **options):
         import pyengine
 
         self.name = name
-        self.engine = pyengine.load(path, backend=name, device=str(device), progress=False)
+        self.engine = pyengine.load(path, backend=name, device=str(device), progress=False, **options)
         self.dtype = self.engine.dtype
+        self.info = {"int8_method": self.engine.int8_method} if self.engine.int8_method else {}
 
     def run_prefill(self, rows, meter):
         # The bench's meter, so every backend is measured by the source the idle baseline came from.
@@ -643,8 +664,11 @@ def run(args) -> int:
                 time.sleep(cfg.cooldown)
             bar.set_description(f"{name}: loading")
             t0 = time.perf_counter()
-            runner = HFRunner(path, cfg.device) if name == HF else EngineRunner(name, path, cfg.device, meter)
-            load_info[name] = {"load_seconds": time.perf_counter() - t0, "dtype": str(runner.dtype).replace("torch.", "")}
+            int8 = ({"int8_method": cfg.int8_method, "int8_weights": cfg.int8_weights}
+                    if name == "fused-int8" else {})
+            runner = HFRunner(path, cfg.device) if name == HF else EngineRunner(name, path, cfg.device, meter, **int8)
+            load_info[name] = {"load_seconds": time.perf_counter() - t0, "dtype": str(runner.dtype).replace("torch.", ""),
+                               **runner.info}
             bar.update(1)
             try:
                 for b in cfg.batch_sizes:

@@ -151,7 +151,9 @@ def tradeoffs(report) -> dict:
         j8, j32 = _median(by[("fused-int8", b)]["summary"], basis), _median(by[(fp32, b)]["summary"], basis)
         saved = _saved_pct(j8, j32)
         entry = {"batch_size": b, "int8_j_per_token": j8, "fp32_j_per_token": j32, "energy_saved_pct": saved}
-        line = f"batch {b}: fused-int8 vs {fp32}: decode J/token {_fmt(j8, 4)} vs {_fmt(j32, 4)}"
+        method = by[("fused-int8", b)].get("int8_method")
+        line = (f"batch {b}: fused-int8{f' ({method})' if method else ''} vs {fp32}: decode J/token {_fmt(j8, 4)} "
+                f"vs {_fmt(j32, 4)}")
         line += f" ({'saves' if saved is not None and saved >= 0 else 'costs'} {_fmt(abs(saved) if saved is not None else None, 1)}%)"
         if "fused-int8" in q and fp32 in q:
             dppl = q["fused-int8"]["perplexity"] - q[fp32]["perplexity"]
@@ -226,7 +228,8 @@ def format_report(report) -> str:
         any_est = any_est or bool(est)
         vs = r["vs_hf_eager"] or {}
         qq = q.get(r["backend"], {})
-        row = [r["backend"], str(r["batch_size"]), _with_spread(s["prefill_tokens_per_s"]),
+        label = r["backend"] + (f" ({r['int8_method']})" if r.get("int8_method") else "")
+        row = [label, str(r["batch_size"]), _with_spread(s["prefill_tokens_per_s"]),
                _with_spread(s["decode_tokens_per_s"]), _with_spread(s["prefill_joules_per_token"], est),
                _with_spread(s["decode_joules_per_token"], est)]
         if idle:

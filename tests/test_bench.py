@@ -350,6 +350,10 @@ def _rc(argv):
     (["--pue", "0.5"], "--pue is facility energy / IT energy and must be >= 1.0"),
     (["--grid-intensity", "ATLANTIS"], "unknown grid region"),
     (["--quality-window", "1"], "--quality-window must be at least 2"),
+    (["--backends", "torch", "--int8-method", "gptq"], "apply to the fused-int8 backend"),
+    (["--backends", "fused-int8", "--int8-weights", "/nonexistent/int8.safetensors"],
+     "/nonexistent/int8.safetensors does not exist"),
+    (["--int8-method", "awq"], "invalid choice: 'awq'"),
 ])
 def test_bad_arguments_exit_nonzero(tiny_models, capsys, extra, message):
     rc = _rc(["bench", "--model", str(tiny_models["llama"]), "--no-progress", *extra])
@@ -372,6 +376,26 @@ def test_context_too_small_exits_nonzero(tiny_models, capsys):
     assert _rc(["bench", "--model", str(tiny_models["llama"]), "--prompt-tokens", "200", "--new-tokens", "100",
                 "--no-progress"]) != 0
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_bench_int8_weights_file_is_used_and_named(tiny_models, tmp_path, capsys, monkeypatch):
+    import pyengine
+
+    monkeypatch.setenv("PYENGINE_CACHE", str(tmp_path / "cache"))  # the tiny model's GPTQ entry
+
+    saved = pyengine.load(tiny_models["llama"], backend="fused-int8", int8_method="gptq",
+                          progress=False).save_int8(tmp_path / "gptq.safetensors")
+    rc = main(["bench", "--model", str(tiny_models["llama"]), "--backends", "fused,fused-int8",
+               "--int8-weights", str(saved), "--energy-source", "estimate", "--json", str(tmp_path / "r.json"),
+               *TINY_ARGS])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    _validate(report)
+    assert report["config"]["int8_weights"] == str(saved)
+    methods = {r["backend"]: r.get("int8_method") for r in report["results"]}
+    assert methods == {"fused": None, "fused-int8": "gptq"}  # read from the file, not assumed
+    assert "fused-int8 (gptq)" in out.out
 
 
 # ---- the default model ---------------------------------------------------------------------------
