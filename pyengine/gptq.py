@@ -13,9 +13,11 @@ Calibration text is sampled from the fp32 model itself (a fixed seed, a few comm
 no corpus ships with pyengine and none of the text used to judge quality is seen here. All of it runs
 through the model as one batch, and each layer is rounded as the pass reaches it, so the layers after
 it are calibrated on the inputs they will see in int8 (GPTQ's layer-by-layer order).
-It costs a few minutes of CPU for the default model on 2 cores, once: the result is kept in the
+It costs about two minutes for the default model on 2 cores, once: the result is kept in the
 pyengine cache ($PYENGINE_CACHE/int8/), keyed by the model's files and these settings, and
-load(..., int8_method="gptq") reads it from there the next time.
+load(..., int8_method="gptq") reads it from there the next time. The sampled text depends on the
+fp32 kernels' rounding, which differs between ISAs, so two machines may make slightly different
+weights; to use one set everywhere, write it once with `pyengine quantize` and load that file.
 """
 from __future__ import annotations
 
