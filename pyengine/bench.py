@@ -662,7 +662,8 @@ def run(args) -> int:
             if i and cfg.cooldown:
                 bar.set_postfix_str(f"cooldown {cfg.cooldown:g}s")
                 time.sleep(cfg.cooldown)
-            bar.set_description(f"{name}: loading")
+            bar.set_description(f"{name}: loading" + (" (GPTQ: minutes the first time, cached after)"
+                                                      if name == "fused-int8" and cfg.int8_method == "gptq" else ""))
             t0 = time.perf_counter()
             int8 = ({"int8_method": cfg.int8_method, "int8_weights": cfg.int8_weights}
                     if name == "fused-int8" else {})

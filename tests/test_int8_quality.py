@@ -39,11 +39,16 @@ def test_int8_perplexity_within_one_percent(engines, wikitext_scores):
     assert q.kl < 0.02 and q.top1_agreement > 0.9
 
 
-def test_gptq_closer_to_fp32_than_plain_rounding(engines, wikitext_scores):
+@pytest.fixture(scope="module")
+def gptq():
+    # Quantized once per machine (about 2 minutes on 2 cores), then read from the pyengine cache.
+    return pyengine.load("default", backend="fused-int8", int8_method="gptq", progress=False)
+
+
+def test_gptq_closer_to_fp32_than_plain_rounding(engines, wikitext_scores, gptq):
     # The same int8 format; only which integer each weight gets differs. Calibrated on text the
-    # model samples itself, so WikiText-2 is unseen. Measured: KL 0.0024-0.0028 against 0.0050.
+    # model samples itself, so WikiText-2 is unseen. Measured: KL 0.0021-0.0028 against 0.0043-0.0050.
     _, int8 = engines
-    gptq = pyengine.load("default", backend="fused-int8", int8_method="gptq", progress=False)
     wins, ref, kept = wikitext_scores
     plain, _ = quality.evaluate(lambda w: int8.logits([w])[0], wins, reference=kept)
     q, _ = quality.evaluate(lambda w: gptq.logits([w])[0], wins, reference=kept)
@@ -56,4 +61,13 @@ def test_int8_greedy_text_mostly_unchanged(engines):
     fp32, int8 = engines
     same = sum(fp32.generate(p, max_new_tokens=16, ignore_eos=True).token_ids ==
                int8.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS)
+    assert same >= len(PROMPTS) // 2, f"only {same}/{len(PROMPTS)} prompts keep their first 16 greedy tokens"
+
+
+def test_gptq_greedy_text_mostly_unchanged(engines, gptq):
+    # Measured on AMD EPYC Zen 3: 6 of 8 (plain rounding: 4 of 8). The bound leaves room for the
+    # calibration text differing on another ISA.
+    fp32, _ = engines
+    same = sum(fp32.generate(p, max_new_tokens=16, ignore_eos=True).token_ids ==
+               gptq.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS)
     assert same >= len(PROMPTS) // 2, f"only {same}/{len(PROMPTS)} prompts keep their first 16 greedy tokens"
