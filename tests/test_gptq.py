@@ -105,10 +105,11 @@ def test_int8_method_checked(tiny_models):
         pyengine.load(tiny_models["llama"], backend="fused", int8_method="gptq")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "mistral", "qwen2-window"])
 def test_gptq_other_architectures(tiny_models, name):
     # GPT-2's linears are stored transposed in the checkpoint and its output projection is tied;
-    # Qwen2 has q/k/v biases: each linear layer must still get its own calibration inputs.
+    # Qwen2 has q/k/v biases; Mistral and qwen2-window attend through sliding windows in the
+    # calibration pass: each linear layer must still get its own calibration inputs.
     fp32 = pyengine.load(tiny_models[name], backend="fused")
     gptq = pyengine.load(tiny_models[name], backend="fused-int8", int8_method="gptq", progress=False)
     ids = torch.randint(0, fp32.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
