@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pyengine.errors import CheckpointError
-from pyengine.quant import Int8Linear, load_int8, model_fingerprint, save_int8
+from pyengine.quant import Int8Linear, dequantize, load_int8, model_fingerprint, save_int8
 
 # First words of the calibration samples; each is continued by the fp32 model.
 CALIBRATION_STARTS = ("The", "In", "A", "It", "When", "This", "He", "She", "There", "We", "After", "On",
@@ -92,6 +92,13 @@ def calibration_windows(engine, *, starts=CALIBRATION_STARTS, tokens: int = CALI
     return [r.prompt_token_ids + r.token_ids for r in results]
 
 
+def _rounded(lin, inputs: torch.Tensor) -> Int8Linear:
+    """An fp32 linear layer (weight, bias) rounded by GPTQ over `inputs` [..., in]; the bias stays fp32."""
+    rows = inputs.reshape(-1, inputs.shape[-1]).float()
+    q, scale = quantize_gptq(lin.weight, (rows.T @ rows).double())
+    return Int8Linear(q, scale, None if lin.bias is None else lin.bias.float().contiguous())
+
+
 @contextmanager
 def _quantizing_linears(backend, done: dict, say):
     """Within the block, each backend.linear(x, w) call rounds w by GPTQ over the rows of x (every
@@ -101,10 +108,8 @@ def _quantizing_linears(backend, done: dict, say):
     def linear(x, w):
         if id(w) in done:
             raise RuntimeError("a linear layer ran twice in one calibration pass")
-        rows = x.reshape(-1, x.shape[-1]).float()
-        q, scale = quantize_gptq(w.weight, (rows.T @ rows).double())
-        done[id(w)] = Int8Linear(q, scale, None if w.bias is None else w.bias.float().contiguous())
-        w.weight.copy_(q.float() * scale[:, None])
+        done[id(w)] = _rounded(w, x)
+        w.weight.copy_(dequantize(done[id(w)]))
         if len(done) % 20 == 0:
             say(f"{len(done)}/{len(backend.linears)} linear layers")
         return plain(x, w)
@@ -130,10 +135,7 @@ def quantize_in_one_pass(engine, windows: list[list[int]], say=lambda text: None
         cache = model.new_cache(len(windows), length, torch.float32)
         hidden = model.hidden_states(tokens, cache, model.make_step(length, cache, None))
     # The output projection last, from the final hidden states (its [tokens, vocab] output is not needed).
-    rows = hidden.reshape(-1, hidden.shape[-1]).float()
-    head = model.lm_head
-    done[id(head)] = Int8Linear(*quantize_gptq(head.weight, (rows.T @ rows).double()),
-                                None if head.bias is None else head.bias.float().contiguous())
+    done[id(model.lm_head)] = _rounded(model.lm_head, hidden)
     missing = [i for i, lin in enumerate(backend.linears) if id(lin) not in done]
     if missing:
         raise RuntimeError(f"calibration never ran linear layers {missing}: they cannot be quantized with GPTQ")
