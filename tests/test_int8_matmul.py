@@ -322,12 +322,13 @@ def test_quantize_rows_rejects_aliasing():
 
 
 @pytest.mark.parametrize("K", [5, 576])
-def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, K):
-    """One activation row (decode): each thread's rows are read as two streams, the second one row
-    shorter or empty for some N. Every output row must be the same bits as that row alone (fp32: the
-    same sum in the same order; int8 W8A16: exact)."""
-    gen = torch.Generator().manual_seed(K)
-    x = torch.randn(1, K, generator=gen)
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, M, K):
+    """Decode: each thread's weight rows are read as two streams, the second one row shorter or empty
+    for some N (fp32: up to 4 activation rows; W8A16: one). Every output must be the same bits as
+    that activation row and weight row alone (fp32: the same sum in the same order; W8A16: exact)."""
+    gen = torch.Generator().manual_seed(K + M)
+    x = torch.randn(M, K, generator=gen)
     w = torch.randn(41, K, generator=gen) * 0.05
     w_q, w_scale = ops.quantize_rows(w)
     for N in list(range(1, 14)) + [33, 41]:
@@ -335,8 +336,9 @@ def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, K):
         a16 = ops.int8_linear_a16(x, w_q[:N], w_scale[:N])
         torch.testing.assert_close(f32, ops.linear_f32_reference(x, w[:N]), rtol=1e-4, atol=1e-4)
         assert torch.equal(a16, ops.int8_linear_a16_reference(x, w_q[:N], w_scale[:N])), N
-        for n in range(N):
-            assert torch.equal(f32[:, n], ops.linear_f32(x, w[n:n + 1])[:, 0]), (N, n)
+        for m in range(M):
+            for n in range(N):
+                assert torch.equal(f32[m, n], ops.linear_f32(x[m:m + 1], w[n:n + 1])[0, 0]), (M, N, m, n)
 
 
 # ---- int8_linear_a16 (W8A16): exact integer sums, bitwise equal to the int64 reference ---------
