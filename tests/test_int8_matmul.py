@@ -325,7 +325,7 @@ def test_quantize_rows_rejects_aliasing():
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
 def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, M, K):
     """Decode: each thread's weight rows are read as two streams, the second one row shorter or empty
-    for some N (fp32: up to 4 activation rows; W8A16: one). Every output must be the same bits as
+    for some N (fp32: up to 4 activation rows; W8A16: up to 2). Every output must be the same bits as
     that activation row and weight row alone (fp32: the same sum in the same order; W8A16: exact)."""
     gen = torch.Generator().manual_seed(K + M)
     x = torch.randn(M, K, generator=gen)

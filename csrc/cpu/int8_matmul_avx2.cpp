@@ -187,47 +187,55 @@ void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int
   }
 }
 
-// One activation row (decode at batch 1): the thread's weight rows as TWO sequential streams, the
-// slice's first and second halves, a cache line of each in turn. Over the model's int8 matrices from
-// DRAM (2 threads, Zen 3, paired): a plain read of the slices goes from ~25 to ~30 GB/s when split in
-// two streams (four add nothing more), this kernel from ~21.5 to ~24.8 GB/s, and the whole C++ decode
-// step gets 10-13% faster (medians 5.8 / 6.25 against 6.7 / 6.95 ms; faster in 19 of 19 blocks of 20
-// steps, in each of three runs). Batches keep i16i8_rows: there the multiply-adds bound the speed,
-// and two streams measured slower (batch 4: 14.5 against 12.4 ms).
+// Decode at batch 1 and 2: the thread's weight rows as TWO sequential streams, the slice's first and
+// second halves, a cache line of each in turn. Over the model's int8 matrices from DRAM (2 threads,
+// Zen 3, paired): a plain read of the slices goes from ~25 to ~30 GB/s when split in two streams (four
+// add nothing more), this kernel from ~21.5 to ~24.8 GB/s, and the whole C++ decode step gets 10-13%
+// faster (medians 5.8 / 6.25 against 6.7 / 6.95 ms; faster in 19 of 19 blocks of 20 steps, in each of
+// three runs). At batch 2 the step goes 6.85 -> 5.9 ms (19 of 19). From 3 activation rows on the
+// multiply-adds bound the speed, and i16i8_rows (one stream) is faster: batch 3 9.3 against 9.7 ms,
+// batch 4 9.4 against 11.3 ms.
 // Two rows at b0 and b0 + ldb (stream 0) and rows1 (0..2) at b1, b1 + ldb (stream 1) -> c0[0..2),
-// c1[0..rows1).
-void i16i8_rows_two_streams(const int16_t* a, const int8_t* b0, const int8_t* b1, int64_t ldb, int64_t* c0,
-                            int64_t* c1, int rows1, int64_t K) {
-  __m256i lanes[4][1];  // rows of stream 0 at [0, 2), of stream 1 at [2, 4)
-  for (int r = 0; r < 4; ++r) lanes[r][0] = _mm256_setzero_si256();
+// c1[0..rows1) of each activation row m (at c0 + m * ldc, c1 + m * ldc).
+template <int MR>
+void i16i8_rows_two_streams(const int16_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t ldb,
+                            int64_t* c0, int64_t* c1, int64_t ldc, int rows1, int64_t K) {
+  __m256i lanes[4][MR];  // rows of stream 0 at [0, 2), of stream 1 at [2, 4)
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < MR; ++m) lanes[r][m] = _mm256_setzero_si256();
   for (int r = 0; r < 2; ++r) {
     const int8_t* row0 = b0 + r * ldb;
     const int8_t* row1 = b1 + r * ldb;
     for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
       const int64_t k1 = std::min(K, k0 + kI16Block);
-      __m256i acc0[1] = {_mm256_setzero_si256()}, acc1[1] = {_mm256_setzero_si256()};
+      __m256i acc0[MR], acc1[MR];
+      for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_si256();
       int64_t k = k0;
       if (r < rows1) {
         for (; k + 64 <= k1; k += 64) {
           prefetch_ahead<1>(row0, ldb, k);
           prefetch_ahead<1>(row1, ldb, k);
           for (int j = 0; j < 64; j += 16) {
-            i16i8_step<1>(a + k + j, 0, row0 + k + j, acc0);
-            i16i8_step<1>(a + k + j, 0, row1 + k + j, acc1);
+            i16i8_step<MR>(a + k + j, lda, row0 + k + j, acc0);
+            i16i8_step<MR>(a + k + j, lda, row1 + k + j, acc1);
           }
         }
-        i16i8_row<1>(a, 0, row1, ldb, k, k1, acc1);
+        i16i8_row<MR>(a, lda, row1, ldb, k, k1, acc1);
       }
-      i16i8_row<1>(a, 0, row0, ldb, k, k1, acc0);
-      lanes[r][0] = _mm256_add_epi64(lanes[r][0], widen_epi32_pairs(acc0[0]));
-      lanes[2 + r][0] = _mm256_add_epi64(lanes[2 + r][0], widen_epi32_pairs(acc1[0]));
+      i16i8_row<MR>(a, lda, row0, ldb, k, k1, acc0);
+      for (int m = 0; m < MR; ++m) {
+        lanes[r][m] = _mm256_add_epi64(lanes[r][m], widen_epi32_pairs(acc0[m]));
+        lanes[2 + r][m] = _mm256_add_epi64(lanes[2 + r][m], widen_epi32_pairs(acc1[m]));
+      }
     }
   }
-  alignas(32) int64_t totals[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(totals),
-                     reduce4_epi64(lanes[0][0], lanes[1][0], lanes[2][0], lanes[3][0]));
-  std::copy(totals, totals + 2, c0);
-  std::copy(totals + 2, totals + 2 + rows1, c1);
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) int64_t totals[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(totals),
+                       reduce4_epi64(lanes[0][m], lanes[1][m], lanes[2][m], lanes[3][m]));
+    std::copy(totals, totals + 2, c0 + m * ldc);
+    std::copy(totals + 2, totals + 2 + rows1, c1 + m * ldc);
+  }
 }
 
 // ---- fp32 x fp32 -> fp32 ----
@@ -355,9 +363,10 @@ constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
 
 void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
                           int64_t M, int64_t N, int64_t K) {
-  if (M == 1 && N >= 4) {
+  if (M <= 2 && N >= 4) {
+    const auto two_streams = M == 1 ? i16i8_rows_two_streams<1> : i16i8_rows_two_streams<2>;
     for_each_row_pair(N, [&](int64_t n0, int64_t n1, int rows1) {
-      i16i8_rows_two_streams(a, b + n0 * ldb, b + n1 * ldb, ldb, c + n0, c + n1, rows1, K);
+      two_streams(a, lda, b + n0 * ldb, b + n1 * ldb, ldb, c + n0, c + n1, ldc, rows1, K);
     });
     return;
   }
