@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pyengine
+from pyengine import _C, ops
 from pyengine.memory import WeightArena, huge_page_buffer, transparent_huge_pages
 
 THP_ON = transparent_huge_pages() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
@@ -93,3 +94,40 @@ def test_tied_embedding_is_not_duplicated_and_logits_unchanged(tiny_models):
     assert torch_ref.model.embed.data_ptr() == torch_ref.model.lm_head.weight.data_ptr()
     ids = torch.tensor([[1, 5, 9, 33, 70]])
     torch.testing.assert_close(fused.logits(ids), torch_ref.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+# ---- _C.sum_words: the rooflines' bandwidth probe ---------------------------------------------
+
+@pytest.mark.parametrize("isa", ops.supported_isas())
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sum_words_matches_torch_on_every_isa(isa, threads):
+    """Every word read once, whatever the ISA, thread count and length (leftovers past whole cache
+    lines, past a thread's share, an odd word in a stream); full 64-bit values, so sums wrap."""
+    gen = torch.Generator().manual_seed(threads)
+    before = _C.num_threads()
+    try:
+        ops.set_num_threads(threads)
+        with ops.use_isa(isa):
+            for n in [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4099]:
+                words = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=gen)
+                assert _C.sum_words(words) == int(words.sum()), (isa, threads, n)
+    finally:
+        ops.set_num_threads(before)
+
+
+def test_sum_words_reads_a_huge_page_buffer_through_an_int64_view():
+    buffer, _ = huge_page_buffer(4 << 20)
+    words = buffer.view(torch.float32).fill_(1.0).view(torch.int64)
+    assert _C.sum_words(words) == int(words.sum())
+    assert _C.sum_words(words[1:]) == int(words[1:].sum())  # not 64-byte aligned
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (lambda: torch.zeros(8, dtype=torch.int32), TypeError, "words: expected dtype int64"),
+    (lambda: torch.zeros(2, 4, dtype=torch.int64), ValueError, "words: expected 1 dimension"),
+    (lambda: torch.zeros(16, dtype=torch.int64)[::2], ValueError, "words: .*contiguous"),
+    (lambda: [1, 2, 3], TypeError, "words"),
+])
+def test_sum_words_rejects_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        _C.sum_words(args())

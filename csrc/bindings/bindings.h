@@ -13,6 +13,7 @@ void bind_attention(py::module_& m);
 void bind_int8_matmul(py::module_& m);
 void bind_llama_decoder(py::module_& m);
 void bind_gpt2_decoder(py::module_& m);
+void bind_memory_read(py::module_& m);  // sum_words: the rooflines' bandwidth probe
 void bind_cuda(py::module_& m);  // _C.cuda_*; registers nothing without PYENGINE_WITH_CUDA
 
 }  // namespace pyengine::bind
