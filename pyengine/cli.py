@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from pyengine.quant import METHODS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyengine", description="LLM inference with per-token energy accounting")
@@ -24,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--threads", type=int, default=None)
-    gen.add_argument("--int8-method", default=None, help="fused-int8: absmax (default) or gptq")
+    gen.add_argument("--int8-method", default=None, choices=METHODS, help="fused-int8: absmax (default) or gptq")
     gen.add_argument("--int8-weights", default=None, help="fused-int8: a file written by `pyengine quantize`")
     gen.set_defaults(func=_generate)
 
     quant = sub.add_parser("quantize", help="quantize a model's weights to int8 once, for fused-int8 to reload")
     quant.add_argument("output", help="the safetensors file to write")
     quant.add_argument("--model", default="default", help="local HF model folder, or 'default'")
-    quant.add_argument("--method", default="gptq", help="gptq (default: closer to fp32, minutes of CPU) or absmax")
+    quant.add_argument("--method", default="gptq", choices=METHODS,
+                       help="gptq (default: closer to fp32, minutes of CPU) or absmax")
     quant.add_argument("--threads", type=int, default=None)
     quant.set_defaults(func=_quantize)
 

@@ -127,9 +127,12 @@ def test_cli_quantize_then_generate(tiny_models, tmp_path, capsys):
     assert engine.int8_method == "gptq"
     assert main(["generate", "hello", "--model", str(tiny_models["llama"]), "--backend", "fused-int8",
                  "--int8-weights", str(out), "--max-new-tokens", "3"]) == 0
-    assert main(["quantize", str(tmp_path / "x.safetensors"), "--model", str(tiny_models["llama"]),
-                 "--method", "awq"]) == 2
-    assert "int8_method must be one of absmax, gptq" in capsys.readouterr().err
+    for bad in (["quantize", str(tmp_path / "x.safetensors"), "--method", "awq"],
+                ["generate", "hello", "--backend", "fused-int8", "--int8-method", "awq"]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: before any model loads
+            main([*bad, "--model", str(tiny_models["llama"])])
+        assert exit_info.value.code == 2
+        assert "invalid choice: 'awq'" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
