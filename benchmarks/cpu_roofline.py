@@ -5,8 +5,8 @@
 Measures, in this order and in one run:
   * the machine: read bandwidth (a plain read of 1 GB on 2 MB pages, best of 10, at the start and at the
     end: the higher) and fp32 GEMM rate (torch.mm 1024^3). The read is _C.sum_words, each thread's
-    share as two sequential streams: ~10-25% faster than torch's sum of the same bytes on Zen 3, so
-    the rooflines are against the fastest plain read we have;
+    share as two sequential streams: as fast as torch's sum over one large buffer, 9-17% faster over
+    the engine's weight spans (Zen 3), so every fraction is against the fastest plain read we have;
   * decode tokens/s (32-token prompt, 128 new tokens, batch 1) and prefill tokens/s (512-token prompt)
     for HF transformers eager fp32 (the baseline), HF + torch dynamic int8 (quantize_dynamic, the int8
     a PyTorch user reaches first), and pyengine's torch, fused and fused-int8 backends;

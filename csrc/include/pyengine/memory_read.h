@@ -8,7 +8,8 @@ namespace pyengine {
 
 // The sum of `count` 64-bit words, wrapping modulo 2^64 (the sum only keeps the reads from being
 // optimized away). Each thread reads its share as two sequential streams, its first and second
-// halves a cache line of each in turn: on Zen 3 that reads ~20% faster than one stream per thread.
+// halves a cache line of each in turn: over the model's weights (a few 30-110 MB spans) on Zen 3 that
+// reads 9-17% faster than torch's sum of the same bytes; over one large buffer, the same.
 uint64_t sum_words(const uint64_t* words, int64_t count);
 
 }  // namespace pyengine
