@@ -69,6 +69,25 @@ def save_int8(linears: list[Int8Linear], config, path: Path | str, *, source: Pa
     return path
 
 
+def _check_int8_linear(path: Path, i: int, lin: Int8Linear) -> None:
+    """What the kernels assume of a layer, checked once at load rather than trusted from the file."""
+    q, scale, bias = lin.qweight, lin.scale, lin.bias
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise CheckpointError(path, f"linear.{i}.qweight: expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    rows = q.shape[0]
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+        raise CheckpointError(path, f"linear.{i}.scale: expected float32 of shape ({rows},), "
+                                    f"got {scale.dtype} {tuple(scale.shape)}")
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise CheckpointError(path, f"linear.{i}.scale: holds a negative or non-finite scale")
+    if bool((q == -128).any()):
+        raise CheckpointError(path, f"linear.{i}.qweight: holds -128, but {FORMAT} weights are symmetric, in "
+                                    "[-127, 127] (a damaged file, or not written by pyengine)")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (rows,)):
+        raise CheckpointError(path, f"linear.{i}.bias: expected float32 of shape ({rows},), "
+                                    f"got {bias.dtype} {tuple(bias.shape)}")
+
+
 def load_int8(path: Path | str, config) -> tuple[list[Int8Linear], str]:
     """Read a file written by save_int8, checking that it belongs to this model: (linears, method)."""
     from safetensors import safe_open
@@ -90,7 +109,9 @@ def load_int8(path: Path | str, config) -> tuple[list[Int8Linear], str]:
             out = []
             for i in range(int(meta["count"])):
                 bias = f.get_tensor(f"linear.{i}.bias") if f"linear.{i}.bias" in names else None
-                out.append(Int8Linear(f.get_tensor(f"linear.{i}.qweight"), f.get_tensor(f"linear.{i}.scale"), bias))
+                lin = Int8Linear(f.get_tensor(f"linear.{i}.qweight"), f.get_tensor(f"linear.{i}.scale"), bias)
+                _check_int8_linear(path, i, lin)
+                out.append(lin)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt files

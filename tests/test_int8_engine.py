@@ -46,6 +46,34 @@ def test_int8_weights_save_and_reload(tiny_models, tmp_path):
         pyengine.load(tiny_models["llama"], backend="fused").save_int8(tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.__setitem__("linear.0.qweight", t["linear.0.qweight"].clone().index_fill_(1, torch.tensor([0]), -128)),
+     r"linear\.0\.qweight: holds -128"),
+    (lambda t: t.__setitem__("linear.1.qweight", t["linear.1.qweight"].to(torch.int16)),
+     r"linear\.1\.qweight: expected a 2-D int8 tensor, got torch\.int16"),
+    (lambda t: t.__setitem__("linear.2.scale", t["linear.2.scale"].half()),
+     r"linear\.2\.scale: expected float32"),
+    (lambda t: t.__setitem__("linear.2.scale", t["linear.2.scale"][:-1].clone()),
+     r"linear\.2\.scale: expected float32 of shape"),
+    (lambda t: t["linear.3.scale"].__setitem__(0, float("nan")), r"linear\.3\.scale: holds a negative or non-finite"),
+    (lambda t: t["linear.3.scale"].__setitem__(0, -1.0), r"linear\.3\.scale: holds a negative or non-finite"),
+])
+def test_int8_weights_file_with_bad_tensors_is_refused(tiny_models, tmp_path, damage, message):
+    """What the kernels assume of each layer is checked at load, naming the file and the tensor,
+    instead of reaching a kernel (where -128 or a NaN scale would be a wrong answer, not an error)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = pyengine.load(tiny_models["llama"], backend="fused-int8").save_int8(tmp_path / "int8.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    damage(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=message) as err:
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)
+    assert str(path) in str(err.value)
+
+
 def test_fused_backends_reject_other_dtypes(tiny_models):
     with pytest.raises(ValueError, match="fp32"):
         pyengine.load(tiny_models["llama"], backend="fused", dtype=torch.bfloat16)

@@ -30,7 +30,7 @@ FloatType float_type(const Tensor& t) {
     case DType::F32: return FloatType::F32;
     default:
       throw py::type_error(std::string(t.name()) + ": expected dtype float16, bfloat16 or float32, got " +
-                           dtype_name(t.dtype()));
+                           t.dtype_str());
   }
 }
 
@@ -46,7 +46,7 @@ void check_cuda_operand(const Tensor& t, int64_t ndim) {
 void check_dtype_as(const Tensor& t, const Tensor& ref) {
   if (t.dtype() != ref.dtype()) {
     throw py::type_error(std::string(t.name()) + ": expected the dtype of " + ref.name() + " (" +
-                         dtype_name(ref.dtype()) + "), got " + dtype_name(t.dtype()));
+                         dtype_name(ref.dtype()) + "), got " + t.dtype_str());
   }
 }
 

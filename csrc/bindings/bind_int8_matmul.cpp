@@ -44,13 +44,15 @@ const float* check_linear(const Tensor& x, const Tensor& w, DType w_dtype, const
 using Int8LinearFn = void (*)(const float*, const int8_t*, const float*, const float*, float*, int64_t, int64_t,
                               int64_t);
 
-template <Int8LinearFn Kernel>
+// w_negated: the kernel applies the activations' signs to w_q (W8A8 on AVX2), which -128 breaks.
+template <Int8LinearFn Kernel, bool w_negated = false>
 void def_int8_linear(py::module_& m, const char* name, const char* doc) {
   m.def(
       name,
       [](py::handle x_obj, py::handle w_obj, py::handle scale_obj, py::handle out_obj, py::handle bias_obj) {
         Tensor x(x_obj, "x"), w(w_obj, "w_q"), scale(scale_obj, "w_scale"), out(out_obj, "out");
         const float* bias = check_linear(x, w, DType::I8, &scale, out, bias_obj);
+        if (w_negated) check_no_int8_min(w);
         py::gil_scoped_release release;
         Kernel(x.data<float>(), w.data<int8_t>(), scale.data<float>(), bias, out.data<float>(), x.size(0), w.size(0),
                x.size(1));
@@ -79,8 +81,8 @@ void bind_int8_matmul(py::module_& m) {
       },
       py::arg("x"), py::arg("q_out"), py::arg("scale_out"),
       "Symmetric per-row int8: scale_out = max|x_row| / 127, q_out = clamp(round_half_even(x / scale), "
-      "-127, 127); an all-zero row gets scale 0 and q 0. x [M, K] fp32 (finite), q_out [M, K] int8, "
-      "scale_out [M] fp32.");
+      "-127, 127); an all-zero row gets scale 0 and q 0, a row holding a NaN or an infinity scale NaN and "
+      "q 0 (so what is computed from it is NaN). x [M, K] fp32, q_out [M, K] int8, scale_out [M] fp32.");
 
   m.def(
       "int8_matmul_i32",
@@ -88,6 +90,7 @@ void bind_int8_matmul(py::module_& m) {
         Tensor a(a_obj, "a_q"), b(b_obj, "b_q"), out(out_obj, "out_i32");
         check_operand(a, DType::I8);
         check_operand(b, DType::I8);
+        check_no_int8_min(b);
         check_size(b, 1, a.size(1), "the last dimension of a_q");
         check_cpu_contiguous(out, DType::I32, 2);
         check_size(out, 0, a.size(0), "the first dimension of a_q");
@@ -98,21 +101,22 @@ void bind_int8_matmul(py::module_& m) {
         int8_matmul_i32(a.data<int8_t>(), b.data<int8_t>(), out.data<int32_t>(), a.size(0), b.size(0), a.size(1));
       },
       py::arg("a_q"), py::arg("b_q"), py::arg("out_i32"),
-      "out_i32 = a_q @ b_q^T exactly in int32. a_q [M, K], b_q [N, K] int8 with values in [-127, 127].");
+      "out_i32 = a_q @ b_q^T exactly in int32. a_q [M, K] int8, b_q [N, K] int8 with values in [-127, 127] "
+      "(-128 in b_q raises ValueError: AVX2's sign trick cannot negate it).");
 
-  def_int8_linear<int8_linear>(
+  def_int8_linear<int8_linear, /*w_negated=*/true>(
       m, "int8_linear",
       "W8A8 Linear: x is quantized per row (quantize_rows), then out[m, n] = float(sum_k xq[m, k] * "
-      "w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], "
-      "w_scale [N], out [M, N], bias None or [N].");
+      "w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127] "
+      "(-128 raises ValueError), w_scale [N], out [M, N], bias None or [N].");
   def_int8_linear<int8_linear_wo>(
       m, "int8_linear_wo", "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation.");
   def_int8_linear<int8_linear_a16>(
       m, "int8_linear_a16",
       "W8A16 Linear, the fused-int8 engine's: x rows quantized to int16 (x_scale = max|x_row| / 32767, "
       "round half to even), out[m, n] = float(exact sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * "
-      "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 in [-127, 127], w_scale [N], out [M, N], "
-      "bias None or [N].");
+      "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 (any value; -128 too is "
+      "exact), w_scale [N], out [M, N], bias None or [N].");
 
   m.def(
       "linear_f32",

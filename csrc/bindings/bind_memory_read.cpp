@@ -11,6 +11,7 @@ void bind_memory_read(py::module_& m) {
       [](py::handle words_obj) {
         Tensor words(words_obj, "words");
         check_cpu_contiguous(words, DType::I64, 1);
+        check_nonempty(words);  // a probe that reads nothing measures nothing
         uint64_t total;
         {
           py::gil_scoped_release release;

@@ -1,6 +1,7 @@
 #include "bindings/tensor_args.h"
 
 #include <array>
+#include <cstring>
 
 #include <sstream>
 
@@ -55,6 +56,7 @@ Tensor::Tensor(py::handle obj, const char* name) : name_(name) {
   for (const auto& [torch_dtype, ours] : types.dtypes) {
     if (dtype.is(torch_dtype)) dtype_ = ours;
   }
+  if (dtype_ == DType::Other) other_dtype_ = py::str(dtype);
   // is_cpu first: a bool, where .device.type builds a device object and a string (~1 us of a
   // small op's ~10 us call).
   if (obj.attr(k_is_cpu).cast<bool>()) {
@@ -73,7 +75,16 @@ Tensor::Tensor(py::handle obj, const char* name) : name_(name) {
   for (py::handle v : obj.attr(k_shape)) shape_.push_back(v.cast<int64_t>());
   for (py::handle v : obj.attr(k_stride)()) strides_.push_back(v.cast<int64_t>());
   data_ = obj.attr(k_data_ptr)().cast<uintptr_t>();
+  // A view at an odd byte offset (torch.frombuffer(..., offset=1)) would be read through a misaligned
+  // pointer: undefined behaviour in C++, and a fault in aligned vector loads.
+  const int64_t elem = element_size(dtype_);
+  if (elem > 1 && numel() > 0 && data_ % elem != 0) {
+    throw py::value_error(std::string(name) + ": data is not aligned to its " + std::to_string(elem) +
+                          "-byte elements (a view at an odd byte offset); pass a copy (.clone())");
+  }
 }
+
+std::string Tensor::dtype_str() const { return dtype_ == DType::Other ? other_dtype_ : dtype_name(dtype_); }
 
 int64_t Tensor::numel() const {
   int64_t n = 1;
@@ -123,8 +134,8 @@ const char* dtype_name(DType d) {
 
 void check_dtype(const Tensor& t, DType expected) {
   if (t.dtype() != expected) {
-    throw py::type_error(std::string(t.name()) + ": expected dtype " + dtype_name(expected) +
-                         ", got " + dtype_name(t.dtype()));
+    throw py::type_error(std::string(t.name()) + ": expected dtype " + dtype_name(expected) + ", got " +
+                         t.dtype_str());
   }
 }
 
@@ -167,6 +178,14 @@ void check_no_overlap(const Tensor& out, const Tensor& in) {
   const uintptr_t b0 = in.address(), b1 = b0 + in.span_bytes();
   if (a0 < b1 && b0 < a1) {
     throw py::value_error(std::string(out.name()) + ": must not share memory with " + in.name());
+  }
+}
+
+void check_no_int8_min(const Tensor& t) {
+  // Contiguous (checked before): one memchr, glibc's vectorised byte search.
+  if (std::memchr(t.data<const void>(), 0x80, static_cast<size_t>(t.numel())) != nullptr) {
+    throw py::value_error(std::string(t.name()) + ": holds -128; int8 values must be in [-127, 127] "
+                          "(symmetric quantization never produces -128)");
   }
 }
 

@@ -23,6 +23,8 @@ class Tensor {
 
   const char* name() const { return name_; }
   DType dtype() const { return dtype_; }
+  // The dtype's name: float32, ..., or torch's own name for one no op takes (torch.float64).
+  std::string dtype_str() const;
   bool is_cpu() const { return device_index_ < 0; }
   bool is_cuda() const { return device_index_ >= 0; }
   int device_index() const { return device_index_; }
@@ -47,6 +49,7 @@ class Tensor {
   const char* name_;
   uintptr_t data_ = 0;
   DType dtype_ = DType::Other;
+  std::string other_dtype_;  // str(tensor.dtype), kept only for DType::Other (error messages)
   int device_index_ = -1;  // -1: CPU; otherwise the CUDA device index
   std::vector<int64_t> shape_, strides_;
 };
@@ -64,6 +67,10 @@ void check_same_device(const Tensor& a, const Tensor& b);
 // `out` must not share memory with `in` (for kernels that read inputs after writing outputs).
 void check_no_overlap(const Tensor& out, const Tensor& in);
 void check_positive(double value, const char* name);
+
+// The int8 operands the AVX2 W8A8 kernels negate (b_q, w_q) must not hold -128: vpsignb cannot
+// negate it, so it would give a wrong sum, not an error. A scan at memory speed, before the kernel.
+void check_no_int8_min(const Tensor& t);
 
 // Common bundle: a contiguous CPU tensor of the given dtype and rank.
 void check_cpu_contiguous(const Tensor& t, DType dtype, int64_t ndim);

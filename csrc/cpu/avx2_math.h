@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/abs_max.h"
+
 namespace pyengine::cpu::avx2 {
 
 // Horizontal sum and max of 8 floats.
@@ -23,18 +25,22 @@ inline float hmax_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// max_i |x[i]| over n floats (0 for n = 0). Exact, so equal to a scalar loop in any order.
+// max_i |x[i]| over n floats (0 for n = 0), ordered by magnitude bits as abs_max_scalar (abs_max.h):
+// a NaN or an infinity anywhere gives a non-finite result. Equal to abs_max_scalar bit for bit.
 inline float abs_max(const float* x, int64_t n) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  __m256i vmax0 = _mm256_setzero_si256(), vmax1 = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), abs_mask));
+    vmax0 = _mm256_max_epi32(vmax0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), magnitude));
+    vmax1 = _mm256_max_epi32(vmax1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8)), magnitude));
   }
-  float amax = hmax_ps(_mm256_max_ps(vmax0, vmax1));
-  for (; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  return amax;
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(_mm256_max_epi32(vmax0, vmax1)),
+                            _mm256_extracti128_si256(_mm256_max_epi32(vmax0, vmax1), 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  const float head = _mm_cvtss_f32(_mm_castsi128_ps(m));
+  return max_magnitude(head, abs_max_scalar(x + i, n - i));
 }
 
 // e^x = 2^n * e^r with x = n ln2 + r, for x inside [kExpUnderflow, kExpOverflow] (2^n stays a

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/abs_max.h"
 #include "cpu/int8_matmul_isa.h"
 #include "pyengine/cpu_features.h"
 #include "pyengine/quantize.h"
@@ -118,11 +119,9 @@ void pack_panel_f32_scalar(const float* w, int64_t ldw, int64_t cols, int64_t K,
 
 // As quantize_row_scalar with 32767 levels: a true division, so it equals torch's round(x / scale).
 void quantize_row_i16_scalar(const float* x, int16_t* q, float* scale, int64_t cols) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float s = amax / 32767.0f;
+  const float s = row_scale(abs_max_scalar(x, cols), 32767.0f);
   *scale = s;
-  if (s == 0.0f) {
+  if (!(s > 0.0f)) {
     std::fill(q, q + cols, int16_t{0});
     return;
   }

@@ -567,9 +567,9 @@ void pack_panel_i16_avx2(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, 
 
 // Bitwise equal to quantize_row_i16_scalar: same amax (max is exact), same division and rounding.
 void quantize_row_i16_avx2(const float* x, int16_t* q, float* scale, int64_t cols) {
-  const float s = avx2::abs_max(x, cols) / 32767.0f;
+  const float s = row_scale(avx2::abs_max(x, cols), 32767.0f);
   *scale = s;
-  if (s == 0.0f) {
+  if (!(s > 0.0f)) {
     std::memset(q, 0, cols * sizeof(int16_t));
     return;
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/abs_max.h"
 #include "cpu/int8_matmul_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -12,11 +13,9 @@ namespace cpu {
 // The reference every ISA must match bit for bit: a true division (not a multiply by 127 / amax)
 // so the result equals torch's round(x / scale).
 void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float s = amax / 127.0f;
+  const float s = row_scale(abs_max_scalar(x, cols), 127.0f);
   *scale = s;
-  if (s == 0.0f) {  // all-zero row (or amax so small that amax / 127 underflows)
+  if (!(s > 0.0f)) {  // all-zero row (or amax / 127 underflows), or NaN / inf in it
     std::fill(q, q + cols, int8_t{0});
     return;
   }

@@ -11,9 +11,9 @@
 namespace pyengine::cpu {
 
 void quantize_row_avx2(const float* x, int8_t* q, float* scale, int64_t cols) {
-  const float s = avx2::abs_max(x, cols) / 127.0f;
+  const float s = row_scale(avx2::abs_max(x, cols), 127.0f);
   *scale = s;
-  if (s == 0.0f) {
+  if (!(s > 0.0f)) {
     std::fill(q, q + cols, int8_t{0});
     return;
   }

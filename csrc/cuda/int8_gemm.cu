@@ -113,7 +113,8 @@ int8_gemm_kernel(const int8_t* __restrict__ a, const int8_t* __restrict__ b, int
 constexpr int kQuantThreads = 256;
 
 // One block per row: scale = max|x| / 127, q = clamp(rint(x / scale)) (true division, round half to
-// even: the CPU op's and torch's round(x / scale)).
+// even: the CPU op's and torch's round(x / scale)). As on the CPU, a row holding a NaN or an infinity
+// gets scale NaN and q 0 (fmaxf alone would drop a NaN).
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads)
 quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale, int64_t K) {
@@ -121,13 +122,19 @@ quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __r
   const T* row = x + blockIdx.x * K;
   int8_t* q_row = q + blockIdx.x * K;
   float amax = 0.0f;
-  for (int64_t i = threadIdx.x; i < K; i += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(row[i])));
+  int non_finite = 0;
+  for (int64_t i = threadIdx.x; i < K; i += kQuantThreads) {
+    const float v = to_float(row[i]);
+    amax = fmaxf(amax, fabsf(v));
+    non_finite |= !isfinite(v);
+  }
+  non_finite = __syncthreads_or(non_finite);
   amax = block_max(amax, scratch);
-  const float s = amax / 127.0f;
+  const float s = non_finite ? __int_as_float(0x7fc00000) : amax / 127.0f;
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   for (int64_t i = threadIdx.x; i < K; i += kQuantThreads) {
     int v = 0;
-    if (s != 0.0f) v = min(127, max(-127, __float2int_rn(__fdiv_rn(to_float(row[i]), s))));
+    if (s > 0.0f) v = min(127, max(-127, __float2int_rn(__fdiv_rn(to_float(row[i]), s))));
     q_row[i] = static_cast<int8_t>(v);
   }
 }

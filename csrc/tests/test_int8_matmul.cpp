@@ -129,6 +129,31 @@ int main() {
     PE_CHECK(scale == 0.0f);
     for (int8_t v : q) PE_CHECK(v == 0);
   }
+  // A row holding a NaN or an infinity (at a vector position and in a scalar tail): scale NaN and
+  // q 0, so W8A8 and W8A16 outputs of that row are NaN; the finite row beside it is untouched.
+  // (Converting NaN to an integer, as the quantizers did before, is undefined behaviour: UBSan.)
+  for (float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+    for (int64_t pos : {int64_t{3}, int64_t{38}}) {
+      const int64_t K = 39, N = 3;
+      auto x = testing::random_floats(2 * K, 7);
+      x[K + pos] = bad;
+      const auto w = random_i8(N * K, 8, false);
+      const std::vector<float> ws(N, 0.5f);
+      for (Isa isa : testing::supported_isas()) {
+        set_isa(isa);
+        std::vector<int8_t> xq(2 * K, 5);
+        float xs[2];
+        quantize_rows(x.data(), xq.data(), xs, 2, K);
+        PE_CHECK(xs[0] > 0.0f && std::isnan(xs[1]));
+        for (int64_t k = 0; k < K; ++k) PE_CHECK(xq[K + k] == 0);
+        for (auto linear : {int8_linear, int8_linear_a16}) {
+          std::vector<float> y(2 * N);
+          linear(x.data(), w.data(), ws.data(), nullptr, y.data(), 2, N, K);
+          for (int64_t n = 0; n < N; ++n) PE_CHECK(std::isfinite(y[n]) && std::isnan(y[N + n]));
+        }
+      }
+    }
+  }
   std::printf("test_int8_matmul: ok\n");
   return 0;
 }

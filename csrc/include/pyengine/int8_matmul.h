@@ -26,7 +26,8 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 
 // W8A16 Linear, the one the fused-int8 engine uses: each x row is quantized to int16,
 //   x_scale[m] = max_k |x[m, k]| / 32767,  xq[m, k] = clamp(round_half_even(x[m, k] / x_scale[m]), +-32767)
-// (an all-zero row gets scale 0 and zeros), then
+// (an all-zero row gets scale 0 and zeros; a row holding a NaN or an infinity gets scale NaN and
+// zeros, so its outputs are NaN, as in fp32), then
 //   out[m, n] = float(sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n].
 // The integer dot product is exact, converted to fp32 once: bitwise equal to an int64 reference, so
 // an output row does not depend on which other rows share the call (prefill and decode agree).
