@@ -57,7 +57,9 @@ def test_gptq_closer_to_fp32_than_plain_rounding(engines, wikitext_scores, gptq)
     assert q.top1_agreement > plain.top1_agreement
 
 
-def test_int8_greedy_text_mostly_unchanged(engines):
+def test_absmax_greedy_text_half_unchanged(engines):
+    # Plain rounding (the default) keeps 4 of 8 here and 40% of 128 WikiText-2 prompts (README): the
+    # issue's "most prompts" is reached with GPTQ weights only (the test below). This guards the half.
     fp32, int8 = engines
     same = sum(fp32.generate(p, max_new_tokens=16, ignore_eos=True).token_ids ==
                int8.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS)
@@ -65,9 +67,9 @@ def test_int8_greedy_text_mostly_unchanged(engines):
 
 
 def test_gptq_greedy_text_mostly_unchanged(engines, gptq):
-    # Measured on AMD EPYC Zen 3: 6 of 8 (plain rounding: 4 of 8). The bound leaves room for the
-    # calibration text differing on another ISA.
+    # The bar, "most prompts": more than half. Measured on AMD EPYC Zen 3: 6 of 8 (plain
+    # rounding: 4 of 8); one prompt of room for a calibration text that differs on another ISA.
     fp32, _ = engines
     same = sum(fp32.generate(p, max_new_tokens=16, ignore_eos=True).token_ids ==
                gptq.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS)
-    assert same >= len(PROMPTS) // 2, f"only {same}/{len(PROMPTS)} prompts keep their first 16 greedy tokens"
+    assert same > len(PROMPTS) // 2, f"only {same}/{len(PROMPTS)} prompts keep their first 16 greedy tokens"
