@@ -5,7 +5,8 @@ developed on mostly do not. Here the same sources are compiled with CMakeLists.t
 run under Bochs: the int8 VNNI block against an exact integer reference, with guard pages that fault on
 any read past a row's K bytes; the fp32 prefill panel kernel against the AVX2 one (bitwise) and a float64
 reference; the W8A16 (int16-pair) prefill kernel against the AVX2 one and an exact reference, both
-bitwise; and the cpuid / xgetbv detection that decides when they run."""
+bitwise; the W8A16 decode GEMV (int16 x int8 -> exact int64) against the AVX2 one and an exact integer
+reference, with guard pages; and the cpuid / xgetbv detection that decides when they run."""
 import faulthandler
 import platform
 import sys
@@ -66,6 +67,35 @@ extern "C" void pe_entry(int64_t mode, const int16_t* a_pack, const int16_t* b_p
 }
 """
 
+I16I8_BLOCK_ENTRY = """
+#include "cpu/int8_matmul_isa.h"
+#include <cstddef>
+using namespace pyengine::cpu;
+// The AVX2 kernel copies its tails with memcpy / std::copy, and freestanding there is no libc to provide
+// them. Byte loops through volatile, which the compiler cannot turn back into memcpy calls.
+extern "C" void* memcpy(void* dst, const void* src, size_t n) {
+  volatile unsigned char* d = static_cast<unsigned char*>(dst);
+  const volatile unsigned char* s = static_cast<const unsigned char*>(src);
+  for (size_t i = 0; i < n; ++i) d[i] = s[i];
+  return dst;
+}
+extern "C" void* memmove(void* dst, const void* src, size_t n) {
+  volatile unsigned char* d = static_cast<unsigned char*>(dst);
+  const volatile unsigned char* s = static_cast<const unsigned char*>(src);
+  if (d < s) {
+    for (size_t i = 0; i < n; ++i) d[i] = s[i];
+  } else {
+    for (size_t i = n; i > 0; --i) d[i - 1] = s[i - 1];
+  }
+  return dst;
+}
+// The W8A16 decode GEMV: the AVX-512 block when avx512 is set, else the AVX2 one.
+extern "C" void pe_entry(int64_t avx512, const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                         int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  (avx512 ? i16i8_dot_block_avx512 : i16i8_dot_block_avx2)(a, lda, b, ldb, c, ldc, M, N, K);
+}
+"""
+
 DETECT_ENTRY = """
 #include "cpu/isa_detect.h"
 extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpuid()); }
@@ -86,6 +116,8 @@ PROGRAMS = {
     "panel": (PANEL_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"), ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
     "i16_panel": (I16_PANEL_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"),
                                     ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
+    "i16i8_block": (I16I8_BLOCK_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"),
+                                        ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
     "detect": (DETECT_ENTRY, [("isa_detect.cpp", None)]),
 }
 
@@ -323,3 +355,90 @@ def test_i16_panel_pair_kernel_exact_at_the_int32_edge(machine):
     expected = i16_panel_reference(a_pack, b_pack, scales, False)
     assert abs(expected).max() == np.float32(512 * 32767 * 127)
     np.testing.assert_array_equal(c512, expected)
+
+
+# ---- i16i8_dot_block_avx512: the W8A16 decode GEMV, exact against an integer reference ----------
+
+
+def run_i16i8_block(machine, entry, avx512, a, b, lda, ldb, ldc, rng):
+    """c = a @ b.T (int64) on the emulated CPU. a: (M, K) int16, b: (N, K) int8, stored with row strides
+    lda / ldb (elements; the gaps between rows filled with random values the kernel must not use), each
+    buffer ending exactly at the end of its mapped region. Returns c and the whole c buffer."""
+    (M, K), N = a.shape, b.shape[0]
+    a_buffer = rng.integers(-32767, 32768, (M - 1) * lda + K).astype(np.int16)
+    b_buffer = rng.integers(-128, 128, (N - 1) * ldb + K).astype(np.int8)
+    for m in range(M):
+        a_buffer[m * lda:m * lda + K] = a[m]
+    for n in range(N):
+        b_buffer[n * ldb:n * ldb + K] = b[n]
+    a_addr = A_REGION + REGION_BYTES - a_buffer.nbytes
+    b_addr = B_REGION + REGION_BYTES - b_buffer.nbytes
+    c_words = (M - 1) * ldc + N
+    c_addr = C_REGION + REGION_BYTES - 8 * c_words
+    machine.write(a_addr, a_buffer.tobytes())
+    machine.write(b_addr, b_buffer.tobytes())
+    machine.write(c_addr, np.full(c_words, C_SENTINEL, np.int64).tobytes())
+    machine.call(entry, int(avx512), a_addr, lda, b_addr, ldb, c_addr, ldc, M, N, K)
+    c_buffer = np.frombuffer(machine.read(c_addr, 8 * c_words), np.int64)
+    return np.stack([c_buffer[m * ldc:m * ldc + N] for m in range(M)]), c_buffer
+
+
+def check_i16i8_block(machine, a, b, lda_pad=0, ldb_pad=0, ldc_pad=0, seed=0):
+    m, entries = machine
+    (M, K), N = a.shape, b.shape[0]
+    rng = np.random.default_rng(seed)
+    ld = (K + lda_pad, K + ldb_pad, N + ldc_pad)
+    c512, buffer512 = run_i16i8_block(m, entries["i16i8_block"], True, a, b, *ld, rng)
+    c256, _ = run_i16i8_block(m, entries["i16i8_block"], False, a, b, *ld, rng)
+    expected = a.astype(np.int64) @ b.astype(np.int64).T
+    np.testing.assert_array_equal(c512, expected, err_msg=f"M={M} N={N} K={K}")
+    np.testing.assert_array_equal(c512, c256, err_msg=f"M={M} N={N} K={K}")
+    written = np.zeros(buffer512.size, bool)
+    for row in range(M):
+        written[row * ld[2]:row * ld[2] + N] = True
+    assert (buffer512[~written] == C_SENTINEL).all()  # nothing written between the rows of c
+
+
+# M: the two-stream kernel (1, 2 tokens) and the row groups (3, 4, 16: four groups of 4); N: every
+# split of the two streams (rows1 = 0, 1, 2) and partial groups of 4 weight rows; K: tails of 1, 5, 31
+# and 1 values past a 32-value step, two steps and a bit, a model width, and 1536 + 7.
+@pytest.mark.parametrize("K", [1, 5, 31, 33, 576, 1536 + 7])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 16])
+def test_i16i8_block_exact_random(machine, M, K):
+    rng = np.random.default_rng(M * 100_000 + K)
+    for N in [*range(1, 10), 33]:
+        a = rng.integers(-32767, 32768, (M, K), dtype=np.int16)
+        b = rng.integers(-128, 128, (N, K), dtype=np.int8)
+        check_i16i8_block(machine, a, b, lda_pad=N % 3 * 9, ldb_pad=M % 2 * 5, ldc_pad=N % 2 * 3, seed=N)
+
+
+# 3 * 4096 + 5 values of k: three full int32 blocks and a tail, each lane's block sum at the largest
+# the bound allows; the row totals (5.2e10 at the extreme) only fit the int64 they are widened into.
+@pytest.mark.parametrize("K", [64, 577, 3 * 4096 + 5])
+def test_i16i8_block_exact_extremes(machine, K):
+    rng = np.random.default_rng(K)
+    full = lambda dtype, v, n: np.full((n, K), v, dtype)  # noqa: E731
+    a_signs = lambda n: np.where(rng.random((n, K)) < 0.5, -32767, 32767).astype(np.int16)  # noqa: E731
+    b_signs = lambda n: np.where(rng.random((n, K)) < 0.5, -128, 127).astype(np.int8)  # noqa: E731
+    cases = [(full(np.int16, 32767, 1), full(np.int8, -128, 5)), (full(np.int16, -32767, 2), full(np.int8, -128, 4)),
+             (full(np.int16, 32767, 3), full(np.int8, 127, 5)), (full(np.int16, -32767, 1), full(np.int8, 127, 3)),
+             (a_signs(2), b_signs(7)), (a_signs(4), b_signs(2))]
+    if K < 4096:
+        cases.append((a_signs(16), b_signs(6)))
+    for a, b in cases:
+        check_i16i8_block(machine, a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 16), N=st.integers(1, 40), K=st.integers(1, 1600), lda_pad=st.integers(0, 70),
+       ldb_pad=st.integers(0, 70), ldc_pad=st.integers(0, 5), extremes=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_i16i8_block_exact_hypothesis(machine, M, N, K, lda_pad, ldb_pad, ldc_pad, extremes, seed):
+    rng = np.random.default_rng(seed)
+    if extremes:  # only the largest magnitudes, both signs
+        a = np.where(rng.random((M, K)) < 0.5, -32767, 32767).astype(np.int16)
+        b = np.where(rng.random((N, K)) < 0.5, -128, 127).astype(np.int8)
+    else:
+        a = rng.integers(-32767, 32768, (M, K), dtype=np.int16)
+        b = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    check_i16i8_block(machine, a, b, lda_pad, ldb_pad, ldc_pad, seed)

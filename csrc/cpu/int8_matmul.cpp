@@ -460,7 +460,9 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
   x_q.resize(M * K);
   const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
-  const auto block = active_isa() >= Isa::Avx2 ? cpu::i16i8_dot_block_avx2 : cpu::i16i8_dot_block_scalar;
+  const auto block = active_isa() >= Isa::Avx512 ? cpu::i16i8_dot_block_avx512
+                     : active_isa() >= Isa::Avx2  ? cpu::i16i8_dot_block_avx2
+                                                  : cpu::i16i8_dot_block_scalar;
   integer_linear_tiles<int64_t>(block, x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
 }
 

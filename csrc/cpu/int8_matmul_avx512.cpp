@@ -1,5 +1,5 @@
-// AVX-512 blocks for int8_matmul.cpp: the VNNI int8 block and the prefill panel kernels (fp32, W8A16). Compiled with
-// AVX-512 F/BW/VL/DQ/VNNI flags; called only when cpuid says so.
+// AVX-512 blocks for int8_matmul.cpp: the VNNI int8 block, the prefill panel kernels (fp32, W8A16) and the W8A16
+// decode GEMV. Compiled with AVX-512 F/BW/VL/DQ/VNNI flags; called only when cpuid says so.
 //
 // int8: vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes and adds groups of 4 straight into int32 (no
 // int16 stage, no saturation). We offset a by +128 (a XOR 0x80 maps [-128, 127] to [0, 255]):
@@ -156,6 +156,189 @@ void i16_panel_kernel_scaled_pair_avx512(const int16_t* a_pack, const int16_t* b
       v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
     }
     _mm512_storeu_ps(out + m * ldo, v);
+  }
+}
+
+namespace {
+
+// ---- int16 activations x int8 weights -> exact int64 sums (W8A16 decode GEMV) ----
+//
+// The AVX2 kernel's design (int8_matmul_avx2.cpp: i16i8_rows, i16i8_rows_two_streams), with zmm and
+// VNNI. Per 32 weights: one vpmovsxbw zmm (32 bytes -> 32 int16, the load folded in), then per
+// activation row one vpdpwssd (its 32 int16 as the memory operand), which multiplies the int16
+// pairs and adds both products into the int32 lane. AVX2 spends, on the same 32 weights, two
+// vpmovsxbw and per activation row two vpmaddwd + two vpaddd.
+// A vpdpwssd adds at most 2 * 32767 * 128 = 8388352 to a lane (|x| <= 32767, |w| <= 128); every
+// kI16Block values of k put 4096 / 32 = 128 of them in a lane (as many as the AVX2 kernel's 2048 / 16),
+// at most 1.07e9 < 2^31, and then the int32 lanes are added, in int64, to the totals and restart from 0.
+constexpr int64_t kI16Block = 4096;
+constexpr int kI16PrefetchRows = 2;  // as the AVX2 kernel: the row two rows further down the stream
+
+// acc += the pair products of w and the 32 int16 at x (unaligned), one vpdpwssd with x as its memory
+// operand. Written as asm because with the intrinsic GCC 12 copied every accumulator into another
+// register and back on each iteration of the loops below (in objdump; not so where the loop's sums
+// are only stored after it, as in the panel kernel above).
+PE_INLINE __m512i dpwssd(__m512i acc, __m512i w, const int16_t* x) {
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const __m512i_u*>(x)));
+  return acc;
+}
+
+// acc[m] += 32 products of activation row m and the weight row, starting at a / b.
+template <int MR>
+PE_INLINE void i16i8_step(const int16_t* a, int64_t lda, const int8_t* b, __m512i (&acc)[MR]) {
+  const __m512i bw = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  for (int m = 0; m < MR; ++m) acc[m] = dpwssd(acc[m], bw, a + m * lda);
+}
+
+// The same for the first n < 32 values only: masked loads neither read nor fault past them, and give
+// 0 in the lanes masked off.
+template <int MR>
+PE_INLINE void i16i8_tail(const int16_t* a, int64_t lda, const int8_t* b, int64_t n, __m512i (&acc)[MR]) {
+  const __mmask32 mask = (__mmask32{1} << n) - 1;
+  const __m512i bw = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, b));
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpwssd_epi32(acc[m], _mm512_maskz_loadu_epi16(mask, a + m * lda), bw);
+}
+
+// acc[m] += activation row m x weight row br over k in [k0, k1).
+template <int MR>
+PE_INLINE void i16i8_row(const int16_t* a, int64_t lda, const int8_t* br, int64_t ldb, int64_t k0, int64_t k1,
+                         __m512i (&acc)[MR]) {
+  // A cache line's two halves go to separate accumulators: vpdpwssd has a 5-cycle latency, so one
+  // chain per activation row would cap a single row at 32 weights per 5 cycles (vpaddd: 1 cycle).
+  // The two add up to the same exact sum, under the same bound.
+  __m512i even[MR], odd[MR];
+  for (int m = 0; m < MR; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+  int64_t k = k0;
+  for (; k + 64 <= k1; k += 64) {  // one cache line of the weight row
+    _mm_prefetch(reinterpret_cast<const char*>(br + kI16PrefetchRows * ldb + k), _MM_HINT_T0);
+    i16i8_step<MR>(a + k, lda, br + k, even);
+    i16i8_step<MR>(a + k + 32, lda, br + k + 32, odd);
+  }
+  if (k + 32 <= k1) i16i8_step<MR>(a + k, lda, br + k, even), k += 32;
+  if (k < k1) i16i8_tail<MR>(a + k, lda, br + k, k1 - k, odd);  // only in the last block
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_epi32(acc[m], _mm512_add_epi32(even[m], odd[m]));
+}
+
+// The 16 int32 lanes of v as 8 int64 lanes (lane i + lane i + 8): exact. (Zero-masked forms for the
+// GCC 12 warning noted at hsum_epi32; the same instructions.)
+PE_INLINE __m512i widen_epi32_pairs(__m512i v) {
+  return _mm512_add_epi64(_mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xFF, v, 0)),
+                          _mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xFF, v, 1)));
+}
+
+// The totals of four rows' 8 int64 lanes, as [sum(s0), sum(s1), sum(s2), sum(s3)].
+PE_INLINE __m256i reduce4_epi64(__m512i z0, __m512i z1, __m512i z2, __m512i z3) {
+  const auto fold = [](__m512i z) {
+    return _mm256_add_epi64(_mm512_maskz_extracti64x4_epi64(0xFF, z, 0), _mm512_maskz_extracti64x4_epi64(0xFF, z, 1));
+  };
+  const __m256i s0 = fold(z0), s1 = fold(z1), s2 = fold(z2), s3 = fold(z3);
+  const __m256i s01 = _mm256_add_epi64(_mm256_unpacklo_epi64(s0, s1), _mm256_unpackhi_epi64(s0, s1));
+  const __m256i s23 = _mm256_add_epi64(_mm256_unpacklo_epi64(s2, s3), _mm256_unpackhi_epi64(s2, s3));
+  return _mm256_add_epi64(_mm256_permute2x128_si256(s01, s23, 0x20), _mm256_permute2x128_si256(s01, s23, 0x31));
+}
+
+// c[m * ldc + r] = exact sum over K of activation row m (of MR) times weight row r, for the `rows`
+// (1..4) weight rows at b, read one after another (one sequential stream), as i16i8_rows (AVX2).
+template <int MR>
+void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc, int rows,
+                int64_t K) {
+  __m512i lanes[4][MR];  // per weight row r and activation row m: 8 int64 lanes of the sum
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < MR; ++m) lanes[r][m] = _mm512_setzero_si512();
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
+      const int64_t k1 = std::min(K, k0 + kI16Block);
+      __m512i acc[MR];
+      for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+      i16i8_row<MR>(a, lda, b + r * ldb, ldb, k0, k1, acc);
+      for (int m = 0; m < MR; ++m) lanes[r][m] = _mm512_add_epi64(lanes[r][m], widen_epi32_pairs(acc[m]));
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) int64_t totals[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(totals),
+                       reduce4_epi64(lanes[0][m], lanes[1][m], lanes[2][m], lanes[3][m]));
+    for (int r = 0; r < rows; ++r) c[m * ldc + r] = totals[r];
+  }
+}
+
+// Decode at batch 1 and 2: two sequential streams per call, as i16i8_rows_two_streams (AVX2, where
+// the measurements are): rows b0, b0 + ldb (stream 0) each in lockstep, a cache line at a time, with
+// rows1 (0..2) rows at b1, b1 + ldb (stream 1) -> c0[0..2), c1[0..rows1) of each activation row m.
+template <int MR>
+void i16i8_rows_two_streams(const int16_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t ldb,
+                            int64_t* c0, int64_t* c1, int64_t ldc, int rows1, int64_t K) {
+  __m512i lanes[4][MR];  // rows of stream 0 at [0, 2), of stream 1 at [2, 4)
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < MR; ++m) lanes[r][m] = _mm512_setzero_si512();
+  for (int r = 0; r < 2; ++r) {
+    const int8_t* row0 = b0 + r * ldb;
+    const int8_t* row1 = b1 + r * ldb;
+    for (int64_t k0 = 0; k0 < K; k0 += kI16Block) {
+      const int64_t k1 = std::min(K, k0 + kI16Block);
+      __m512i acc0[MR], acc1[MR];
+      for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm512_setzero_si512();
+      int64_t k = k0;
+      if (r < rows1) {
+        // Each stream's cache line in two halves on separate accumulators, as in i16i8_row: four
+        // vpdpwssd chains, so that at one activation row their latency does not set the pace.
+        __m512i even0[MR], odd0[MR], even1[MR], odd1[MR];
+        for (int m = 0; m < MR; ++m) even0[m] = odd0[m] = even1[m] = odd1[m] = _mm512_setzero_si512();
+        for (; k + 64 <= k1; k += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(row0 + kI16PrefetchRows * ldb + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row1 + kI16PrefetchRows * ldb + k), _MM_HINT_T0);
+          // (In this order: stream 1's first half before stream 0's second, GCC 12 kept one of the
+          // two-row accumulators in another register and copied it there and back every iteration.)
+          i16i8_step<MR>(a + k, lda, row0 + k, even0);
+          i16i8_step<MR>(a + k + 32, lda, row0 + k + 32, odd0);
+          i16i8_step<MR>(a + k, lda, row1 + k, even1);
+          i16i8_step<MR>(a + k + 32, lda, row1 + k + 32, odd1);
+        }
+        for (int m = 0; m < MR; ++m) {
+          acc0[m] = _mm512_add_epi32(even0[m], odd0[m]);
+          acc1[m] = _mm512_add_epi32(even1[m], odd1[m]);
+        }
+        i16i8_row<MR>(a, lda, row1, ldb, k, k1, acc1);
+      }
+      i16i8_row<MR>(a, lda, row0, ldb, k, k1, acc0);
+      for (int m = 0; m < MR; ++m) {
+        lanes[r][m] = _mm512_add_epi64(lanes[r][m], widen_epi32_pairs(acc0[m]));
+        lanes[2 + r][m] = _mm512_add_epi64(lanes[2 + r][m], widen_epi32_pairs(acc1[m]));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) int64_t totals[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(totals),
+                       reduce4_epi64(lanes[0][m], lanes[1][m], lanes[2][m], lanes[3][m]));
+    for (int r = 0; r < 2; ++r) c0[m * ldc + r] = totals[r];
+    for (int r = 0; r < rows1; ++r) c1[m * ldc + r] = totals[2 + r];
+  }
+}
+
+}  // namespace
+
+void i16i8_dot_block_avx512(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
+                            int64_t M, int64_t N, int64_t K) {
+  // The AVX2 dispatch: two streams over the N rows at 1-2 activation rows (rows [0, half) and
+  // [half, N), half even, N - half <= half), else groups of 4 weight rows x 4 activation rows.
+  if (M <= 2 && N >= 4) {
+    const auto two_streams = M == 1 ? i16i8_rows_two_streams<1> : i16i8_rows_two_streams<2>;
+    const int64_t half = (N + 3) / 4 * 2;
+    for (int64_t i = 0; i < half; i += 2) {
+      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
+      two_streams(a, lda, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, ldc, rows1, K);
+    }
+    return;
+  }
+  using RowsFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int, int64_t);
+  static constexpr RowsFn kRows[4] = {i16i8_rows<1>, i16i8_rows<2>, i16i8_rows<3>, i16i8_rows<4>};
+  for (int64_t n = 0; n < N; n += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, N - n));
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+      kRows[mr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, rows, K);
+    }
   }
 }
 

@@ -28,6 +28,9 @@ void i16i8_dot_block_scalar(const int16_t* a, int64_t lda, const int8_t* b, int6
                             int64_t ldc, int64_t M, int64_t N, int64_t K);
 void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
                           int64_t ldc, int64_t M, int64_t N, int64_t K);
+// The same with AVX-512 BW + VNNI (vpdpwssd), bitwise the same sums; weights may be -128 too.
+void i16i8_dot_block_avx512(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c,
+                            int64_t ldc, int64_t M, int64_t N, int64_t K);
 
 // c[m * ldc + n] = sum_k a[m * lda + k] * b[n * ldb + k]  (fp32).
 void f32_dot_block_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
