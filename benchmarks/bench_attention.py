@@ -64,6 +64,8 @@ def test_attention(benchmark, model, phase, tokens, impl):
         work = 4.0 * num_q_heads * head_dim * tokens * (tokens + 1) / 2 if causal else 0.0
         rounds = 5 if causal and tokens == 2048 else 30
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=2, iterations=1)
+    if not benchmark.enabled:  # --benchmark-disable: one untimed call (a smoke run), no stats
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["threads"] = _C.num_threads()
     if causal:

@@ -103,6 +103,8 @@ def test_read_bandwidth(benchmark):
     big = probe_buffer()
     _C.sum_words(big)
     benchmark.pedantic(_C.sum_words, args=(big,), rounds=7, iterations=1, warmup_rounds=1)
+    if not benchmark.enabled:  # --benchmark-disable: one untimed call (a smoke run), no stats
+        return
     gbps = big.numel() * 8 / benchmark.stats.stats.median / 1e9
     benchmark.extra_info["read_GBps"] = round(gbps, 2)
     RESULTS["read_GBps"] = gbps
@@ -121,6 +123,8 @@ def test_gemv(benchmark, name, impl):
     for _ in range(min(len(calls), 64)):
         step()
     benchmark.pedantic(step, rounds=max(100, len(calls)), iterations=1)
+    if not benchmark.enabled:  # --benchmark-disable: one untimed call (a smoke run), no stats
+        return
     stats = benchmark.stats.stats
     gbps, best_gbps = weight_bytes / stats.median / 1e9, weight_bytes / stats.min / 1e9
     benchmark.extra_info["weight_GBps"] = round(gbps, 2)
@@ -150,6 +154,8 @@ def test_gemm(benchmark, name, impl):
         qlin = _torch_dynamic([w])[0]
         fn = lambda: qlin(x)  # noqa: E731
     benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=2)
+    if not benchmark.enabled:  # --benchmark-disable: one untimed call (a smoke run), no stats
+        return
     stats = benchmark.stats.stats
     gops, best_gops = 2 * M * N * K / stats.median / 1e9, 2 * M * N * K / stats.min / 1e9
     benchmark.extra_info["GOPps"] = round(gops, 1)

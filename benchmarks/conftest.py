@@ -1,5 +1,12 @@
 """Fixtures for the pytest-benchmark suites: the model to benchmark.
 
+    python -m pytest benchmarks                         # every suite (benchmarks/bench_*.py)
+    python -m pytest benchmarks/bench_e2e.py            # one suite
+    python -m pytest benchmarks --benchmark-disable     # each benchmark once, untimed: a smoke run
+
+pyproject.toml's python_files collects benchmarks/bench_*.py; its testpaths keep a bare ``pytest``
+(the CI run) on tests/ only.
+
 The default model (SmolLM2-135M-Instruct) when ``pyengine.default_model`` exists and has it in its
 cache; otherwise a random model of the same shape (LlamaConfig as SmolLM2-135M), made once per
 session. PYENGINE_BENCH_LAYERS overrides its layer count (default 30, as SmolLM2-135M) for quick runs.
@@ -63,3 +70,13 @@ def bench_model(tmp_path_factory) -> Path:
         return path
     layers = int(os.environ.get(LAYERS_ENV, SMOLLM2_SHAPE["num_hidden_layers"]))
     return make_smollm2_shaped(tmp_path_factory.mktemp("smollm2_shaped"), layers)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """--benchmark-json / --benchmark-save: every non-finite float (an extra_info figure that came out
+    NaN or inf) as null, so the file is strict JSON (pytest-benchmark's writer would print NaN)."""
+    from pyengine.bench_report import json_safe
+
+    cleaned = json_safe(output_json)
+    output_json.clear()
+    output_json.update(cleaned)

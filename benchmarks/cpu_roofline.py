@@ -38,6 +38,7 @@ import torch
 
 import pyengine
 from pyengine import _C, ops
+from pyengine.bench_report import json_safe
 from pyengine.cli import _cpu_model
 from pyengine.memory import huge_page_buffer, transparent_huge_pages
 
@@ -88,8 +89,34 @@ def bytes_per_token(config, int8: bool, context: int) -> dict:
     return {"weights": weights, "other": small + kv, "total": weights + small + kv}
 
 
+def roofline_tok_s(config, int8: bool, context: int, bandwidth_gbs: float) -> float:
+    """Decode tokens/s at batch 1 if a step took only the time to read its bytes_per_token at bandwidth_gbs."""
+    return bandwidth_gbs * 1e9 / bytes_per_token(config, int8, context)["total"]
+
+
 def median(values):
     return statistics.median(values)
+
+
+def fraction_beside(tok_s_runs, gbs_runs, bytes_per_step: int) -> float:
+    """The median over repeats of each repeat's tokens/s against reading bytes_per_step at the rate
+    probed just before it (gbs_runs, paired with tok_s_runs in order)."""
+    return median([tok_s / (gbs * 1e9 / bytes_per_step) for tok_s, gbs in zip(tok_s_runs, gbs_runs)])
+
+
+def hf_dynamic_int8(model):
+    """The HF model through torch's dynamic int8 quantization (every nn.Linear, qint8 weights): the
+    int8 a PyTorch user reaches first. A copy; raises where torch no longer provides it."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def write_json(result: dict, path: Path) -> None:
+    """Strict JSON: non-finite figures (the python rows' prefill is NaN) as null, and allow_nan=False so
+    that no NaN or Infinity token can reach the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False) + "\n")
 
 
 # With `probes` (a list), read bandwidth is probed right before each repeat (a shorter probe: best
@@ -218,8 +245,7 @@ def main(argv=None) -> int:
     prompt_ids, prefill_ids = ids[: args.prompt_tokens], ids[: args.prefill_tokens]
     del reference
     context = args.prompt_tokens + args.new_tokens // 2  # average KV length during decode
-    roofline = {kind: bandwidth * 1e9 / bytes_per_token(config, kind == "int8", context)["total"]
-                for kind in ("fp32", "int8")}
+    roofline = {kind: roofline_tok_s(config, kind == "int8", context, bandwidth) for kind in ("fp32", "int8")}
     print(f"decode roofline at batch 1: fp32 {roofline['fp32']:.1f} tok/s, int8 {roofline['int8']:.1f} tok/s",
           flush=True)
 
@@ -237,13 +263,11 @@ def main(argv=None) -> int:
             # Each repeat against the bandwidth probed just before it; the median of those fractions.
             per_byte = bytes_per_token(config, precision == "int8", context)["total"]
             row["bandwidth_beside_gb_s"] = beside
-            row["decode_roofline_fraction_beside"] = median(
-                [tok_s / (bw * 1e9 / per_byte) for tok_s, bw in zip(decode_by_batch[1], beside)])
+            row["decode_roofline_fraction_beside"] = fraction_beside(decode_by_batch[1], beside, per_byte)
         if weights_beside and 1 in decode_by_batch:
             row["weight_bytes"] = weight_bytes
             row["weights_read_gb_s_beside"] = weights_beside
-            row["decode_fraction_of_weights_read"] = median(
-                [tok_s / (bw * 1e9 / weight_bytes) for tok_s, bw in zip(decode_by_batch[1], weights_beside)])
+            row["decode_fraction_of_weights_read"] = fraction_beside(decode_by_batch[1], weights_beside, weight_bytes)
         rows.append(row)
         fraction = row["decode_roofline_fraction"]
         print(f"{name:<18} decode b1 {row['decode_tok_s'].get(1, float('nan')):7.1f} tok/s "
@@ -261,9 +285,7 @@ def main(argv=None) -> int:
                                                probes=beside if b == 1 else None) for b in batch_sizes},
                hf_prefill(hf, prefill_ids, args.repeats), beside)
         try:
-            from torch.ao.quantization import quantize_dynamic
-
-            hf8 = quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+            hf8 = hf_dynamic_int8(hf)
             beside = []
             record("hf-dynamic-int8", "int8",
                    {1: hf_runs(hf8, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside)},
@@ -306,8 +328,7 @@ def main(argv=None) -> int:
     if bandwidth_end > bandwidth:
         print(f"read bandwidth at the end {bandwidth_end:.1f} GB/s: roofline fractions recomputed with it")
         bandwidth = bandwidth_end
-        roofline = {kind: bandwidth * 1e9 / bytes_per_token(config, kind == "int8", context)["total"]
-                    for kind in ("fp32", "int8")}
+        roofline = {kind: roofline_tok_s(config, kind == "int8", context, bandwidth) for kind in ("fp32", "int8")}
         for r in rows:
             if 1 in r["decode_tok_s"]:
                 r["decode_roofline_fraction"] = r["decode_tok_s"][1] / roofline[r["precision"]]
@@ -333,8 +354,7 @@ def main(argv=None) -> int:
               f"decode x{r.get('decode_speedup_vs_hf_eager', float('nan')):.2f}  "
               f"prefill x{r.get('prefill_speedup_vs_hf_eager', float('nan')):.2f} vs hf-eager")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -292,13 +292,16 @@ def format_report(report) -> str:
 # ---- JSON ----------------------------------------------------------------------------------------
 
 
-def _clean(x):
+def json_safe(x):
+    """x for strict JSON: non-finite floats (NaN, +-inf) as None (null), keys as str, paths as str.
+    Every result-JSON writer passes its dict through this: write_json here and benchmarks/cpu_roofline.py
+    (both then dump with allow_nan=False), and benchmarks/conftest.py's hook on pytest-benchmark's JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     return x
@@ -307,7 +310,7 @@ def _clean(x):
 def write_json(report, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(report), indent=1, allow_nan=False))
+    path.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
 
 
 # ---- plot ----------------------------------------------------------------------------------------

@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from pyengine import bench, quality
+from pyengine import bench, bench_report, quality
 from pyengine.cli import main
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (not JSON; Python's parser takes them)."""
+    def reject(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 # ---- JSON schema ---------------------------------------------------------------------------------
 
@@ -128,6 +136,24 @@ def test_schema_checker_rejects_bad_reports():
     assert check_schema({"a": float("nan")}, {"properties": {"a": NUM}})
 
 
+def test_strict_json_rejects_non_finite_tokens():
+    assert strict_json('{"a": null, "b": [1.5]}') == {"a": None, "b": [1.5]}
+    for token in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ValueError, match="not strict JSON"):
+            strict_json(f'{{"a": {token}}}')
+
+
+def test_write_json_writes_non_finite_as_null(tmp_path):
+    report = {"a": float("nan"), "b": [1.0, float("inf"), -float("inf")], "c": {2: {"d": float("nan"), "e": 3}},
+              "f": (0.5, float("nan")), "g": tmp_path}
+    path = tmp_path / "out" / "r.json"
+    bench_report.write_json(report, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert strict_json(text) == {"a": None, "b": [1.0, None, None], "c": {"2": {"d": None, "e": 3}},
+                                 "f": [0.5, None], "g": str(tmp_path)}
+
+
 def _is_png(path):
     data = path.read_bytes()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-16:]
@@ -160,7 +186,7 @@ def e2e(tiny_models, tmp_path_factory):
 def test_bench_end_to_end(e2e):
     rc, stdout, stderr, out = e2e
     assert rc == 0, stderr
-    report = json.loads((out / "r.json").read_text())
+    report = strict_json((out / "r.json").read_text())
     _validate(report)
     seen = {(r["backend"], r["batch_size"]) for r in report["results"]}
     assert seen == {(b, n) for b in ("hf-eager", "torch") for n in (1, 2)}
@@ -230,7 +256,7 @@ def test_bench_measured_source_idle_timeline_and_min_window(tiny_models, tmp_pat
                "--new-tokens", "32"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = strict_json((tmp_path / "r.json").read_text())
     _validate(report)
     assert report["quality"] is None
     assert report["energy"]["idle"]["total_watts"] == pytest.approx(40.0, rel=0.05)
@@ -394,7 +420,7 @@ def test_bench_int8_weights_file_is_used_and_named(tiny_models, tmp_path, capsys
                *TINY_ARGS])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = strict_json((tmp_path / "r.json").read_text())
     _validate(report)
     assert report["config"]["int8_weights"] == str(saved)
     methods = {r["backend"]: r.get("int8_method") for r in report["results"]}
@@ -413,7 +439,7 @@ def test_bench_default_model(tmp_path, capsys):
                "--quality-tokens", "64", "--quality-window", "32", "--energy-source", "estimate", "--no-progress",
                "--json", str(tmp_path / "r.json")])
     assert rc == 0, capsys.readouterr().err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = strict_json((tmp_path / "r.json").read_text())
     _validate(report)
     assert report["quality"]["backends"]["hf-eager"]["kl"] < 1e-4
 

@@ -1,6 +1,10 @@
 """The parts of benchmarks/cpu_roofline.py that compute a reported figure: the bytes a decode step
-reads, and the spans of a fused engine's own weights that its "of weights read" column sums."""
+reads, and the spans of a fused engine's own weights that its "of weights read" column sums; and the
+benchmarks' JSON (cpu_roofline's file, the pytest-benchmark hook, the committed results): strict JSON,
+a non-finite figure written as null."""
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -8,10 +12,25 @@ import torch
 
 import pyengine
 
-_SPEC = importlib.util.spec_from_file_location(
-    "cpu_roofline", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_roofline.py")
-cpu_roofline = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(cpu_roofline)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_roofline = _load("cpu_roofline", "cpu_roofline.py")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (not JSON; Python's parser takes them)."""
+    def reject(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 def linear_tensors(engine):
@@ -38,3 +57,42 @@ def test_weight_spans_cover_exactly_the_linear_weights(tiny_models, backend):
     expected = cpu_roofline.bytes_per_token(engine.config, backend == "fused-int8", context=1)["weights"]
     assert expected == weight_bytes
     assert cpu_roofline.weights_read_gbs(spans, repeats=1) > 0
+
+
+def test_roofline_tok_s_and_fraction_beside(tiny_models):
+    config = pyengine.load(tiny_models["llama"], backend="torch").config
+    per_token = cpu_roofline.bytes_per_token(config, False, context=8)["total"]
+    assert cpu_roofline.roofline_tok_s(config, False, 8, 10.0) == pytest.approx(10e9 / per_token)
+    # Each repeat against its own probe, then the median: 0.5, 0.25 and 1.0 of reading 1 GB at the rate.
+    assert cpu_roofline.fraction_beside([5.0, 5.0, 20.0], [10.0, 20.0, 20.0], 10**9) == pytest.approx(0.5)
+
+
+def test_write_json_is_strict_with_non_finite_as_null(tmp_path):
+    # The shape of a "(python)" row: no prefill figure (NaN), so no prefill speedup either.
+    result = {"results": [{"backend": "fused (python)", "decode_tok_s": {1: 60.0}, "prefill_tok_s": math.nan,
+                           "prefill_runs": [math.nan], "prefill_speedup_vs_hf_eager": math.inf}],
+              "settings": {"json": tmp_path / "x.json"}}
+    path = tmp_path / "results" / "cpu.json"
+    cpu_roofline.write_json(result, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text and text.endswith("}\n")
+    row = strict_json(text)["results"][0]
+    assert row["decode_tok_s"] == {"1": 60.0}
+    assert row["prefill_tok_s"] is None and row["prefill_runs"] == [None]
+    assert row["prefill_speedup_vs_hf_eager"] is None
+    assert text == json.dumps(strict_json(text), indent=2) + "\n"  # the committed files' format
+
+
+def test_benchmark_json_hook_writes_non_finite_as_null():
+    conftest = _load("benchmarks_conftest", "conftest.py")
+    output = {"benchmarks": [{"name": "test_generate_e2e[hf-eager]", "stats": {"median": 1.0},
+                              "extra_info": {"decode_tok_s": math.nan, "decode_tok_s_runs": [math.nan, 5.0],
+                                             "ratio": -math.inf}}]}
+    conftest.pytest_benchmark_update_json(config=None, benchmarks=[], output_json=output)
+    info = strict_json(json.dumps(output, allow_nan=False))["benchmarks"][0]["extra_info"]
+    assert info == {"decode_tok_s": None, "decode_tok_s_runs": [None, 5.0], "ratio": None}
+
+
+@pytest.mark.parametrize("path", sorted((BENCHMARKS / "results").glob("*.json")), ids=lambda p: p.name)
+def test_committed_results_are_strict_json(path):
+    strict_json(path.read_text())
