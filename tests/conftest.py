@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+# Every dispatch level the kernels have, lowest first (ops.supported_isas() lists only this CPU's).
+ALL_ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa_params() -> list:
+    """Params for an ISA fixture or parametrize: every level, those this CPU lacks skipped with a
+    reason naming them (so a report shows which paths did not run, instead of dropping them)."""
+    from pyengine import ops
+
+    supported = ops.supported_isas()
+    return [pytest.param(name, marks=pytest.mark.skipif(
+                name not in supported, reason=f"this CPU has no {name} path (detected: {ops.detected_isa()})"))
+            for name in ALL_ISAS]
+
 
 # One tiny config per supported architecture; small enough that a forward pass takes milliseconds.
 TINY_CONFIGS = {

@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pyengine import _C, ops
+from conftest import isa_params
 
 
-@pytest.fixture(params=ops.supported_isas())
+@pytest.fixture(params=isa_params())
 def isa(request):
     with ops.use_isa(request.param):
         yield request.param

@@ -6,12 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyengine import _C, ops
+from conftest import isa_params
 
 # (num_q_heads, num_kv_heads): plain MHA, SmolLM2's 9/3, and a GQA ratio of 8.
 HEADS = [(4, 4), (9, 3), (16, 2)]
 
 
-@pytest.fixture(params=ops.supported_isas())
+@pytest.fixture(params=isa_params())
 def isa(request):
     with ops.use_isa(request.param):
         yield request.param
@@ -80,6 +81,19 @@ def test_chunked_prefill(isa, q_len, heads, head_dim, batch=3):
     real = ragged_lengths(batch, q_len)
     kv_len = [s + n for s, n in zip(starts, real)]
     inputs = make_inputs(batch, q_len, heads, head_dim, max(kv_len) + 3, kv_len, starts, seed=1)
+    check_against_reference(*inputs, scale=1 / math.sqrt(head_dim))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("prefix", [0, 173])
+@pytest.mark.parametrize("q_len", [300, 700])
+def test_long_prefill(isa, q_len, prefix, head_dim, batch=2):
+    """Prompts of hundreds of tokens, crossing many query and key tiles, GQA ratio 3: from position 0
+    and after a cached prefix (the second sequence's prefix shorter, and its prompt ragged)."""
+    starts = [prefix, prefix // 2]
+    real = [q_len, q_len - 37]
+    kv_len = [s + n for s, n in zip(starts, real)]
+    inputs = make_inputs(batch, q_len, (6, 2), head_dim, max(kv_len) + 3, kv_len, starts, seed=q_len + prefix)
     check_against_reference(*inputs, scale=1 / math.sqrt(head_dim))
 
 

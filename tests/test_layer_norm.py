@@ -5,11 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyengine import _C, ops
+from conftest import isa_params
 
 AWKWARD_DIMS = [1, 2, 7, 8, 9, 15, 16, 17, 64, 576, 1001]
 
 
-@pytest.fixture(params=ops.supported_isas())
+@pytest.fixture(params=isa_params())
 def isa(request):
     with ops.use_isa(request.param):
         yield request.param

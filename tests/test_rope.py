@@ -9,12 +9,13 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply_rotary_pos_emb
 
 from pyengine import _C, ops
+from conftest import isa_params
 
 # Half the head dim takes the awkward sizes (rope needs an even head dim).
 HALF_DIMS = [1, 2, 7, 8, 9, 32, 64, 288]
 
 
-@pytest.fixture(params=ops.supported_isas())
+@pytest.fixture(params=isa_params())
 def isa(request):
     with ops.use_isa(request.param):
         yield request.param

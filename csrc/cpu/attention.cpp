@@ -157,7 +157,7 @@ void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cac
   const int64_t block_q = std::max<int64_t>(1, kTargetTileRows / group);
   const int64_t n_qblocks = ceil_div(T, block_q);
   const int64_t n_items = B * Hkv * n_qblocks;
-#pragma omp parallel if (n_items > 1)
+#pragma omp parallel num_threads(num_threads()) if (n_items > 1)
   {
     std::vector<const float*> q_rows(block_q * group);
     std::vector<float*> out_rows(block_q * group);
@@ -205,7 +205,7 @@ void decode(BlockFn fn, const float* q, const float* k_cache, const float* v_cac
     keys[b] = key_range(q_start[b], kv_len[b], s.window);
     total_keys += keys[b].limit - keys[b].start;
   }
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = num_threads();
   const int64_t chunk = std::max(
       kMinDecodeChunk, ceil_div(total_keys * Hkv, kDecodeItemsPerThread * threads));
   for (int64_t b = 0; b < B; ++b) {
@@ -216,7 +216,7 @@ void decode(BlockFn fn, const float* q, const float* k_cache, const float* v_cac
   const int64_t partial_stride = group * (D + 2);  // per item: group x (max, sum, acc[D])
   std::vector<float> partials(n_items * partial_stride);
 
-#pragma omp parallel if (n_items > 1)
+#pragma omp parallel num_threads(num_threads()) if (n_items > 1)
   {
     RowTile tile(group, D);
 #pragma omp for schedule(dynamic, 1)

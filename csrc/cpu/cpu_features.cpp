@@ -60,11 +60,20 @@ Isa parse_isa(const char* name) {
                               "' (expected scalar, avx2 or avx512)");
 }
 
+// The count set, for every thread: omp_set_num_threads alone sets only the calling thread's
+// (OpenMP's nthreads-var is per thread), so kernels called from another thread (a server's worker)
+// would still take every core. Each parallel region asks num_threads() instead. 0: not set.
+std::atomic<int> g_num_threads{0};
+
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be at least 1");
+  g_num_threads.store(n, std::memory_order_relaxed);
   omp_set_num_threads(n);
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+}
 
 }  // namespace pyengine

@@ -4,6 +4,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "pyengine/cpu_features.h"
+
 namespace pyengine {
 
 void embedding(const int64_t* ids, int64_t count, const float* table, int64_t vocab, int64_t dim, float* out) {
@@ -15,7 +17,7 @@ void embedding(const int64_t* ids, int64_t count, const float* table, int64_t vo
     }
   }
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
-#pragma omp parallel for schedule(static) if (count * dim >= 65536)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (count * dim >= 65536)
   for (int64_t n = 0; n < count; ++n) std::memcpy(out + n * dim, table + ids[n] * dim, row_bytes);
 }
 

@@ -150,7 +150,7 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Calls tile(m0, m1, n0, n1) on a grid covering [0, M) x [0, N).
 template <class TileFn>
 void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, const TileFn& tile) {
-  const int threads = omp_get_max_threads();
+  const int threads = num_threads();
   const bool parallel = threads > 1 && M * N * K >= kParallelMinMacs;
   int64_t mb, nb;
   if (M <= kSmallM) {
@@ -162,7 +162,7 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, int64_t weight_elem_bytes, c
   }
   const int64_t m_tiles = ceil_div(M, mb), tiles = m_tiles * ceil_div(N, nb);
   // Consecutive tiles share a weight tile (m varies fastest).
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && tiles > 1)
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic, 1) if (parallel && tiles > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t m0 = (t % m_tiles) * mb, n0 = (t / m_tiles) * nb;
     tile(m0, std::min(M, m0 + mb), n0, std::min(N, n0 + nb));
@@ -350,7 +350,7 @@ void panel_gemm(const Panels& panels_of, float* out, int64_t M, int64_t N, const
     const int64_t rows = std::min(M - m_block, tiles_per_block * R), tiles = ceil_div(rows, R);
     a_pack.resize(tiles * tile_elems);
     Elem* ap = a_pack.data();
-#pragma omp parallel
+#pragma omp parallel num_threads(num_threads())
     {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tiles; ++t) {

@@ -27,7 +27,7 @@ uint64_t sum_words_two_streams_scalar(const uint64_t* words, int64_t count) {
 uint64_t sum_words(const uint64_t* words, int64_t count) {
   const auto share_fn = active_isa() >= Isa::Avx2 ? cpu::sum_words_two_streams_avx2 : cpu::sum_words_two_streams_scalar;
   uint64_t total = 0;
-#pragma omp parallel reduction(+ : total)
+#pragma omp parallel num_threads(num_threads()) reduction(+ : total)
   {
     // Contiguous shares, cut on cache lines (8 words) so no line is read by two threads.
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();

@@ -29,7 +29,7 @@ void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols) 
 
 void quantize_rows(const float* x, int8_t* q, float* scale, int64_t rows, int64_t cols) {
   const auto row_fn = active_isa() >= Isa::Avx2 ? cpu::quantize_row_avx2 : cpu::quantize_row_scalar;
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (rows * cols >= 65536)
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * cols, q + r * cols, scale + r, cols);
 }
 

@@ -36,14 +36,14 @@ RowFn pick_row_fn() {
 
 void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim, float eps) {
   const RowFn row_fn = pick_row_fn();
-#pragma omp parallel for schedule(static) if (rows * dim >= 32768)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (rows * dim >= 32768)
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * dim, nullptr, nullptr, weight, out + r * dim, dim, eps);
 }
 
 void add_rms_norm(float* residual, const float* delta, const float* weight, float* out, int64_t rows,
                   int64_t dim, float eps) {
   const RowFn row_fn = pick_row_fn();
-#pragma omp parallel for schedule(static) if (rows * dim >= 32768)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (rows * dim >= 32768)
   for (int64_t r = 0; r < rows; ++r) {
     float* res = residual + r * dim;
     row_fn(res, delta + r * dim, res, weight, out + r * dim, dim, eps);

@@ -41,7 +41,7 @@ void rope(float* x, const float* cos, const float* sin, const int32_t* positions
   }
   const auto token_fn = active_isa() >= Isa::Avx2 ? cpu::rope_token_avx2 : cpu::rope_token_scalar;
   const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (tokens * heads * head_dim >= 32768)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (tokens * heads * head_dim >= 32768)
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t p = positions[t];
     token_fn(x + t * heads * head_dim, cos + p * half, sin + p * half, heads, head_dim, interleaved);

@@ -21,7 +21,8 @@ const char* isa_name(Isa isa);
 // Parses "scalar" / "avx2" / "avx512"; throws std::invalid_argument otherwise.
 Isa parse_isa(const char* name);
 
-// Threads used by the CPU kernels (OpenMP). Defaults to the OpenMP default (all cores).
+// Threads used by the CPU kernels (OpenMP), whichever thread calls them: every parallel region takes
+// num_threads(). Defaults to the OpenMP default (all cores, or OMP_NUM_THREADS).
 void set_num_threads(int n);
 int num_threads();
 
