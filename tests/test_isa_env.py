@@ -3,7 +3,7 @@ at once, so they overlap).
 
 Implemented behaviour (csrc/cpu/cpu_features.cpp): a known level caps dispatch at
 min(level, detected), silently, so a level above the CPU's gives the CPU's best; an unknown value
-raises ValueError("unknown ISA ...") from every call that dispatches (active_isa, set_isa, each
+raises ValueError("PYENGINE_ISA: unknown ISA ...") from every call that dispatches (active_isa, set_isa, each
 kernel), while importing pyengine still works. `pyengine info` names the level in use.
 """
 import hashlib
@@ -136,11 +136,11 @@ def test_value_above_the_cpu_is_capped_silently(children):
 def test_unknown_value_is_an_error_at_every_dispatch(children):
     got = json_of(children["bogus"])
     assert got["detected"] == ops.detected_isa()
-    message = ["ValueError", "unknown ISA 'sse9' (expected scalar, avx2 or avx512)"]
+    message = ["ValueError", "PYENGINE_ISA: unknown ISA 'sse9' (expected scalar, avx2 or avx512)"]
     for what in ("active_isa", "kernel", "custom_op", "set_isa"):  # every call, not only the first
         assert got[what] == message, what
     assert got["info_rc"] == 2
-    assert "pyengine: error: unknown ISA 'sse9'" in got["info_err"]
+    assert "pyengine: error: PYENGINE_ISA: unknown ISA 'sse9'" in got["info_err"]
 
 
 def test_info_names_the_chosen_path(children):

@@ -17,7 +17,12 @@ Isa initial_isa() {
   const Isa best = detected_isa();
   const char* env = std::getenv("PYENGINE_ISA");
   if (env == nullptr || *env == '\0') return best;
-  const Isa wanted = parse_isa(env);  // a typo in the variable is an error, not a silent default
+  Isa wanted;
+  try {
+    wanted = parse_isa(env);  // a typo in the variable is an error, not a silent default
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("PYENGINE_ISA: ") + e.what());  // say where the value came from
+  }
   return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
 }
 
