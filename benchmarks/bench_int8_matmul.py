@@ -4,8 +4,8 @@
 
 GEMV (M=1, decode): the weights rotate through a pool much larger than L3, so every call streams
 its weight from DRAM as decode does; extra_info["weight_GBps"] is weight bytes / median time, and
-the summary divides it by the machine's read bandwidth, measured in the same run (a 1 GB
-torch.sum). pyengine's weights are on 2 MB pages, as the engine keeps them (pyengine.memory); torch's
+the summary divides it by the machine's read bandwidth, measured in the same run (a plain read of
+1 GB on 2 MB pages, _C.sum_words, as cpu_roofline.py). pyengine's weights are on 2 MB pages, as the engine keeps them (pyengine.memory); torch's
 where torch puts them. GEMM (M=512, prefill): extra_info["GOPps"] = 2*M*N*K / median time.
 The CPU is shared with other work: compare rows within one run only. On a loaded machine a
 2-thread call whose second thread gets descheduled waits a whole scheduler slice (~4-16 ms), so
@@ -182,7 +182,7 @@ def test_zz_summary():
     read = RESULTS.get("read_GBps")
     lines = [f"\nCPU: {_cpu_model()}, {THREADS} threads, ISA {ops.active_isa()}"]
     if read:
-        lines.append(f"read bandwidth (1 GB torch.sum): {read:.1f} GB/s")
+        lines.append(f"read bandwidth (1 GB, _C.sum_words): {read:.1f} GB/s")
     lines.append("GEMV M=1, weights from DRAM: weight GB/s median/best (fraction of read bandwidth), median us")
     for name in SHAPES:
         cells = []
