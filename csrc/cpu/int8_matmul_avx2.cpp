@@ -12,6 +12,7 @@
 
 #include "cpu/avx2_math.h"
 #include "cpu/int8_matmul_isa.h"
+#include "cpu/row_blocks.h"
 
 #define PE_INLINE inline __attribute__((always_inline))
 
@@ -350,15 +351,6 @@ using I8TileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_
 using F32I8TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*, int64_t, int64_t);
 using F32TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
 
-// The decode GEMVs' two streams over N >= 4 rows: rows [0, half) and [half, N), half even and
-// N - half <= half. Calls pair(n0, n1, rows1) for rows n0, n0 + 1 of the first stream and rows1 (0..2)
-// rows from n1 of the second.
-template <class Pair>
-PE_INLINE void for_each_row_pair(int64_t N, const Pair& pair) {
-  const int64_t half = (N + 3) / 4 * 2;
-  for (int64_t i = 0; i < half; i += 2) pair(i, half + i, static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2)));
-}
-
 // Rows of b per tile for 1..4 rows of a, so accumulators and operands fit in 16 ymm registers.
 constexpr int kI8Nr[5] = {0, 4, 4, 2, 2};
 constexpr int kF32Nr[5] = {0, 4, 4, 3, 3};
@@ -376,15 +368,9 @@ void i16i8_dot_block_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_
   }
   using RowsFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int, int64_t);
   static constexpr RowsFn kRows[4] = {i16i8_rows<1>, i16i8_rows<2>, i16i8_rows<3>, i16i8_rows<4>};
-  // Four weight rows (at most 4 x K bytes) stay in L1 while every group of up to 4 activation rows
-  // uses them, so with up to 16 tokens the weight still streams from memory once.
-  for (int64_t n = 0; n < N; n += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, N - n));
-    for (int64_t m = 0; m < M; m += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-      kRows[mr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, rows, K);
-    }
-  }
+  for_each_row_group(M, N, [&](int64_t m, int mr, int64_t n, int rows) {
+    kRows[mr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, rows, K);
+  });
 }
 
 void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, float* c, int64_t ldc) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "cpu/int8_matmul_isa.h"
+#include "cpu/row_blocks.h"
 
 #define PE_INLINE inline __attribute__((always_inline))
 
@@ -320,26 +321,19 @@ void i16i8_rows_two_streams(const int16_t* a, int64_t lda, const int8_t* b0, con
 
 void i16i8_dot_block_avx512(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc,
                             int64_t M, int64_t N, int64_t K) {
-  // The AVX2 dispatch: two streams over the N rows at 1-2 activation rows (rows [0, half) and
-  // [half, N), half even, N - half <= half), else groups of 4 weight rows x 4 activation rows.
+  // The AVX2 kernel's plan (row_blocks.h): two streams at 1-2 activation rows, else row groups.
   if (M <= 2 && N >= 4) {
     const auto two_streams = M == 1 ? i16i8_rows_two_streams<1> : i16i8_rows_two_streams<2>;
-    const int64_t half = (N + 3) / 4 * 2;
-    for (int64_t i = 0; i < half; i += 2) {
-      const int rows1 = static_cast<int>(std::clamp<int64_t>(N - half - i, 0, 2));
-      two_streams(a, lda, b + i * ldb, b + (half + i) * ldb, ldb, c + i, c + half + i, ldc, rows1, K);
-    }
+    for_each_row_pair(N, [&](int64_t n0, int64_t n1, int rows1) {
+      two_streams(a, lda, b + n0 * ldb, b + n1 * ldb, ldb, c + n0, c + n1, ldc, rows1, K);
+    });
     return;
   }
   using RowsFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t*, int64_t, int, int64_t);
   static constexpr RowsFn kRows[4] = {i16i8_rows<1>, i16i8_rows<2>, i16i8_rows<3>, i16i8_rows<4>};
-  for (int64_t n = 0; n < N; n += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, N - n));
-    for (int64_t m = 0; m < M; m += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-      kRows[mr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, rows, K);
-    }
-  }
+  for_each_row_group(M, N, [&](int64_t m, int mr, int64_t n, int rows) {
+    kRows[mr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, rows, K);
+  });
 }
 
 void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t ldc,
