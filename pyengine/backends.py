@@ -279,9 +279,11 @@ class FusedInt8Backend(FusedBackend):
             if lin.shape != tuple(weight.shape):
                 raise ValueError(f"int8 weights file: layer {len(self.linears)} has shape {lin.shape}, "
                                  f"the model needs {tuple(weight.shape)}")
-        else:
-            lin = Int8Linear(*quantize_per_channel(weight), None if bias is None else bias.float().contiguous())
-        lin = Int8Linear(self.arena.copy(lin.qweight), self.arena.copy(lin.scale), lin.bias)
+            lin = Int8Linear(self.arena.copy(lin.qweight), self.arena.copy(lin.scale), lin.bias)
+        else:  # rounded straight into the arena, a chunk of rows at a time
+            placed = (self.arena.empty(weight.shape, torch.int8), self.arena.empty(weight.shape[:1], torch.float32))
+            lin = Int8Linear(*quantize_per_channel(weight, out=placed),
+                             None if bias is None else bias.float().contiguous())
         self.linears.append(lin)
         return lin
 

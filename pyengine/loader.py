@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +20,17 @@ from pyengine.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "default"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SAFETENSORS_DTYPES = {"F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+# safetensors dtype names -> torch dtypes (all little-endian, as the format and x86/ARM are).
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: CheckpointWeights
     tokenizer: Tokenizer
 
 
@@ -99,32 +103,97 @@ def weight_files(folder: Path) -> list[Path]:
                                   "model-0000N-of-0000M.safetensors with an index, or pytorch_model.bin)")
 
 
-def load_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
-    for file in weight_files(folder):
-        tensors = _read_safetensors(file) if file.suffix == ".safetensors" else _read_torch_weights_only(file)
-        for name, tensor in tensors.items():
-            if name in weights:
-                raise CheckpointError(file, f"tensor {name!r} appears in more than one file")
-            if tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            weights[name] = tensor
-    return weights
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+    nbytes: int
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    _check_safetensors_header(file)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class CheckpointWeights(Mapping):
+    """A checkpoint's tensors by name, each read from its file only when asked for and converted to
+    ``dtype`` (floating-point tensors only), so that loading holds one tensor at a time on its way
+    to the backend's own form, never the whole model.
 
+    safetensors tensors are read with ``readinto`` into a buffer of their own, not mapped: mapped
+    pages that were touched count in the process's resident memory until the map is closed.
+    Headers are checked (and names made unique across shards) when the mapping is built.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder = folder
+        self.dtype = dtype
+        self._stored: dict[str, _StoredTensor | torch.Tensor] = {}
+        for file in weight_files(folder):
+            if file.suffix == ".safetensors":
+                entries = _safetensors_entries(file)
+            else:  # a weights-only torch file, memory-mapped by torch.load
+                entries = _read_torch_weights_only(file)
+            for name, entry in entries.items():
+                if name in self._stored:
+                    raise CheckpointError(file, f"tensor {name!r} appears in more than one file")
+                self._stored[name] = entry
+
+    def __iter__(self):
+        return iter(self._stored)
+
+    def __len__(self):
+        return len(self._stored)
+
+    def __contains__(self, name):
+        return name in self._stored
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the tensor has in its file."""
+        return self._stored[name].dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._stored[name]
+        tensor = entry if isinstance(entry, torch.Tensor) else _read_stored(entry)
+        if tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+
+def load_weights(folder: Path, dtype: torch.dtype) -> CheckpointWeights:
+    return CheckpointWeights(folder, dtype)
+
+
+def _read_stored(entry: _StoredTensor) -> torch.Tensor:
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
     try:
-        return load_file(str(file))
-    except (SafetensorError, RuntimeError, ValueError, OSError) as e:
-        raise CheckpointError(file, f"corrupt safetensors file ({e})") from None
+        with open(entry.file, "rb") as f:
+            f.seek(entry.offset)
+            got = f.readinto(buffer.numpy()) if entry.nbytes else 0
+    except OSError as e:
+        raise CheckpointError(entry.file, f"cannot be read ({e})") from None
+    if got != entry.nbytes:
+        raise CheckpointError(entry.file, f"ended {entry.nbytes - got} bytes early (truncated while loading?)")
+    return buffer.view(entry.dtype).view(entry.shape)
 
 
-def _check_safetensors_header(file: Path) -> None:
-    """Validate the header against the file size before any tensor is mapped."""
+def _safetensors_entries(file: Path) -> dict[str, _StoredTensor]:
+    header, data_start = _check_safetensors_header(file)
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = _TORCH_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * torch.empty((), dtype=dtype).element_size() != end - begin:
+            raise CheckpointError(file, f"tensor {name!r}: shape {list(shape)} of {info['dtype']} does not "
+                                        f"match its {end - begin} bytes (corrupt header)")
+        entries[name] = _StoredTensor(file, dtype, shape, data_start + begin, end - begin)
+    return entries
+
+
+def _check_safetensors_header(file: Path) -> tuple[dict, int]:
+    """Validate the header against the file size before any tensor is read; returns the header and
+    the file offset where the tensors' data begins."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
@@ -148,11 +217,15 @@ def _check_safetensors_header(file: Path) -> None:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(file, f"tensor {name!r} has a malformed header entry") from None
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in _TORCH_DTYPES:
             raise CheckpointError(file, f"tensor {name!r} has unsupported dtype {dtype}")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+                and isinstance(begin, int) and isinstance(end, int)):
+            raise CheckpointError(file, f"tensor {name!r} has a malformed shape or offsets in its header")
         if not (0 <= begin <= end <= data_size):
             raise CheckpointError(file, f"tensor {name!r} lies outside the file (bytes {begin}..{end} of "
                                         f"{data_size}): the file is truncated or its header is wrong")
+    return header, 8 + header_len
 
 
 def _read_torch_weights_only(file: Path) -> dict[str, torch.Tensor]:

@@ -31,13 +31,23 @@ class Int8Linear:
         return tuple(self.qweight.shape)
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] -> (int8 [out, in], fp32 scale [out]); round half to even, clamp to +-127."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_per_channel(weight: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (int8 [out, in], fp32 scale [out]); round half to even, clamp to +-127.
+
+    Rows are independent, so they are quantized in chunks: the fp32 temporaries stay a chunk's size
+    whatever the matrix (a large vocabulary's output projection included). `out`: tensors to write
+    into (e.g. placed in a WeightArena) instead of new ones."""
+    rows = weight.shape[0]
+    qweight, scale = out if out is not None else (torch.empty(weight.shape, dtype=torch.int8),
+                                                  torch.empty(rows, dtype=torch.float32))
+    for start in range(0, rows, rows_per_chunk):
+        w = weight[start:start + rows_per_chunk].float()
+        s = w.abs().amax(dim=1) / 127.0
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero
+        qweight[start:start + rows_per_chunk] = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        scale[start:start + rows_per_chunk] = s
+    return qweight, scale
 
 
 def dequantize(linear: Int8Linear) -> torch.Tensor:
