@@ -179,6 +179,11 @@ def test_isa_detection_on_an_avx512_vnni_cpu(machine, osxsave, xcr0, expected, f
     assert bits >> len(CPU_FEATURES) == 0
 
 
+def test_feature_bits_are_in_the_modules_order():
+    _C = pytest.importorskip("pyengine._C")
+    assert [name for name, _ in _C.cpu_features()] == CPU_FEATURES
+
+
 # ---- i8_dot_block_avx512: exact against an integer reference ----------------------------------
 
 
