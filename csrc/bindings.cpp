@@ -3,6 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "bindings/bindings.h"
 #include "pyengine/cpu_features.h"
 
@@ -23,6 +27,18 @@ PYBIND11_MODULE(_C, m) {
       throw py::value_error(e.what());
     }
   }, py::arg("name"), "Cap the SIMD level: scalar, avx2 or avx512.");
+  m.def("cpu_features", [] {
+    std::vector<std::pair<std::string, bool>> flags;  // in CpuFeature order, for printing
+    for (int i = 0; i < kCpuFeatureCount; ++i) {
+      const auto f = static_cast<CpuFeature>(1u << i);
+      flags.emplace_back(cpu_feature_name(f), cpu_features().has(f));
+    }
+    return flags;
+  }, "CPU features as (name, usable) pairs: the CPU has it and the OS saves its registers.");
+  m.def("amx_permission", [] {
+    const AmxPermission p = amx_permission();
+    return std::make_pair(p.granted, std::string(p.reason));
+  }, "(granted, reason): whether the OS let this process use AMX tiles (asked once, on the first call).");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("num_threads", &num_threads);
 #ifdef PYENGINE_WITH_CUDA

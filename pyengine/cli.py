@@ -89,6 +89,12 @@ def _info(args) -> int:
     print(f"pyengine {pyengine.__version__}  (python {platform.python_version()}, torch {torch.__version__})")
     print(f"cpu: {_cpu_model()}; {_C.num_threads()} threads")
     print(f"cpu isa: {ops.active_isa()} (detected {ops.detected_isa()}; cap with PYENGINE_ISA=scalar|avx2|avx512)")
+    features = _C.cpu_features()
+    absent = [name for name, usable in features if not usable]
+    print(f"cpu features: {' '.join(name for name, usable in features if usable) or 'none'}"
+          + (f" (absent: {' '.join(absent)})" if absent else ""))
+    granted, reason = _C.amx_permission()
+    print(f"amx tiles: {'permitted' if granted else 'not usable: ' + reason}")
     print(f"transparent huge pages: {memory.transparent_huge_pages()} (fused backends ask for 2 MB pages for "
           "their weights; they get them under 'always' or 'madvise')")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"

@@ -25,7 +25,10 @@ from x86_emulator import (  # noqa: E402
     ROOT, XCR0_AVX512, XCR0_X87_SSE_AVX, EmulatedFault, X86Machine, build_freestanding, cmake_flags,
 )
 
-ISA_LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}  # pyengine::Isa
+ISA_LEVELS = {0: "scalar", 0x101: "avx2", 0x102: "avx512"}  # pyengine::Isa: (family << 8) | rank
+# pyengine::CpuFeature bits, in their order
+CPU_FEATURES = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_int8", "amx_bf16"]
 
 I8_BLOCK_ENTRY = """
 #include "cpu/int8_matmul_isa.h"
@@ -98,7 +101,11 @@ extern "C" void pe_entry(int64_t avx512, const int16_t* a, int64_t lda, const in
 
 DETECT_ENTRY = """
 #include "cpu/isa_detect.h"
-extern "C" int pe_entry() { return static_cast<int>(pyengine::cpu::isa_from_cpuid()); }
+// features != 0: the CpuFeature bits; else the level.
+extern "C" int pe_entry(int64_t features) {
+  return features ? static_cast<int>(pyengine::cpu::features_from_cpuid().bits)
+                  : static_cast<int>(pyengine::cpu::isa_from_cpuid());
+}
 """
 
 
@@ -153,15 +160,28 @@ def machine(tmp_path_factory):
 # ---- detection -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("osxsave, xcr0, expected", [
-    (True, XCR0_AVX512, "avx512"),
-    (True, XCR0_X87_SSE_AVX, "avx2"),  # an OS that does not save the zmm / opmask state
-    (False, 1, "scalar"),  # an OS that enabled no extended state at all: xgetbv must not run
+AVX2_FEATURES = ["avx2", "fma", "f16c"]
+AVX512_FEATURES = AVX2_FEATURES + ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"]
+
+
+# The emulated Tiger Lake has AVX-512 with VNNI, neither AVX512_BF16 nor AMX.
+@pytest.mark.parametrize("osxsave, xcr0, expected, features", [
+    (True, XCR0_AVX512, "avx512", AVX512_FEATURES),
+    (True, XCR0_X87_SSE_AVX, "avx2", AVX2_FEATURES),  # an OS that does not save the zmm / opmask state
+    (False, 1, "scalar", []),  # an OS that enabled no extended state at all: xgetbv must not run
 ])
-def test_isa_detection_on_an_avx512_vnni_cpu(machine, osxsave, xcr0, expected):
+def test_isa_detection_on_an_avx512_vnni_cpu(machine, osxsave, xcr0, expected, features):
     m, entries = machine
-    level = m.call(entries["detect"], xcr0=xcr0, osxsave=osxsave) & 0xFFFFFFFF
+    level = m.call(entries["detect"], 0, xcr0=xcr0, osxsave=osxsave) & 0xFFFFFFFF
     assert ISA_LEVELS[level] == expected
+    bits = m.call(entries["detect"], 1, xcr0=xcr0, osxsave=osxsave) & 0xFFFFFFFF
+    assert [name for i, name in enumerate(CPU_FEATURES) if bits >> i & 1] == features
+    assert bits >> len(CPU_FEATURES) == 0
+
+
+def test_feature_bits_are_in_the_modules_order():
+    _C = pytest.importorskip("pyengine._C")
+    assert [name for name, _ in _C.cpu_features()] == CPU_FEATURES
 
 
 # ---- i8_dot_block_avx512: exact against an integer reference ----------------------------------

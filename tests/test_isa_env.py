@@ -4,7 +4,8 @@ at once, so they overlap).
 Implemented behaviour (csrc/cpu/cpu_features.cpp): a known level caps dispatch at
 min(level, detected), silently, so a level above the CPU's gives the CPU's best; an unknown value
 raises ValueError("PYENGINE_ISA: unknown ISA ...") from every call that dispatches (active_isa, set_isa, each
-kernel), while importing pyengine still works. `pyengine info` names the level in use.
+kernel), while importing pyengine still works. `pyengine info` names the level in use and the CPU's
+feature flags (not capped).
 """
 import hashlib
 import json
@@ -148,3 +149,9 @@ def test_info_names_the_chosen_path(children):
     assert child["rc"] == 0, child["err"]
     lines = [line for line in child["out"].splitlines() if line.startswith("cpu isa:")]
     assert lines and lines[0].startswith(f"cpu isa: scalar (detected {ops.detected_isa()}"), child["out"]
+    # The feature flags, whatever the cap: detection is not capped.
+    features = [line for line in child["out"].splitlines() if line.startswith("cpu features:")]
+    usable = [name for name, ok in _C.cpu_features() if ok]
+    assert features and features[0].split("(absent")[0].split()[2:] == (usable or ["none"]), child["out"]
+    granted, reason = _C.amx_permission()
+    assert f"amx tiles: {'permitted' if granted else 'not usable: ' + reason}" in child["out"]

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "cpu/argmax_isa.h"
+#include "cpu/dispatch.h"
 #include "pyengine/cpu_features.h"
 
 namespace pyengine {
@@ -22,7 +23,8 @@ int64_t argmax_row_scalar(const float* x, int64_t n) {
 void argmax_rows(const float* x, int64_t rows, int64_t cols, int64_t* out) {
   // One thread: a row is a vocab of logits (~50k floats, a few microseconds), far below what a
   // fork/join costs back.
-  const auto row_fn = active_isa() >= Isa::Avx2 ? cpu::argmax_row_avx2 : cpu::argmax_row_scalar;
+  const auto row_fn = cpu::pick_kernel<decltype(&cpu::argmax_row_scalar)>(
+      {{Isa::Avx2, cpu::argmax_row_avx2}, {Isa::Scalar, cpu::argmax_row_scalar}});
   for (int64_t r = 0; r < rows; ++r) out[r] = row_fn(x + r * cols, cols);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/attention_isa.h"
+#include "cpu/dispatch.h"
 #include "pyengine/cpu_features.h"
 
 namespace pyengine {
@@ -286,13 +287,14 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
     }
     if (q_start[b] < 0) throw std::invalid_argument("attention: q_start must be >= 0");
   }
-  const bool avx2 = active_isa() >= Isa::Avx2;
   if (s.q_len == 1) {
-    decode(avx2 ? cpu::attend_key_block_avx2 : cpu::attend_key_block_scalar, q, k_cache, v_cache, out, q_start,
-           kv_len, s, scale);
+    const BlockFn block_fn = cpu::pick_kernel<BlockFn>(
+        {{Isa::Avx2, cpu::attend_key_block_avx2}, {Isa::Scalar, cpu::attend_key_block_scalar}});
+    decode(block_fn, q, k_cache, v_cache, out, q_start, kv_len, s, scale);
   } else {
-    prefill(avx2 ? cpu::attend_tile_avx2 : attend_tile_scalar, q, k_cache, v_cache, out, q_start, kv_len, s,
-            scale);
+    const TileFn tile_fn =
+        cpu::pick_kernel<TileFn>({{Isa::Avx2, cpu::attend_tile_avx2}, {Isa::Scalar, attend_tile_scalar}});
+    prefill(tile_fn, q, k_cache, v_cache, out, q_start, kv_len, s, scale);
   }
 }
 

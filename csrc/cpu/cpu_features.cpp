@@ -3,12 +3,19 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "cpu/isa_detect.h"
+#include "cpu/isa_levels.h"
 
 namespace pyengine {
 namespace {
@@ -23,7 +30,7 @@ Isa initial_isa() {
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string("PYENGINE_ISA: ") + e.what());  // say where the value came from
   }
-  return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+  return isa_includes(best, wanted) ? wanted : best;  // a cap above the CPU's best is no cap
 }
 
 std::atomic<int>& active_level() {
@@ -31,17 +38,35 @@ std::atomic<int>& active_level() {
   return level;
 }
 
+AmxPermission request_amx_permission() {
+  if (!cpu_features().has(CpuFeature::AmxTile)) return {false, "the CPU or OS has no AMX tile state"};
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023;  // <asm/prctl.h> (Linux 5.16+); not in older headers
+  constexpr long kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return {true, ""};
+  static const std::string refused = std::string("arch_prctl(ARCH_REQ_XCOMP_PERM) refused: ") + std::strerror(errno);
+  return {false, refused.c_str()};
+#else
+  return {false, "requested only on Linux x86-64"};
+#endif
+}
+
 }  // namespace
 
+CpuFeatures cpu_features() {
+  static const CpuFeatures features = cpu::features_from_cpuid();
+  return features;
+}
+
 Isa detected_isa() {
-  static const Isa isa = cpu::isa_from_cpuid();
+  static const Isa isa = cpu::best_isa(cpu_features());
   return isa;
 }
 
 Isa active_isa() { return static_cast<Isa>(active_level().load(std::memory_order_relaxed)); }
 
 void set_isa(Isa isa) {
-  if (static_cast<int>(isa) > static_cast<int>(detected_isa())) {
+  if (!isa_includes(detected_isa(), isa)) {
     throw std::invalid_argument(std::string("this CPU does not support ") + isa_name(isa) +
                                 " (best available: " + isa_name(detected_isa()) + ")");
   }
@@ -49,20 +74,45 @@ void set_isa(Isa isa) {
 }
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Scalar: return "scalar";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
+  for (const cpu::IsaLevel& level : cpu::kIsaLevels) {
+    if (level.isa == isa) return level.name;
   }
   return "unknown";
 }
 
 Isa parse_isa(const char* name) {
-  if (std::strcmp(name, "scalar") == 0) return Isa::Scalar;
-  if (std::strcmp(name, "avx2") == 0) return Isa::Avx2;
-  if (std::strcmp(name, "avx512") == 0) return Isa::Avx512;
-  throw std::invalid_argument(std::string("unknown ISA '") + name +
-                              "' (expected scalar, avx2 or avx512)");
+  std::string expected;  // "scalar, avx2 or avx512"
+  const size_t count = sizeof(cpu::kIsaLevels) / sizeof(cpu::kIsaLevels[0]);
+  for (size_t i = 0; i < count; ++i) {
+    if (std::strcmp(name, cpu::kIsaLevels[i].name) == 0) return cpu::kIsaLevels[i].isa;
+    expected += std::string(i == 0 ? "" : i + 1 == count ? " or " : ", ") + cpu::kIsaLevels[i].name;
+  }
+  throw std::invalid_argument(std::string("unknown ISA '") + name + "' (expected " + expected + ")");
+}
+
+const char* cpu_feature_name(CpuFeature f) {
+  switch (f) {  // no default: the compiler warns about a feature left out
+    case CpuFeature::Avx2: return "avx2";
+    case CpuFeature::Fma: return "fma";
+    case CpuFeature::F16c: return "f16c";
+    case CpuFeature::Avx512F: return "avx512f";
+    case CpuFeature::Avx512Bw: return "avx512bw";
+    case CpuFeature::Avx512Vl: return "avx512vl";
+    case CpuFeature::Avx512Dq: return "avx512dq";
+    case CpuFeature::Avx512Vnni: return "avx512_vnni";
+    case CpuFeature::Avx512Bf16: return "avx512_bf16";
+    case CpuFeature::AmxTile: return "amx_tile";
+    case CpuFeature::AmxInt8: return "amx_int8";
+    case CpuFeature::AmxBf16: return "amx_bf16";
+  }
+  return "unknown";
+}
+static_assert(static_cast<uint32_t>(CpuFeature::AmxBf16) == 1u << (kCpuFeatureCount - 1),
+              "kCpuFeatureCount counts the CpuFeature bits");
+
+AmxPermission amx_permission() {
+  static const AmxPermission permission = request_amx_permission();
+  return permission;
 }
 
 // The count set, for every thread: omp_set_num_threads alone sets only the calling thread's

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "cpu/activations_isa.h"
+#include "cpu/dispatch.h"
 #include "cpu/elementwise.h"
 #include "pyengine/cpu_features.h"
 
@@ -20,7 +21,8 @@ void gelu_span_scalar(const float* x, float* out, int64_t n) {
 }  // namespace cpu
 
 void gelu(const float* x, float* out, int64_t n) {
-  const auto span_fn = active_isa() >= Isa::Avx2 ? cpu::gelu_span_avx2 : cpu::gelu_span_scalar;
+  const auto span_fn = cpu::pick_kernel<decltype(&cpu::gelu_span_scalar)>(
+      {{Isa::Avx2, cpu::gelu_span_avx2}, {Isa::Scalar, cpu::gelu_span_scalar}});
   cpu::parallel_chunks(n, [&](int64_t begin, int64_t count) { span_fn(x + begin, out + begin, count); });
 }
 

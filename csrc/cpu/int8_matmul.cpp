@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/abs_max.h"
+#include "cpu/dispatch.h"
 #include "cpu/int8_matmul_isa.h"
 #include "pyengine/cpu_features.h"
 #include "pyengine/quantize.h"
@@ -207,10 +208,12 @@ struct F32Panels {
   cpu::PanelKernelFn kernel, pair_kernel;
 
   F32Panels(const float* x_, const float* bias_, int64_t K_) : x(x_), bias(bias_), K(K_) {
-    kernel = active_isa() >= Isa::Avx2 ? cpu::panel_kernel_avx2 : cpu::panel_kernel_scalar;
-    pair_kernel = active_isa() >= Isa::Avx512 ? cpu::panel_kernel_pair_avx512
-                  : active_isa() >= Isa::Avx2 ? panel_kernel_pair<float, float, float, cpu::panel_kernel_avx2, 1>
-                                              : panel_kernel_pair<float, float, float, cpu::panel_kernel_scalar, 1>;
+    kernel = cpu::pick_kernel<cpu::PanelKernelFn>(
+        {{Isa::Avx2, cpu::panel_kernel_avx2}, {Isa::Scalar, cpu::panel_kernel_scalar}});
+    pair_kernel = cpu::pick_kernel<cpu::PanelKernelFn>(
+        {{Isa::Avx512, cpu::panel_kernel_pair_avx512},
+         {Isa::Avx2, panel_kernel_pair<float, float, float, cpu::panel_kernel_avx2, 1>},
+         {Isa::Scalar, panel_kernel_pair<float, float, float, cpu::panel_kernel_scalar, 1>}});
   }
   int64_t depth() const { return K; }
   // dst[k * kPanelRows + r] = x[m + r, k] for the tile's first `rows` rows, zeros below.
@@ -254,12 +257,23 @@ struct I16Panels {
   float* x_scale;       // [tiles * kPanelRows], written by pack_tile (zeros on padding rows)
   uint8_t* tile_fits;   // [tiles]: does the tile's every sum fit int32? written by pack_tile
   int64_t K;
-  Isa isa;
-  void (*quantize_row)(const float*, int16_t*, float*, int64_t);
+  using QuantizeRowFn = void (*)(const float*, int16_t*, float*, int64_t);
+  using ScaledKernelFn = decltype(&cpu::i16_panel_kernel_scaled_avx2);
+  QuantizeRowFn quantize_row;
+  ScaledKernelFn scaled_kernel;       // one tile, the epilogue fused; nullptr below AVX2
+  ScaledKernelFn scaled_pair_kernel;  // two tiles in one pass; nullptr below AVX-512
+  cpu::I16PanelKernelFn exact_kernel;  // int64 sums, for tiles that could overflow int32
 
   I16Panels(const float* x_, const float* w_scale_, const float* bias_, float* x_scale_, uint8_t* tile_fits_, int64_t K_)
-      : x(x_), w_scale(w_scale_), bias(bias_), x_scale(x_scale_), tile_fits(tile_fits_), K(K_), isa(active_isa()) {
-    quantize_row = isa >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
+      : x(x_), w_scale(w_scale_), bias(bias_), x_scale(x_scale_), tile_fits(tile_fits_), K(K_) {
+    quantize_row = cpu::pick_kernel<QuantizeRowFn>(
+        {{Isa::Avx2, cpu::quantize_row_i16_avx2}, {Isa::Scalar, cpu::quantize_row_i16_scalar}});
+    scaled_kernel = cpu::pick_kernel<ScaledKernelFn>(
+        {{Isa::Avx2, cpu::i16_panel_kernel_scaled_avx2}, {Isa::Scalar, nullptr}});
+    scaled_pair_kernel = cpu::pick_kernel<ScaledKernelFn>(
+        {{Isa::Avx512, cpu::i16_panel_kernel_scaled_pair_avx512}, {Isa::Scalar, nullptr}});
+    exact_kernel = cpu::pick_kernel<cpu::I16PanelKernelFn>(
+        {{Isa::Avx2, cpu::i16_panel_kernel_avx2}, {Isa::Scalar, cpu::i16_panel_kernel_scalar}});
   }
   int64_t depth() const { return (K + 1) / 2; }
   // dst[(p * kPanelRows + r) * 2 + j] = xq[m + r, 2p + j], zeros below `rows` and past K.
@@ -290,7 +304,7 @@ struct I16Panels {
     constexpr int64_t R = cpu::kPanelRows, C = cpu::kPanelCols;
     const int64_t tile_elems = R * depth() * kSlot;
     const bool fits = tile_fits[m / R] && (tiles == 1 || tile_fits[m / R + 1]);
-    if (isa >= Isa::Avx2 && fits) {
+    if (scaled_kernel != nullptr && fits) {
       // Whole panels read their scales and bias in place; a partial one through zero-padded copies.
       alignas(64) float scale_pad[C] = {}, bias_pad[C] = {}, tile[2 * R * C];
       const float* ws = w_scale + n0;
@@ -303,12 +317,11 @@ struct I16Panels {
       const bool whole = tm == tiles * R && cols == C;
       float* dst = whole ? out : tile;
       const int64_t ldd = whole ? ldo : C;
-      if (tiles == 2 && isa >= Isa::Avx512) {
-        cpu::i16_panel_kernel_scaled_pair_avx512(a, panel, depth(), x_scale + m, ws, b, dst, ldd);
+      if (tiles == 2 && scaled_pair_kernel != nullptr) {
+        scaled_pair_kernel(a, panel, depth(), x_scale + m, ws, b, dst, ldd);
       } else {
         for (int t = 0; t < tiles; ++t) {
-          cpu::i16_panel_kernel_scaled_avx2(a + t * tile_elems, panel, depth(), x_scale + m + t * R, ws, b,
-                                            dst + t * R * ldd, ldd);
+          scaled_kernel(a + t * tile_elems, panel, depth(), x_scale + m + t * R, ws, b, dst + t * R * ldd, ldd);
         }
       }
       if (!whole) {
@@ -320,8 +333,7 @@ struct I16Panels {
     for (int t = 0; t < tiles; ++t) {
       const int64_t rows = std::min(R, tm - t * R);
       int64_t sums[R * C];
-      (isa >= Isa::Avx2 ? cpu::i16_panel_kernel_avx2 : cpu::i16_panel_kernel_scalar)(a + t * tile_elems, panel,
-                                                                                      depth(), sums, C);
+      exact_kernel(a + t * tile_elems, panel, depth(), sums, C);
       scale_tile(sums, C, rows, cols, x_scale + m + t * R, w_scale + n0, bias ? bias + n0 : nullptr,
                  out + t * R * ldo, ldo);
     }
@@ -376,11 +388,9 @@ void panel_gemm(const Panels& panels_of, float* out, int64_t M, int64_t N, const
 }
 
 cpu::I8DotBlockFn i8_block() {
-  switch (active_isa()) {
-    case Isa::Avx512: return cpu::i8_dot_block_avx512;
-    case Isa::Avx2: return cpu::i8_dot_block_avx2;
-    default: return cpu::i8_dot_block_scalar;
-  }
+  return cpu::pick_kernel<cpu::I8DotBlockFn>({{Isa::Avx512, cpu::i8_dot_block_avx512},
+                                              {Isa::Avx2, cpu::i8_dot_block_avx2},
+                                              {Isa::Scalar, cpu::i8_dot_block_scalar}});
 }
 
 // The integer Linears after activation quantization: per tile, exact sums of the quantized rows xq
@@ -420,13 +430,15 @@ void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const 
 void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                     int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
-    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_i8_avx2 : cpu::pack_panel_i8_scalar;
+    const auto pack = cpu::pick_kernel<decltype(&cpu::pack_panel_i8_scalar)>(
+        {{Isa::Avx2, cpu::pack_panel_i8_avx2}, {Isa::Scalar, cpu::pack_panel_i8_scalar}});
     panel_gemm(F32Panels(x, bias, K), out, M, N, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w_q + n0 * K, K, w_scale + n0, cols, K, panel);  // dequantized once per panel
     });
     return;
   }
-  const auto block = active_isa() >= Isa::Avx2 ? cpu::f32i8_dot_block_avx2 : cpu::f32i8_dot_block_scalar;
+  const auto block = cpu::pick_kernel<decltype(&cpu::f32i8_dot_block_scalar)>(
+      {{Isa::Avx2, cpu::f32i8_dot_block_avx2}, {Isa::Scalar, cpu::f32i8_dot_block_scalar}});
   for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w_q + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);
     for (int64_t m = m0; m < m1; ++m) {
@@ -449,7 +461,8 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
     x_scale.resize(tiles * cpu::kPanelRows);
     tile_fits.resize(tiles);
     const I16Panels panels_of(x, w_scale, bias, x_scale.data(), tile_fits.data(), K);
-    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_i16_avx2 : cpu::pack_panel_i16_scalar;
+    const auto pack = cpu::pick_kernel<decltype(&cpu::pack_panel_i16_scalar)>(
+        {{Isa::Avx2, cpu::pack_panel_i16_avx2}, {Isa::Scalar, cpu::pack_panel_i16_scalar}});
     panel_gemm(panels_of, out, M, N, [&](int64_t n0, int64_t cols, int16_t* panel) {
       pack(w_q + n0 * K, K, cols, K, panel);  // widened once per panel
     });
@@ -458,23 +471,27 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
   x_scale.resize(M);
   thread_local std::vector<int16_t> x_q;
   x_q.resize(M * K);
-  const auto quantize_row = active_isa() >= Isa::Avx2 ? cpu::quantize_row_i16_avx2 : cpu::quantize_row_i16_scalar;
+  const auto quantize_row = cpu::pick_kernel<decltype(&cpu::quantize_row_i16_scalar)>(
+      {{Isa::Avx2, cpu::quantize_row_i16_avx2}, {Isa::Scalar, cpu::quantize_row_i16_scalar}});
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
-  const auto block = active_isa() >= Isa::Avx512 ? cpu::i16i8_dot_block_avx512
-                     : active_isa() >= Isa::Avx2  ? cpu::i16i8_dot_block_avx2
-                                                  : cpu::i16i8_dot_block_scalar;
+  const auto block = cpu::pick_kernel<decltype(&cpu::i16i8_dot_block_scalar)>(
+      {{Isa::Avx512, cpu::i16i8_dot_block_avx512},
+       {Isa::Avx2, cpu::i16i8_dot_block_avx2},
+       {Isa::Scalar, cpu::i16i8_dot_block_scalar}});
   integer_linear_tiles<int64_t>(block, x_q.data(), x_scale.data(), w_q, w_scale, bias, out, M, N, K);
 }
 
 void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
   if (M > kSmallM) {
-    const auto pack = active_isa() >= Isa::Avx2 ? cpu::pack_panel_f32_avx2 : cpu::pack_panel_f32_scalar;
+    const auto pack = cpu::pick_kernel<decltype(&cpu::pack_panel_f32_scalar)>(
+        {{Isa::Avx2, cpu::pack_panel_f32_avx2}, {Isa::Scalar, cpu::pack_panel_f32_scalar}});
     panel_gemm(F32Panels(x, bias, K), out, M, N, [&](int64_t n0, int64_t cols, float* panel) {
       pack(w + n0 * K, K, cols, K, panel);
     });
     return;
   }
-  const auto block = active_isa() >= Isa::Avx2 ? cpu::f32_dot_block_avx2 : cpu::f32_dot_block_scalar;
+  const auto block = cpu::pick_kernel<decltype(&cpu::f32_dot_block_scalar)>(
+      {{Isa::Avx2, cpu::f32_dot_block_avx2}, {Isa::Scalar, cpu::f32_dot_block_scalar}});
   for_each_tile(M, N, K, 4, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     block(x + m0 * K, K, w + n0 * K, K, out + m0 * N + n0, N, m1 - m0, n1 - n0, K);
     if (bias != nullptr) {

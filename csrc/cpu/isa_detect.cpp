@@ -2,6 +2,8 @@
 
 #include <cpuid.h>
 
+#include "cpu/isa_levels.h"
+
 namespace pyengine::cpu {
 namespace {
 
@@ -21,29 +23,41 @@ unsigned long long xgetbv0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 
+bool bit(unsigned reg, int n) { return (reg >> n) & 1u; }
+
 }  // namespace
 
-Isa isa_from_cpuid() {
-  if (__get_cpuid_max(0, nullptr) < 7) return Isa::Scalar;
+CpuFeatures features_from_cpuid() {
+  CpuFeatures f;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
   const CpuidBits l1 = cpuid(1, 0);
-  const bool osxsave = l1.ecx & (1u << 27);
-  const bool fma = l1.ecx & (1u << 12);
-  const bool f16c = l1.ecx & (1u << 29);
-  if (!osxsave) return Isa::Scalar;  // and xgetbv would fault
-  // The OS must save the wide registers on context switch, or using them corrupts state.
+  if (!bit(l1.ecx, 27)) return f;  // no OSXSAVE: the OS enabled no extended state, and xgetbv would fault
+  // A feature counts only if the OS saves its registers on a context switch; using them otherwise
+  // corrupts state. XCR0 bits: 1-2 SSE/AVX (ymm), 5-7 opmask/zmm, 17-18 AMX tile config/data.
   const unsigned long long xcr0 = xgetbv0();
   const bool ymm_saved = (xcr0 & 0x6) == 0x6;
   const bool zmm_saved = (xcr0 & 0xe6) == 0xe6;
+  const bool tiles_saved = (xcr0 & 0x60000) == 0x60000;
   const CpuidBits l7 = cpuid(7, 0);
-  const bool avx2 = l7.ebx & (1u << 5);
-  if (!(ymm_saved && avx2 && fma && f16c)) return Isa::Scalar;
-  const bool avx512f = l7.ebx & (1u << 16);
-  const bool avx512dq = l7.ebx & (1u << 17);
-  const bool avx512bw = l7.ebx & (1u << 30);
-  const bool avx512vl = l7.ebx & (1u << 31);
-  const bool avx512vnni = l7.ecx & (1u << 11);
-  if (zmm_saved && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni) return Isa::Avx512;
-  return Isa::Avx2;
+  const CpuidBits l7s1 = l7.eax >= 1 ? cpuid(7, 1) : CpuidBits{};  // eax: the highest subleaf
+  auto set = [&f](bool on, CpuFeature feature) {
+    if (on) f = f | feature;
+  };
+  set(ymm_saved && bit(l7.ebx, 5), CpuFeature::Avx2);
+  set(ymm_saved && bit(l1.ecx, 12), CpuFeature::Fma);
+  set(ymm_saved && bit(l1.ecx, 29), CpuFeature::F16c);
+  set(zmm_saved && bit(l7.ebx, 16), CpuFeature::Avx512F);
+  set(zmm_saved && bit(l7.ebx, 17), CpuFeature::Avx512Dq);
+  set(zmm_saved && bit(l7.ebx, 30), CpuFeature::Avx512Bw);
+  set(zmm_saved && bit(l7.ebx, 31), CpuFeature::Avx512Vl);
+  set(zmm_saved && bit(l7.ecx, 11), CpuFeature::Avx512Vnni);
+  set(zmm_saved && bit(l7s1.eax, 5), CpuFeature::Avx512Bf16);
+  set(tiles_saved && bit(l7.edx, 24), CpuFeature::AmxTile);
+  set(tiles_saved && bit(l7.edx, 25), CpuFeature::AmxInt8);
+  set(tiles_saved && bit(l7.edx, 22), CpuFeature::AmxBf16);
+  return f;
 }
+
+Isa isa_from_cpuid() { return best_isa(features_from_cpuid()); }
 
 }  // namespace pyengine::cpu

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cpu/dispatch.h"
 #include "cpu/layer_norm_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -36,7 +37,7 @@ namespace {
 using RowFn = void (*)(const float*, const float*, float*, const float*, const float*, float*, int64_t, float);
 
 RowFn pick_row_fn() {
-  return active_isa() >= Isa::Avx2 ? cpu::layer_norm_row_avx2 : cpu::layer_norm_row_scalar;
+  return cpu::pick_kernel<RowFn>({{Isa::Avx2, cpu::layer_norm_row_avx2}, {Isa::Scalar, cpu::layer_norm_row_scalar}});
 }
 }  // namespace
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "cpu/dispatch.h"
 #include "cpu/memory_read_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -25,7 +26,8 @@ uint64_t sum_words_two_streams_scalar(const uint64_t* words, int64_t count) {
 }  // namespace cpu
 
 uint64_t sum_words(const uint64_t* words, int64_t count) {
-  const auto share_fn = active_isa() >= Isa::Avx2 ? cpu::sum_words_two_streams_avx2 : cpu::sum_words_two_streams_scalar;
+  const auto share_fn = cpu::pick_kernel<decltype(&cpu::sum_words_two_streams_scalar)>(
+      {{Isa::Avx2, cpu::sum_words_two_streams_avx2}, {Isa::Scalar, cpu::sum_words_two_streams_scalar}});
   uint64_t total = 0;
 #pragma omp parallel num_threads(num_threads()) reduction(+ : total)
   {

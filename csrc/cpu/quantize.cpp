@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cpu/abs_max.h"
+#include "cpu/dispatch.h"
 #include "cpu/int8_matmul_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -28,7 +29,8 @@ void quantize_row_scalar(const float* x, int8_t* q, float* scale, int64_t cols) 
 }  // namespace cpu
 
 void quantize_rows(const float* x, int8_t* q, float* scale, int64_t rows, int64_t cols) {
-  const auto row_fn = active_isa() >= Isa::Avx2 ? cpu::quantize_row_avx2 : cpu::quantize_row_scalar;
+  const auto row_fn = cpu::pick_kernel<decltype(&cpu::quantize_row_scalar)>(
+      {{Isa::Avx2, cpu::quantize_row_avx2}, {Isa::Scalar, cpu::quantize_row_scalar}});
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (rows * cols >= 65536)
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * cols, q + r * cols, scale + r, cols);
 }

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cpu/dispatch.h"
 #include "cpu/rms_norm_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -30,7 +31,7 @@ namespace {
 using RowFn = void (*)(const float*, const float*, float*, const float*, float*, int64_t, float);
 
 RowFn pick_row_fn() {
-  return active_isa() >= Isa::Avx2 ? cpu::rms_norm_row_avx2 : cpu::rms_norm_row_scalar;
+  return cpu::pick_kernel<RowFn>({{Isa::Avx2, cpu::rms_norm_row_avx2}, {Isa::Scalar, cpu::rms_norm_row_scalar}});
 }
 }  // namespace
 

@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/dispatch.h"
 #include "cpu/rope_isa.h"
 #include "pyengine/cpu_features.h"
 
@@ -39,7 +40,8 @@ void rope(float* x, const float* cos, const float* sin, const int32_t* positions
                                   std::to_string(num_positions) + ")");
     }
   }
-  const auto token_fn = active_isa() >= Isa::Avx2 ? cpu::rope_token_avx2 : cpu::rope_token_scalar;
+  const auto token_fn = cpu::pick_kernel<decltype(&cpu::rope_token_scalar)>(
+      {{Isa::Avx2, cpu::rope_token_avx2}, {Isa::Scalar, cpu::rope_token_scalar}});
   const int64_t half = head_dim / 2;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (tokens * heads * head_dim >= 32768)
   for (int64_t t = 0; t < tokens; ++t) {

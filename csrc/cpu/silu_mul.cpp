@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cpu/activations_isa.h"
+#include "cpu/dispatch.h"
 #include "cpu/elementwise.h"
 #include "pyengine/cpu_features.h"
 
@@ -19,7 +20,8 @@ void silu_mul_span_scalar(const float* gate, const float* up, float* out, int64_
 
 void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t rows,
               int64_t cols) {
-  const auto span_fn = active_isa() >= Isa::Avx2 ? cpu::silu_mul_span_avx2 : cpu::silu_mul_span_scalar;
+  const auto span_fn = cpu::pick_kernel<decltype(&cpu::silu_mul_span_scalar)>(
+      {{Isa::Avx2, cpu::silu_mul_span_avx2}, {Isa::Scalar, cpu::silu_mul_span_scalar}});
   // Chunks of the contiguous output; a chunk may cross rows, so it runs as one span per row piece.
   cpu::parallel_chunks(rows * cols, [&](int64_t begin, int64_t count) {
     while (count > 0) {

@@ -62,7 +62,7 @@ void check_panel_packing() {
           }
         }
       }
-      if (detected_isa() < Isa::Avx2) continue;
+      if (!isa_includes(detected_isa(), Isa::Avx2)) continue;
       std::vector<float> i8_avx2(K * C, -1.0f), f32_avx2(K * C, -1.0f);
       std::vector<int16_t> i16_avx2(pairs * C * 2, -1);
       cpu::pack_panel_i8_avx2(w8.data(), ldw, scale.data(), cols, K, i8_avx2.data());

@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "cpu/isa_levels.h"
 #include "pyengine/cpu_features.h"
 #include "pyengine/decoder_common.h"
 
@@ -73,9 +74,12 @@ inline void ref_attention_row(const float* q, const float* k, const float* v, in
 }
 
 // Every ISA level this CPU can run, lowest first.
+// The levels this CPU runs, lowest first.
 inline std::vector<Isa> supported_isas() {
   std::vector<Isa> out;
-  for (int i = 0; i <= static_cast<int>(detected_isa()); ++i) out.push_back(static_cast<Isa>(i));
+  for (const cpu::IsaLevel& level : cpu::kIsaLevels) {
+    if (isa_includes(detected_isa(), level.isa)) out.push_back(level.isa);
+  }
   return out;
 }
 
