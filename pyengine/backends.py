@@ -3,6 +3,7 @@
   torch       plain PyTorch, written for reading; the reference every other backend is tested against
   fused       our C++ kernels (attention, norms, rope, activations) with fp32 weights
   fused-int8  as fused, with int8 weights (per-channel scales) dequantized inside the matmul
+  fused-bf16  as fused, with the linears' weights kept in bf16 (a bf16 checkpoint's own values), fp32 sums
 
 A model file (models/llama.py, models/gpt2.py) calls only these methods, so switching backends never
 touches the model code.
@@ -221,7 +222,7 @@ class FusedBackend(TorchBackend):
 
     def make_llama_decoder(self, model):
         """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead
-        of ~15 Python op calls per layer. Its linears are this backend's (fp32 or int8) weights."""
+        of ~15 Python op calls per layer. Its linears are this backend's (fp32, bf16 or int8) weights."""
         if not self._cpp_decodable(model):
             return None
         c = model.config
@@ -294,7 +295,30 @@ class FusedInt8Backend(FusedBackend):
         return out.view(*x.shape[:-1], w.qweight.shape[0])
 
 
-BACKENDS = {"torch": TorchBackend, "fused": FusedBackend, "fused-int8": FusedInt8Backend}
+class FusedBf16Backend(FusedBackend):
+    """As fused, with every linear layer's weight in bf16: half the bytes of fp32, which decode reads
+    once per token. On a bf16 checkpoint these are its exact values, so the results agree with fp32
+    to float rounding (`_C.linear_bf16` multiplies each fp32 activation by the weight's exact value
+    and sums in fp32). fp32 or fp16 weights are rounded to bf16 (lossy: fp16 has 10 mantissa bits,
+    bf16 7), so this is the default only for bf16 checkpoints. The embedding table stays fp32."""
+
+    name = "fused-bf16"
+    kernels = FusedBackend.kernels + ("linear_bf16",)
+
+    def prepare_linear(self, weight, bias=None):
+        lin = LinearWeights(self.arena.copy(weight.to(torch.bfloat16)), bias)
+        self.linears.append(lin)
+        return lin
+
+    def linear(self, x, w):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty(rows.shape[0], w.weight.shape[0], dtype=torch.float32)
+        self._C.linear_bf16(rows, w.weight, out, w.bias)
+        return out.view(*x.shape[:-1], w.weight.shape[0])
+
+
+BACKENDS = {"torch": TorchBackend, "fused": FusedBackend, "fused-int8": FusedInt8Backend,
+            "fused-bf16": FusedBf16Backend}
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -305,9 +329,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
             if torch.device(device).type in cls.devices and all(hasattr(_C, k) for k in getattr(cls, "kernels", ()))]
 
 
-def default_backend(device: torch.device | str = "cpu") -> str:
-    """The fastest backend that is exact (fp32-equivalent) on this device."""
+def default_backend(device: torch.device | str = "cpu", weights_dtype: torch.dtype | None = None) -> str:
+    """The fastest backend that is exact on this device for weights stored in `weights_dtype`: bf16
+    weights stay bf16 (fused-bf16), others run in fp32 (fused)."""
     names = available_backends(device)
+    if weights_dtype == torch.bfloat16 and "fused-bf16" in names:
+        return "fused-bf16"
     return "fused" if "fused" in names else "torch"
 
 

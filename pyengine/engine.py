@@ -46,10 +46,13 @@ class Engine:
         self.dtype = dtype or torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
-        self.backend_name = backend or default_backend(self.device)
-        make_backend(self.backend_name, device=self.device, dtype=self.dtype)  # bad arguments fail before loading
-        _check_int8_options(self.backend_name, int8_weights, int8_method)
+        # Bad arguments fail before loading (no default backend is fused-int8).
+        if backend is not None:
+            make_backend(backend, device=self.device, dtype=self.dtype)
+        _check_int8_options(backend, int8_weights, int8_method)
         checkpoint = load_checkpoint(model, dtype=self.dtype, progress=progress)
+        # Without a choice: bf16 checkpoints keep their weights in bf16, others run in fp32.
+        self.backend_name = backend or default_backend(self.device, checkpoint.weights.matrix_dtype())
         self.model_path: Path = checkpoint.path
         self.config = checkpoint.config
         options, self.int8_method = {}, None

@@ -149,6 +149,14 @@ class CheckpointWeights(Mapping):
         """The dtype the tensor has in its file."""
         return self._stored[name].dtype
 
+    def matrix_dtype(self) -> torch.dtype | None:
+        """The floating dtype most of the checkpoint's matrices (2-D tensors) are stored in."""
+        counts: dict[torch.dtype, int] = {}
+        for entry in self._stored.values():
+            if entry.dtype.is_floating_point and len(entry.shape) == 2:
+                counts[entry.dtype] = counts.get(entry.dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._stored[name]
         tensor = entry if isinstance(entry, torch.Tensor) else _read_stored(entry)

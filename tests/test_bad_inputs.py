@@ -9,7 +9,7 @@ import torch
 
 from pyengine import _C, ops
 
-F32, I8, I32, I64 = torch.float32, torch.int8, torch.int32, torch.int64
+F32, BF16, I8, I32, I64 = torch.float32, torch.bfloat16, torch.int8, torch.int32, torch.int64
 
 
 def _rand(*shape, dtype=F32):
@@ -56,6 +56,7 @@ VALID_CALLS = {
     "int8_linear_wo": lambda: _linear_args(I8),
     "int8_linear_a16": lambda: _linear_args(I8),
     "linear_f32": lambda: {("w" if k == "w_q" else k): v for k, v in _linear_args(F32, scaled=False).items()},
+    "linear_bf16": lambda: {("w" if k == "w_q" else k): v for k, v in _linear_args(BF16, scaled=False).items()},
     "attention": _attention_args,
     "argmax_rows": lambda: dict(x=_rand(3, 40), out=_rand(3, dtype=I64)),
     "sum_words": lambda: dict(words=_rand(40, dtype=I64)),
@@ -63,7 +64,7 @@ VALID_CALLS = {
 
 TENSOR_ARGS = [(op, name) for op, make in VALID_CALLS.items()
                for name, value in make().items() if isinstance(value, torch.Tensor)]
-WRONG_DTYPE = {F32: torch.float64, I8: torch.uint8, I32: I64, I64: I32}
+WRONG_DTYPE = {F32: torch.float64, BF16: torch.float16, I8: torch.uint8, I32: I64, I64: I32}
 
 
 def _call(op, args):

@@ -11,7 +11,7 @@ from pyengine.backends import LinearWeights
 
 # qwen2: q/k/v bias; llama3: scaled rope tables; qwen2-window: a sliding window on layer 1 only
 ARCHS = ["llama", "llama3-scaled", "qwen2", "qwen2-window", "mistral", "gpt2"]
-BACKENDS = ["fused", "fused-int8"]
+BACKENDS = ["fused", "fused-int8", "fused-bf16"]
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_models, which
         assert text == full or (full.endswith("\ufffd") and full.startswith(text)), ids
 
 
-@pytest.mark.parametrize("backend", ["torch", "fused", "fused-int8"])
+@pytest.mark.parametrize("backend", ["torch", "fused", "fused-int8", "fused-bf16"])
 def test_batch_with_an_early_stop_matches_single_runs(tiny_models, backend):
     # One sequence stops after a few tokens; the others must go on exactly as they would alone
     # (the finished one's cache position stays put while the batch keeps stepping).

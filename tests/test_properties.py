@@ -246,6 +246,26 @@ def test_linear_f32_random(isa, case):
     assert_all(within_sum_bound(out, expected, terms, 2), out, expected, "linear_f32")
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@EXAMPLES
+@given(case=linear_case())
+def test_linear_bf16_random(isa, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_rows(case["x_scales"], case["K"], gen)
+    w = (torch.randn(case["N"], case["K"], generator=gen) * case["w_scale"]).to(torch.bfloat16)
+    bias = torch.randn(case["N"], generator=gen) * case["w_scale"] if case["with_bias"] else None
+    out = nan_out(x, case["N"])
+    with ops.use_isa(isa):
+        _C.linear_bf16(x, w, out, bias)
+    terms = (x.double()[:, None, :] * w.double()[None, :, :]).abs()  # a bf16's double is its exact value
+    expected = x.double() @ w.double().T
+    if bias is not None:
+        expected = expected + bias.double()
+        terms = torch.cat([terms, bias.double().abs()[None, :, None].expand(x.shape[0], -1, 1)], dim=-1)
+    # + 4: AVX-512 BF16 adds each activation's three bf16 parts one after another.
+    assert_all(within_sum_bound(out, expected, terms, 4), out, expected, "linear_bf16")
+
+
 def test_sum_bound_catches_a_dropped_term():
     """The tolerance above is not vacuous: leaving out one term of a 600-term sum breaks it."""
     gen = torch.Generator().manual_seed(0)

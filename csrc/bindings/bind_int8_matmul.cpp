@@ -1,5 +1,6 @@
 #include "bindings/bindings.h"
 #include "pyengine/int8_matmul.h"
+#include "pyengine/linear_bf16.h"
 #include "pyengine/quantize.h"
 
 namespace pyengine::bind {
@@ -128,6 +129,18 @@ void bind_int8_matmul(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bias") = py::none(),
       "fp32 Linear: out = x @ w^T + bias. x [M, K], w [N, K], out [M, N], bias None or [N].");
+
+  m.def(
+      "linear_bf16",
+      [](py::handle x_obj, py::handle w_obj, py::handle out_obj, py::handle bias_obj) {
+        Tensor x(x_obj, "x"), w(w_obj, "w"), out(out_obj, "out");
+        const float* bias = check_linear(x, w, DType::BF16, nullptr, out, bias_obj);
+        py::gil_scoped_release release;
+        linear_bf16(x.data<float>(), w.data<uint16_t>(), bias, out.data<float>(), x.size(0), w.size(0), x.size(1));
+      },
+      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bias") = py::none(),
+      "bf16-weight Linear: out = x @ float(w)^T + bias, fp32 sums. x [M, K] float32, w [N, K] bfloat16, "
+      "out [M, N] float32, bias None or [N] float32.");
 }
 
 }  // namespace pyengine::bind

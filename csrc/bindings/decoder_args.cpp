@@ -20,9 +20,14 @@ DecoderLinear take_linear(py::handle obj, const std::string& name, int64_t N, in
     w.weight_i8 = take<int8_t>(obj.attr("qweight"), name + ".qweight", DType::I8, {N, K}, kept);
     w.scale = take<float>(obj.attr("scale"), name + ".scale", DType::F32, {N}, kept);
   } else if (py::hasattr(obj, "weight")) {
-    w.weight_f32 = take<float>(obj.attr("weight"), name + ".weight", DType::F32, {N, K}, kept);
+    py::object weight = obj.attr("weight");
+    if (Tensor(weight, "weight").dtype() == DType::BF16) {
+      w.weight_bf16 = take<uint16_t>(weight, name + ".weight", DType::BF16, {N, K}, kept);
+    } else {
+      w.weight_f32 = take<float>(weight, name + ".weight", DType::F32, {N, K}, kept);
+    }
   } else {
-    throw py::type_error(name + ": expected linear weights with .weight (fp32) or .qweight/.scale (int8), got " +
+    throw py::type_error(name + ": expected linear weights with .weight (fp32 or bf16) or .qweight/.scale (int8), got " +
                          std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   }
   py::object bias = attr_or_none(obj, "bias");

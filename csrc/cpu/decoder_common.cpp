@@ -4,13 +4,14 @@
 #include <stdexcept>
 
 #include "pyengine/int8_matmul.h"
+#include "pyengine/linear_bf16.h"
 
 namespace pyengine {
 
 void check_decoder_linear(const DecoderLinear& w, const std::string& name, int64_t out_features,
                           int64_t in_features) {
-  if ((w.weight_f32 != nullptr) == (w.weight_i8 != nullptr)) {
-    throw std::invalid_argument(name + ": exactly one of an fp32 or an int8 weight must be given");
+  if ((w.weight_f32 != nullptr) + (w.weight_bf16 != nullptr) + (w.weight_i8 != nullptr) != 1) {
+    throw std::invalid_argument(name + ": exactly one of an fp32, a bf16 or an int8 weight must be given");
   }
   if (w.weight_i8 != nullptr && w.scale == nullptr) {
     throw std::invalid_argument(name + ": an int8 weight needs its per-row scale");
@@ -25,6 +26,8 @@ void check_decoder_linear(const DecoderLinear& w, const std::string& name, int64
 void run_decoder_linear(const DecoderLinear& w, const float* x, float* out, int64_t rows) {
   if (w.weight_i8 != nullptr) {
     int8_linear_a16(x, w.weight_i8, w.scale, w.bias, out, rows, w.out_features, w.in_features);
+  } else if (w.weight_bf16 != nullptr) {
+    linear_bf16(x, w.weight_bf16, w.bias, out, rows, w.out_features, w.in_features);
   } else {
     linear_f32(x, w.weight_f32, w.bias, out, rows, w.out_features, w.in_features);
   }

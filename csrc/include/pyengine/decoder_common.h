@@ -7,11 +7,12 @@
 
 namespace pyengine {
 
-// out = x @ W^T + bias for W [out_features, in_features]: either fp32 (weight_f32, linear_f32) or
-// int8 (weight_i8 + one fp32 scale per output row, the layout of pyengine.quant.Int8Linear, run by
-// int8_linear_a16). Exactly one of weight_f32 / weight_i8 is set; bias may be null.
+// out = x @ W^T + bias for W [out_features, in_features]: fp32 (weight_f32, linear_f32), bf16
+// (weight_bf16, linear_bf16) or int8 (weight_i8 + one fp32 scale per output row, the layout of
+// pyengine.quant.Int8Linear, run by int8_linear_a16). Exactly one weight is set; bias may be null.
 struct DecoderLinear {
   const float* weight_f32 = nullptr;
+  const uint16_t* weight_bf16 = nullptr;
   const int8_t* weight_i8 = nullptr;
   const float* scale = nullptr;
   const float* bias = nullptr;
@@ -19,7 +20,7 @@ struct DecoderLinear {
   int64_t in_features = 0;
 };
 
-// Throws std::invalid_argument (naming `name`) unless w is one complete fp32 or int8 weight of
+// Throws std::invalid_argument (naming `name`) unless w is one complete fp32, bf16 or int8 weight of
 // shape [out_features, in_features].
 void check_decoder_linear(const DecoderLinear& w, const std::string& name, int64_t out_features,
                           int64_t in_features);

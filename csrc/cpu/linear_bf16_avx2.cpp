@@ -1,0 +1,66 @@
+// AVX2 bf16 GEMV: each weight widened to fp32 in registers (a bf16 is the top half of an fp32).
+#include <immintrin.h>
+
+#include "cpu/linear_bf16_isa.h"
+
+namespace pyengine::cpu {
+namespace {
+
+inline __m256 widen8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R weight rows (1 or 2, streamed side by side) against M activation rows.
+template <int R, int M>
+void rows_kernel(const float* x, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N, int64_t n) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = widen8(w + (n + r) * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(xv, wv[r], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* row = w + (n + r) * K;
+    for (int m = 0; m < M; ++m) {
+      float sum = hsum(acc[r][m]);
+      for (int64_t j = k; j < K; ++j) sum += x[m * K + j] * bf16_to_float(row[j]);
+      out[m * N + n + r] = sum + (bias == nullptr ? 0.0f : bias[n + r]);
+    }
+  }
+}
+
+template <int M>
+void gemv_m(const float* x, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N, int64_t n0,
+            int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) rows_kernel<2, M>(x, K, w, bias, out, N, n);
+  if (n < n1) rows_kernel<1, M>(x, K, w, bias, out, N, n);
+}
+
+}  // namespace
+
+void bf16_gemv_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
+                    int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return gemv_m<1>(x, K, w, bias, out, N, n0, n1);
+    case 2: return gemv_m<2>(x, K, w, bias, out, N, n0, n1);
+    case 3: return gemv_m<3>(x, K, w, bias, out, N, n0, n1);
+    default: return gemv_m<4>(x, K, w, bias, out, N, n0, n1);
+  }
+}
+
+}  // namespace pyengine::cpu
