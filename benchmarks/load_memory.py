@@ -14,7 +14,7 @@ into --folder. Each backend loads it in a fresh subprocess, which reports:
 
 and, beside it, what the load cannot do faster than: reading the checkpoint's bytes from the page
 cache (readinto, after one read to warm it) and the backend's per-weight arithmetic (prepare_linear
-over in-memory bf16 matrices of the model's shapes: bf16 -> fp32 and the copy into place; for
+over in-memory bf16 matrices of the model's shapes: the conversion and copy into place; for
 fused-int8 the rounding to int8 too).
 
 The budget the issue sets: peak_rss - rss_after_import <= kept_bytes + 0.5 GB.
@@ -179,12 +179,12 @@ def arithmetic_seconds(shape: dict, backend: str) -> float:
     D = H // shape["num_attention_heads"]
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * D
     per_layer = [(qkv, H), (H, shape["num_attention_heads"] * D), (2 * I, H), (H, I)]
+    be = make_backend(backend)  # one backend, as a load has: what it places accumulates as in a load
     total = 0.0
     for dims in per_layer * L + [(shape["vocab_size"], H)]:
-        be = make_backend(backend)  # a new one each time, so that nothing placed accumulates
         w = torch.randn(dims).to(torch.bfloat16)
         t0 = time.perf_counter()
-        be.prepare_linear(w.float())
+        be.prepare_linear(w)  # as loading does: the backend converts the stored bf16
         total += time.perf_counter() - t0
     return total
 

@@ -46,11 +46,14 @@ class TorchBackend:
     name = "torch"
     devices = ("cpu", "cuda")
 
+    dtype = torch.float32  # the model's; make_backend sets it
+
     def check_dtype(self, dtype: torch.dtype) -> None:
         pass  # plain torch runs every float dtype
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        return LinearWeights(weight.contiguous(), bias)
+        """The backend's form of a linear layer; `weight` may come in the checkpoint's own dtype."""
+        return LinearWeights(weight.to(self.dtype).contiguous(), bias)
 
     def tied_embedding(self, lm_head, embed: torch.Tensor) -> torch.Tensor:
         """The embedding table a model keeps when its output projection is tied to it: the prepared
@@ -158,7 +161,7 @@ class FusedBackend(TorchBackend):
         self.linears = []  # prepared linears in construction order (save_int8, GPTQ calibration)
 
     def prepare_linear(self, weight, bias=None):
-        lin = LinearWeights(self.arena.copy(weight), bias)
+        lin = LinearWeights(self.arena.copy(weight, torch.float32), bias)
         self.linears.append(lin)
         return lin
 
@@ -306,7 +309,7 @@ class FusedBf16Backend(FusedBackend):
     kernels = FusedBackend.kernels + ("linear_bf16",)
 
     def prepare_linear(self, weight, bias=None):
-        lin = LinearWeights(self.arena.copy(weight.to(torch.bfloat16)), bias)
+        lin = LinearWeights(self.arena.copy(weight, torch.bfloat16), bias)
         self.linears.append(lin)
         return lin
 
@@ -346,4 +349,5 @@ def make_backend(name: str, *, device: torch.device | str = "cpu", dtype: torch.
                          f"available there: {', '.join(available_backends(device))}")
     backend = BACKENDS[name](**options)
     backend.check_dtype(dtype)
+    backend.dtype = dtype
     return backend

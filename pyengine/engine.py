@@ -50,7 +50,7 @@ class Engine:
         if backend is not None:
             make_backend(backend, device=self.device, dtype=self.dtype)
         _check_int8_options(backend, int8_weights, int8_method)
-        checkpoint = load_checkpoint(model, dtype=self.dtype, progress=progress)
+        checkpoint = load_checkpoint(model, progress=progress)
         # Without a choice: bf16 checkpoints keep their weights in bf16, others run in fp32.
         self.backend_name = backend or default_backend(self.device, checkpoint.weights.matrix_dtype())
         self.model_path: Path = checkpoint.path
@@ -60,7 +60,7 @@ class Engine:
             options["preloaded"], self.int8_method = self._int8_weights(int8_weights, int8_method, progress)
         self.backend = make_backend(self.backend_name, device=self.device, dtype=self.dtype, **options)
         self.tokenizer = checkpoint.tokenizer
-        reader = WeightReader(checkpoint.weights, checkpoint.path)
+        reader = WeightReader(checkpoint.weights, checkpoint.path, self.dtype)
         self.model = ARCHITECTURES[self.config.arch](self.config, reader, self.backend, self.device)
         del checkpoint, reader  # the model holds what it needs; drop the rest of the state dict
         self.eos_token_ids = self._eos_ids()

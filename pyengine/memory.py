@@ -84,8 +84,8 @@ class WeightArena:
         self._used = start + nbytes
         return self._chunk[start:start + nbytes].view(dtype).view(shape)
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of t (same dtype and shape) in the arena."""
-        out = self.empty(t.shape, t.dtype)
+    def copy(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A contiguous copy of t in the arena, converted to `dtype` on the way (default: t's own)."""
+        out = self.empty(t.shape, dtype or t.dtype)
         out.copy_(t)
         return out

@@ -32,7 +32,7 @@ class Int8Linear:
 
 
 def quantize_per_channel(weight: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                         rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> (int8 [out, in], fp32 scale [out]); round half to even, clamp to +-127.
 
     Rows are independent, so they are quantized in chunks: the fp32 temporaries stay a chunk's size

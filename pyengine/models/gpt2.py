@@ -26,15 +26,15 @@ class GPT2(DecoderModel):
         super().__init__(config, backend, device)
         c = config
         H, I = c.hidden_size, c.intermediate_size
-        reader = WeightReader(reader.weights, reader.folder, prefixes=("transformer.", ""))
+        reader = WeightReader(reader.weights, reader.folder, reader.dtype, prefixes=("transformer.", ""))
 
         def param(name, shape):
             return reader.take(name, shape).to(self.device)
 
         def conv1d(name, n_in, n_out):
             # HF's Conv1D keeps weight as [in, out]; our linears take [out, in].
-            return backend.prepare_linear(param(name + ".weight", (n_in, n_out)).t().contiguous(),
-                                          param(name + ".bias", (n_out,)))
+            weight = reader.take_stored(name + ".weight", (n_in, n_out)).to(self.device)
+            return backend.prepare_linear(weight.t().contiguous(), param(name + ".bias", (n_out,)))
 
         def norm(name):
             return param(name + ".weight", (H,)), param(name + ".bias", (H,))

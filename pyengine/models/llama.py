@@ -35,6 +35,9 @@ class Llama(DecoderModel):
         def param(name, shape):
             return reader.take(name, shape).to(self.device)
 
+        def matrix(name, shape):  # a linear weight, as stored: the backend converts it as it places it
+            return reader.take_stored(name, shape).to(self.device)
+
         def bias(name, size, present):
             return param(name, (size,)) if present else None
 
@@ -43,25 +46,25 @@ class Llama(DecoderModel):
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             qkv_names = [(p + f"self_attn.{n}_proj", size) for n, size in (("q", q_out), ("k", kv_out), ("v", kv_out))]
-            qkv_w = torch.cat([param(n + ".weight", (size, H)) for n, size in qkv_names])
+            qkv_w = torch.cat([matrix(n + ".weight", (size, H)) for n, size in qkv_names])
             qkv_b = torch.cat([param(n + ".bias", (size,)) for n, size in qkv_names]) if c.attention_bias else None
             gate_up_b = (torch.cat([param(p + "mlp.gate_proj.bias", (I,)), param(p + "mlp.up_proj.bias", (I,))])
                          if c.mlp_bias else None)
             self.layers.append(LlamaLayer(
                 attn_norm=param(p + "input_layernorm.weight", (H,)),
                 qkv=backend.prepare_linear(qkv_w, qkv_b),
-                out=backend.prepare_linear(param(p + "self_attn.o_proj.weight", (H, q_out)),
+                out=backend.prepare_linear(matrix(p + "self_attn.o_proj.weight", (H, q_out)),
                                            bias(p + "self_attn.o_proj.bias", H, c.o_bias)),
                 mlp_norm=param(p + "post_attention_layernorm.weight", (H,)),
-                gate_up=backend.prepare_linear(torch.cat([param(p + "mlp.gate_proj.weight", (I, H)),
-                                                          param(p + "mlp.up_proj.weight", (I, H))]), gate_up_b),
-                down=backend.prepare_linear(param(p + "mlp.down_proj.weight", (H, I)),
+                gate_up=backend.prepare_linear(torch.cat([matrix(p + "mlp.gate_proj.weight", (I, H)),
+                                                          matrix(p + "mlp.up_proj.weight", (I, H))]), gate_up_b),
+                down=backend.prepare_linear(matrix(p + "mlp.down_proj.weight", (H, I)),
                                             bias(p + "mlp.down_proj.bias", H, c.mlp_bias)),
                 window=c.layer_windows[i] if c.layer_windows else 0,
             ))
         self.final_norm = param("model.norm.weight", (H,))
         tied = c.tie_word_embeddings or not reader.has("lm_head.weight")
-        self.lm_head = backend.prepare_linear(self.embed if tied else param("lm_head.weight", (c.vocab_size, H)))
+        self.lm_head = backend.prepare_linear(self.embed if tied else matrix("lm_head.weight", (c.vocab_size, H)))
         if tied:
             self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
