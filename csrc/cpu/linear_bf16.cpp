@@ -17,14 +17,13 @@ namespace pyengine {
 namespace {
 
 constexpr int64_t kGemvMaxRows = 4;
-// Rows per thread's slice are even: the GEMVs stream two weight rows side by side.
-constexpr int64_t kRowGrain = 2;
 // Weight rows widened at a time for the prefill GEMM: a block of 128 x K fp32 stays in L2 for K <= 2048.
 constexpr int64_t kPrefillBlockRows = 128;
 
 void gemv(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
+  // AVX-512 machines run the AVX2 kernel too: on Zen 4, vdpbf16ps with each activation split in three
+  // bf16 parts (to keep fp32 precision) read the weights at 42 GB/s where widening read them at 71.
   const auto kernel = cpu::pick_kernel<cpu::Bf16GemvFn>({
-      {Isa::Avx512, cpu::bf16_gemv_avx512bf16, CpuFeature::Avx512Bf16},
       {Isa::Avx2, cpu::bf16_gemv_avx2},
       {Isa::Scalar, cpu::bf16_gemv_scalar},
   });
@@ -32,9 +31,7 @@ void gemv(const float* x, const uint16_t* w, const float* bias, float* out, int6
 #pragma omp parallel num_threads(threads)
   {
     const int64_t parts = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t grains = (N + kRowGrain - 1) / kRowGrain;
-    const int64_t n0 = std::min(N, grains * t / parts * kRowGrain);
-    const int64_t n1 = std::min(N, grains * (t + 1) / parts * kRowGrain);
+    const int64_t n0 = N * t / parts, n1 = N * (t + 1) / parts;  // one contiguous slice of rows each
     if (n0 < n1) kernel(x, M, K, w, bias, out, N, n0, n1);
   }
 }

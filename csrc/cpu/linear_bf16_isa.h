@@ -12,11 +12,6 @@ void bf16_gemv_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, c
 // Widens the weights to fp32 in registers, FMA with the fp32 activations.
 void bf16_gemv_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
                     int64_t N, int64_t n0, int64_t n1);
-// vdpbf16ps on the weights as they are, against the activations split in three bf16 parts
-// (x = hi + mid + lo to fp32's 24 bits), so no precision is lost to bf16 activations.
-void bf16_gemv_avx512bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
-                          int64_t N, int64_t n0, int64_t n1);
-
 // A bf16 pattern's exact fp32 value.
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
