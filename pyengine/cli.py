@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate text (streams to stdout)")
     gen.add_argument("prompt")
     gen.add_argument("--model", default="default", help="local HF model folder, or 'default' (SmolLM2-135M-Instruct)")
-    gen.add_argument("--backend", default=None, help="torch, fused or fused-int8 (default: fastest exact one)")
+    gen.add_argument("--backend", default=None,
+                     help="torch, fused, fused-int8 or fused-bf16 (default: fused-bf16 for a bf16 checkpoint, else fused)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
