@@ -16,7 +16,7 @@
 namespace pyengine {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kGemvMaxRows = 16;
 // Weight rows widened at a time for the prefill GEMM: a block of 128 x K fp32 stays in L2 for K <= 2048.
 constexpr int64_t kPrefillBlockRows = 128;
 
@@ -72,7 +72,7 @@ void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* ou
 namespace cpu {
 
 void bf16_gemv_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
-                      int64_t N, int64_t n0, int64_t n1) {
+                      int64_t N, int64_t n0, int64_t n1) {  // any M
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
     for (int64_t m = 0; m < M; ++m) {

@@ -1,6 +1,8 @@
 // AVX2 bf16 GEMV: each weight widened to fp32 in registers (a bf16 is the top half of an fp32).
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "cpu/linear_bf16_isa.h"
 
 namespace pyengine::cpu {
@@ -51,25 +53,38 @@ void rows_kernel(const float* x, int64_t K, const uint16_t* w, const float* bias
 }
 
 template <int M>
-void gemv_m(const float* x, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N, int64_t n0,
-            int64_t n1) {
+void rows_m(const float* x, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N,
+            const int64_t (&rows)[2], int live) {
   constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;  // 6 to 8 accumulators in flight, of 16 registers
-  // Two streams, rows [n0, mid) and [mid, n1), one row of each at a time: two sequential reads far
-  // apart keep the prefetchers busy where two neighbouring rows side by side measured half as fast.
-  const int64_t mid = n0 + (n1 - n0 + 1) / 2;
-  for (int64_t i = 0; mid + i < n1; ++i) rows_kernel<2, M, U>(x, K, w, bias, out, N, {n0 + i, mid + i});
-  if ((n1 - n0) % 2) rows_kernel<1, M, U>(x, K, w, bias, out, N, {mid - 1});
+  if (live == 2) {
+    rows_kernel<2, M, U>(x, K, w, bias, out, N, rows);
+  } else {
+    rows_kernel<1, M, U>(x, K, w, bias, out, N, {rows[0]});
+  }
 }
 
 }  // namespace
 
 void bf16_gemv_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
                     int64_t N, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 1: return gemv_m<1>(x, K, w, bias, out, N, n0, n1);
-    case 2: return gemv_m<2>(x, K, w, bias, out, N, n0, n1);
-    case 3: return gemv_m<3>(x, K, w, bias, out, N, n0, n1);
-    default: return gemv_m<4>(x, K, w, bias, out, N, n0, n1);
+  // Two streams, rows [n0, mid) and [mid, n1), one row of each at a time: two sequential reads far
+  // apart keep the prefetchers busy where two neighbouring rows side by side measured half as fast.
+  // Every group of up to 4 activation rows uses the two weight rows while they are in L1, so up to
+  // 16 activation rows still read the weights from memory once.
+  const int64_t mid = n0 + (n1 - n0 + 1) / 2;
+  for (int64_t i = 0; n0 + i < mid; ++i) {
+    const int64_t rows[2] = {n0 + i, mid + i};
+    const int live = mid + i < n1 ? 2 : 1;
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = x + m * K;
+      float* om = out + m * N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: rows_m<1>(xm, K, w, bias, om, N, rows, live); break;
+        case 2: rows_m<2>(xm, K, w, bias, om, N, rows, live); break;
+        case 3: rows_m<3>(xm, K, w, bias, om, N, rows, live); break;
+        default: rows_m<4>(xm, K, w, bias, om, N, rows, live); break;
+      }
+    }
   }
 }
 

@@ -4,7 +4,7 @@
 
 namespace pyengine::cpu {
 
-// out[m * N + n] = sum_k x[m * K + k] * float(w[n * K + k]) (+ bias[n]) for m < M (1..4), n0 <= n < n1.
+// out[m * N + n] = sum_k x[m * K + k] * float(w[n * K + k]) (+ bias[n]) for m < M (1..16), n0 <= n < n1.
 using Bf16GemvFn = void (*)(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
                             int64_t N, int64_t n0, int64_t n1);
 void bf16_gemv_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,

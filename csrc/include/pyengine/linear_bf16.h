@@ -8,7 +8,7 @@
 namespace pyengine {
 
 // x: [M, K] fp32, w: [N, K] bf16, bias: [N] fp32 or null, out: [M, N] fp32.
-// Up to 4 rows (decode) a GEMV streams the weights once; above, blocks of weight rows are widened to
+// Up to 16 rows (decode) a GEMV streams the weights once; above, blocks of weight rows are widened to
 // fp32 and run through linear_f32's GEMM.
 void linear_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M, int64_t N,
                  int64_t K);
