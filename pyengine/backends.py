@@ -140,8 +140,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 class FusedBackend(TorchBackend):
     """Our C++ kernels for the linear layers, attention, norms, rotary embedding and activations; fp32
     weights. Linears: `_C.linear_f32`, a streaming GEMV for decode and a packed-panel GEMM for
-    prefill, measured faster than torch's `F.linear` on the default model (512-token prefill, AMD
-    EPYC Zen 3, 2 threads: ~500 against ~455 tokens/s in the same run).
+    prefill (faster than torch's `F.linear` on the default model's shapes).
 
     Calls the raw bindings (pyengine._C) rather than the torch.library ops: the same kernels, without
     the dispatcher's per-call cost, which adds up over hundreds of calls per decode step.
@@ -258,12 +257,10 @@ class FusedInt8Backend(FusedBackend):
     int16 x int8 sums, so a row's output is the same bits whichever rows share the call (prefill,
     decode, a batch) and the C++ decode step (LlamaDecoder) matches this path bit for bit.
     Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
-    on int16 pairs (`vpmaddwd`), which on Zen 3 measured 1.2-1.5x the fp32 FMA GEMM that the
-    weight-only kernel (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels
-    (512-token linears of the default model, 2 threads).
-    Chosen by measurement over W8A8 (int8 activations too, `_C.int8_linear`): on the default model
-    (WikiText-2, 2048 tokens) W8A8 lost 2.8% perplexity (KL 0.041, top-1 87%) while 16-bit
-    activations stay within ~1e-4 of the weight-only result (0.2%, KL 0.005, top-1 96%).
+    on int16 pairs (`vpmaddwd`), faster than the fp32 FMA GEMM that the weight-only kernel
+    (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels.
+    Chosen over W8A8 (int8 activations too, `_C.int8_linear`) for quality: int8 activations lost
+    several times the perplexity and KL of 16-bit ones, which stay next to the weight-only result.
     """
 
     name = "fused-int8"

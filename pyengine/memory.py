@@ -2,10 +2,8 @@
 
 Decode streams every weight matrix once per token. With 4 KB pages that is ~130k page translations
 per token for the default model in fp32, and under a hypervisor (nested paging) each TLB miss costs
-a two-level page walk. On the 2-vCPU KVM machines here (AMD EPYC Zen 3, 2 threads), 2 MB pages made
-a plain read of the model's matrices ~9% faster and a C++ GEMV over them ~15% faster; end to end,
-two engines alternating in one process decoded at 40.6 against 36.9 tokens/s (fused) and 135.8
-against 128.5 (fused-int8), medians of 12 runs.
+a two-level page walk. 2 MB pages made both a plain read of the model's matrices and decode
+measurably faster on the KVM machines here.
 
 Linux gives anonymous memory 2 MB pages when transparent huge pages are "always", or "madvise" and
 the range was advised with MADV_HUGEPAGE, which WeightArena does. Elsewhere (no THP, another OS)

@@ -30,9 +30,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [batch, vocab] -> token ids [batch]."""
     if params.greedy:
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            # Ours (numpy's rule: first index of the maximum, NaN first): a few us over a 49k vocab
-            # where torch's argmax takes ~130 us (its reduction machinery), a per-token cost at
-            # 100+ tokens/s. The C++ decode steps choose greedy tokens with the same kernel.
+            # Ours (numpy's rule: first index of the maximum, NaN first): torch's argmax goes through
+            # its general reduction machinery, a per-token cost many times ours over a large vocab.
+            # The C++ decode steps choose greedy tokens with the same kernel.
             from pyengine import _C
 
             ids = torch.empty(logits.shape[0], dtype=torch.long)

@@ -30,7 +30,7 @@ PE_INLINE int32_t hsum_epi32(__m256i v) {
 // int8: 9 cache lines for K = 576), too short for the hardware prefetcher to lock on before the tile
 // is done, and one core then waits on DRAM latency. So each tile prefetches the rows of the tile
 // kPrefetchTiles further down while it computes (prefetches never fault past the end).
-constexpr int kPrefetchTiles = 2;  // 1 to 8 measured the same within noise on Zen 3
+constexpr int kPrefetchTiles = 2;  // the distance matters little (1 to 8 tiles measured alike)
 
 template <int NR, class T>
 PE_INLINE void prefetch_ahead(const T* b, int64_t ldb, int64_t k) {
@@ -159,12 +159,10 @@ PE_INLINE void i16i8_row(const int16_t* a, int64_t lda, const int8_t* br, int64_
 }
 
 // c[m * ldc + r] = exact sum over K of activation row m (of MR) times weight row r, for the `rows`
-// (1..4) weight rows at b. The weight rows are read one after another, not as a register tile: on
-// Zen 3 one sequential stream reads the weights ~1.5x faster than 2-8 interleaved adjacent rows
-// (8-row tiles 14-16 GB/s, one row at a time 18-22 GB/s, raw read 21-25 GB/s). What four rows share
-// is the call and the horizontal sums: each row leaves 4 int64 lanes, and one transposed reduction
-// turns four rows' lanes into four totals (a call and a horizontal sum per row cost 5-15% of the
-// speed in cache at K = 576, and ~3% over the model's matrices from DRAM, in paired runs).
+// (1..4) weight rows at b. The weight rows are read one after another, not as a register tile: one
+// sequential stream reads faster than several interleaved adjacent rows. What four rows share is the
+// call and the horizontal sums: each row leaves 4 int64 lanes, and one transposed reduction turns
+// four rows' lanes into four totals (a call and a reduction per row cost measurable time).
 template <int MR>
 void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t* c, int64_t ldc, int rows,
                 int64_t K) {
@@ -189,13 +187,9 @@ void i16i8_rows(const int16_t* a, int64_t lda, const int8_t* b, int64_t ldb, int
 }
 
 // Decode at batch 1 and 2: the thread's weight rows as TWO sequential streams, the slice's first and
-// second halves, a cache line of each in turn. Over the model's int8 matrices from DRAM (2 threads,
-// Zen 3, paired): a plain read of the slices goes from ~25 to ~30 GB/s when split in two streams (four
-// add nothing more), this kernel from ~21.5 to ~24.8 GB/s, and the whole C++ decode step gets 10-13%
-// faster (medians 5.8 / 6.25 against 6.7 / 6.95 ms; faster in 19 of 19 blocks of 20 steps, in each of
-// three runs). At batch 2 the step goes 6.85 -> 5.9 ms (19 of 19). From 3 activation rows on the
-// multiply-adds bound the speed, and i16i8_rows (one stream) is faster: batch 3 9.3 against 9.7 ms,
-// batch 4 9.4 against 11.3 ms.
+// second halves, a cache line of each in turn: two streams read DRAM faster than one (four add
+// nothing more). From 3 activation rows on the multiply-adds bound the speed, and i16i8_rows (one
+// stream) is the faster one.
 // Two rows at b0 and b0 + ldb (stream 0) and rows1 (0..2) at b1, b1 + ldb (stream 1) -> c0[0..2),
 // c1[0..rows1) of each activation row m (at c0 + m * ldc, c1 + m * ldc).
 template <int MR>
@@ -269,9 +263,7 @@ void f32_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c
 // the other (stream 0), each in lockstep with rows1 (0..2) rows at b1, b1 + ldb (stream 1). Each
 // (activation row, weight row) sum is the FMA chain f32_tile runs, so the results are bitwise those
 // of f32_tile. Reading a stream's two rows one after the other, not side by side, keeps each stream
-// sequential: the fp32 C++ decode step of the default model, paired against reading both rows side
-// by side (Zen 3, 2 threads, 19 blocks of 20 steps): batch 1 19.5 -> 18.5 ms (faster in 19 of 19),
-// batch 4 28.3 -> 23.9 ms (19 of 19); earlier, side by side beat 4-row tiles by ~5%.
+// sequential, which measured faster at batch 1 and 4.
 template <int MR>
 void f32_rows_two_streams(const float* a, int64_t lda, const float* b0, const float* b1, int64_t ldb, float* c0,
                           float* c1, int64_t ldc, int rows1, int64_t K) {
@@ -284,9 +276,8 @@ void f32_rows_two_streams(const float* a, int64_t lda, const float* b0, const fl
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       // Software prefetch only from 3 activation rows on: at 1-2 rows the hardware prefetcher keeps
-      // up with the two sequential streams by itself, and the prefetches cost time (fp32 C++ decode
-      // step at batch 1: 19.8 -> 16.6 and 19.3 -> 16.8 ms without them, 19 of 19 paired blocks; batch
-      // 2: 22.3 -> 21.0 ms). At 4 rows dropping them measured 4% slower.
+      // up with the two sequential streams by itself and the prefetches only cost time; at 4 rows
+      // they help.
       if (MR >= 3 && k % 16 == 0) {  // one prefetch per cache line, two calls further down each stream
         _mm_prefetch(reinterpret_cast<const char*>(row0 + 4 * ldb + k), _MM_HINT_T0);
         if (both) _mm_prefetch(reinterpret_cast<const char*>(row1 + 4 * ldb + k), _MM_HINT_T0);
@@ -379,8 +370,7 @@ void panel_kernel_avx2(const float* a_pack, const float* b_pack, int64_t K, floa
   // not an array: GCC kept an accumulator array in memory, storing it every k (half the speed).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  // Two k per iteration: about 5% faster in L1 on Zen 3 (paired runs), the loop's own
-  // instructions taking fewer of the issue slots the 12 FMAs need.
+  // Two k per iteration: the loop's own instructions take fewer of the issue slots the 12 FMAs need.
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k, a_pack += kPanelRows, b_pack += kPanelCols) {
     const __m256 b0 = _mm256_load_ps(b_pack), b1 = _mm256_load_ps(b_pack + 8);

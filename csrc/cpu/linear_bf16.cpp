@@ -21,8 +21,8 @@ constexpr int64_t kGemvMaxRows = 16;
 constexpr int64_t kPrefillBlockRows = 128;
 
 void gemv(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
-  // AVX-512 machines run the AVX2 kernel too: on Zen 4, vdpbf16ps with each activation split in three
-  // bf16 parts (to keep fp32 precision) read the weights at 42 GB/s where widening read them at 71.
+  // AVX-512 machines run the AVX2 kernel too: vdpbf16ps needs each fp32 activation split in three bf16
+  // parts to keep its precision, and that measured slower than widening the weights (Zen 4).
   const auto kernel = cpu::pick_kernel<cpu::Bf16GemvFn>({
       {Isa::Avx2, cpu::bf16_gemv_avx2},
       {Isa::Scalar, cpu::bf16_gemv_scalar},

@@ -68,7 +68,7 @@ void rows_m(const float* x, int64_t K, const uint16_t* w, const float* bias, flo
 void bf16_gemv_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out,
                     int64_t N, int64_t n0, int64_t n1) {
   // Two streams, rows [n0, mid) and [mid, n1), one row of each at a time: two sequential reads far
-  // apart keep the prefetchers busy where two neighbouring rows side by side measured half as fast.
+  // apart keep the prefetchers busy; two neighbouring rows side by side read far slower.
   // Every group of up to 4 activation rows uses the two weight rows while they are in L1, so up to
   // 16 activation rows still read the weights from memory once.
   const int64_t mid = n0 + (n1 - n0 + 1) / 2;

@@ -32,7 +32,7 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 // The integer dot product is exact, converted to fp32 once: bitwise equal to an int64 reference, so
 // an output row does not depend on which other rows share the call (prefill and decode agree).
 // Up to 16 rows a GEMV streams the int8 weights once (decode); above, the packed-panel GEMM on int16
-// pairs (prefill), ~1.3x the fp32 FMA GEMM's rate on AVX2. With 16-bit activations it stays far
+// pairs (prefill), faster than the fp32 FMA GEMM. With 16-bit activations it stays far
 // closer to fp32 than W8A8. Shapes as int8_linear.
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                      int64_t M, int64_t N, int64_t K);
