@@ -470,8 +470,8 @@ def _plot_timeline(ax, results) -> None:
 
 
 def _plot_tradeoffs(ax_q, ax_b, report) -> None:
-    """Decode J/token (one point per backend and batch size) against quality lost (KL vs the
-    reference, a log axis) and against bytes read per decoded token."""
+    """Decode J/token (one point per backend and batch size) against quality lost (perplexity
+    change vs the reference, %) and against bytes read per decoded token."""
     est = report["energy"]["estimated"]
     q = (report["quality"] or {}).get("backends", {})
     backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
@@ -483,10 +483,8 @@ def _plot_tradeoffs(ax_q, ax_b, report) -> None:
         if j is None:
             continue
         c, label = colors[r["backend"]], f"{r['backend']} B={r['batch_size']}"
-        kl = (q.get(r["backend"]) or {}).get("kl")
-        is_ref = (report["quality"] or {}).get("reference") == r["backend"]
-        if kl is not None or is_ref:
-            x = max(kl or 0.0, 1e-9)  # the reference (KL 0) sits at the axis floor
+        x = (q.get(r["backend"]) or {}).get("ppl_delta_pct")
+        if x is not None:
             ax_q.scatter([x], [j], color=c, marker="o" if r["batch_size"] == 1 else "s")
             ax_q.annotate(label, (x, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
             plotted_q = True
@@ -497,9 +495,7 @@ def _plot_tradeoffs(ax_q, ax_b, report) -> None:
             ax_b.annotate(label, (mb, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
             plotted_b = True
     if plotted_q:
-        ax_q.set_xscale("log")
-        ax_q.set_xlabel(f"quality lost: KL(reference || backend), nats/position (reference "
-                        f"{report['quality']['reference']} at 1e-9)", fontsize=8)
+        ax_q.set_xlabel(f"quality lost: perplexity change vs {report['quality']['reference']}, %", fontsize=8)
         ax_q.set_ylabel(ylabel)
         ax_q.set_title("energy against quality lost", fontsize=10)
     else:
