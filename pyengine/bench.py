@@ -176,7 +176,8 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
 
     config = read_json(path / "config.json")
     name = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def hf_native_backend(path: Path) -> str | None:
