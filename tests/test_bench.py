@@ -238,6 +238,26 @@ def test_bench_end_to_end(e2e):
     assert _is_png(out / "r.png")
 
 
+def test_plot_without_timeline_shows_energy_against_quality_and_bytes(e2e, tmp_path, monkeypatch):
+    """On the estimate there is no power timeline: the lower half plots decode J/token against quality
+    lost and against bytes read per token, one point per backend and batch size."""
+    import matplotlib.pyplot as plt
+
+    report = strict_json((e2e[3] / "r.json").read_text())
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bench_report.plot(report, tmp_path / "p.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert set(axes) >= {"energy against quality lost", "energy against bytes moved per token"}
+    assert not any("no power timeline" in t.get_text() for ax in figures[0].axes for t in ax.texts)
+    points = axes["energy against bytes moved per token"].collections
+    assert len(points) == len(report["results"])
+    bytes_axis = sorted(float(c.get_offsets()[0][0]) for c in points)
+    expected = sorted(r["decode_roofline"]["bytes_per_token"]["total"] / 1e6 for r in report["results"])
+    assert bytes_axis == pytest.approx(expected)
+    assert len(axes["energy against quality lost"].collections) == len(report["results"])
+
+
 def test_bench_terminal_table(e2e):
     rc, stdout, stderr, _ = e2e
     assert rc == 0
