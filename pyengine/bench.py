@@ -28,8 +28,8 @@ times inside one window, each phase is charged the window's average watts x its 
 the rest of the window (Python between runs, HF's second prefill inside generate) is reported as
 overhead.
 
-Bytes and the roofline (CPU): read bandwidth is probed at the start and the end of the run (the
-higher is used); each row reports the bytes read per decoded token (pyengine.roofline) and its
+Bytes and the roofline (CPU): read bandwidth is probed at the start, after each backend and at the
+end of the run (the highest is used: on a shared machine a probe can be slowed, never sped up); each row reports the bytes read per decoded token (pyengine.roofline) and its
 decode rate as a fraction of reading those bytes at that bandwidth.
 """
 from __future__ import annotations
@@ -779,6 +779,7 @@ def run(args) -> int:
                                              greedy_new_tokens=GREEDY_NEW_TOKENS)
                         bar.update(1)
                     qualities[name] = res
+                bandwidth[f"after {name}"] = read_bandwidth(cfg)
                 if i == len(order) - 1 and idle is not None:
                     bar.set_description("idle power again, at the end")
                     idle_end = measure_idle(meter, cfg.idle_seconds, repeats=cfg.idle_repeats)

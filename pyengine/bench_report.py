@@ -69,10 +69,11 @@ def roofline_of(cfg, mconfig, bandwidth) -> dict | None:
     if not readings:
         return None
     return {"bandwidth_gb_s": max(readings), "bandwidth_gb_s_start": bandwidth.get("start"),
-            "bandwidth_gb_s_end": bandwidth.get("end"), "probe_mib": cfg.probe_mib,
+            "bandwidth_gb_s_end": bandwidth.get("end"), "bandwidth_gb_s_readings": dict(bandwidth),
+            "probe_mib": cfg.probe_mib,
             "context": cfg.prompt_tokens + cfg.new_tokens // 2,
-            "note": "read bandwidth: best of 10 reads of the probe at the start and at the end of the run, the higher "
-                    "used; bytes per decoded token: the weights at their stored width once per step shared by the "
+            "note": "read bandwidth: best of 10 reads of the probe at the start, after each backend and at the end of "
+                    "the run, the highest used (a shared machine slows a probe, never speeds it up); bytes per decoded token: the weights at their stored width once per step shared by the "
                     "batch, plus each sequence's KV cache at the average context"}
 
 
@@ -331,11 +332,12 @@ def format_report(report) -> str:
                 lines.append(f"vs {hf_name}: {r['backend']} b={r['batch_size']} decode {v['decode_speedup']:.2f}x, "
                              f"prefill {_fmt(v['prefill_speedup'])}x")
     if roof:
+        readings = [g for g in roof["bandwidth_gb_s_readings"].values() if g]
         lines.append(f"MB/tok: bytes read per decoded token (weights at their stored width, shared by the batch, + KV "
                      f"cache at {roof['context']} tokens); of roofline: decode tok/s / reading those bytes at "
-                     f"{roof['bandwidth_gb_s']:.1f} GB/s (read bandwidth measured in this run: "
-                     f"{_fmt(roof['bandwidth_gb_s_start'], 1)} at the start, {_fmt(roof['bandwidth_gb_s_end'], 1)} "
-                     "at the end)")
+                     f"{roof['bandwidth_gb_s']:.1f} GB/s, the highest of {len(readings)} read-bandwidth probes in "
+                     f"this run ({_fmt(min(readings), 1)}-{_fmt(max(readings), 1)} GB/s); above 100%: every probe "
+                     "was slowed by other work on the machine")
     if any_est:
         w = report["energy"].get("constants", {}).get("watts_per_core")
         lines.append(ESTIMATE_FOOTNOTE + (f" ({w:.3g} W/core: {report['energy']['constants']['watts_per_core_origin']})"
