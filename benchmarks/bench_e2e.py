@@ -171,15 +171,15 @@ def test_generate_e2e(benchmark, runner, prompts, meter, model_config, read_band
     info.update({"batch": BATCH, "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS,
                  "decode_tok_s": statistics.median(tok_s), "decode_tok_s_runs": tok_s})
     if ROOFLINE:
-        int8 = runner.name in INT8
+        precision = "int8" if runner.name in INT8 else "fp32"
         context = PROMPT_TOKENS + NEW_TOKENS // 2  # the average KV length during decode, as cpu_roofline
         info.update({
-            "precision": "int8" if int8 else "fp32", "read_bandwidth_gb_s": read_bandwidth,
+            "precision": precision, "read_bandwidth_gb_s": read_bandwidth,
             "decode_roofline_fraction":
-                info["decode_tok_s"] / cpu_roofline.roofline_tok_s(model_config, int8, context, read_bandwidth),
+                info["decode_tok_s"] / cpu_roofline.roofline_tok_s(model_config, precision, context, read_bandwidth),
             "bandwidth_beside_gb_s": _measured(beside),
             "decode_roofline_fraction_beside": cpu_roofline.fraction_beside(
-                tok_s, _measured(beside), cpu_roofline.bytes_per_token(model_config, int8, context)["total"]),
+                tok_s, _measured(beside), cpu_roofline.bytes_per_token(model_config, precision, context)["total"]),
         })
         if spans is not None:
             weight_bytes = sum(s.numel() * 8 for s in spans)

@@ -21,8 +21,7 @@ import torch
 from pyengine import _C, ops
 from pyengine.cli import _cpu_model
 from pyengine.memory import WeightArena
-
-from cpu_roofline import probe_buffer
+from pyengine.roofline import probe_buffer
 
 THREADS = int(os.environ.get("PYENGINE_BENCH_THREADS", "2"))
 SHAPES = {  # name: (N, K), torch Linear weight layout

@@ -37,30 +37,17 @@ from pathlib import Path
 import torch
 
 import pyengine
-from pyengine import _C, ops
+from pyengine import ops
 from pyengine.bench_report import json_safe
 from pyengine.cli import _cpu_model
-from pyengine.memory import huge_page_buffer, transparent_huge_pages
+from pyengine.memory import transparent_huge_pages
+from pyengine.roofline import (
+    bytes_per_token, fraction_beside, read_bandwidth_gbs, roofline_tok_s, weight_spans, weights_read_gbs,
+)
 
 PROMPT = ("The history of the city begins with a small settlement on the river, where traders met to "
           "exchange grain, salt and cloth. Over the centuries the town grew into a market, then a port, "
           "and finally the capital of a region known for its bridges, its libraries and its music. ") * 20
-
-
-def probe_buffer() -> torch.Tensor:
-    """1 GiB on 2 MB pages (fp32 ones, as int64 words), as the fused backends keep their weights: so
-    the roofline is what this machine reads at best, not a figure lowered by 4 KB-page TLB misses."""
-    return huge_page_buffer(1 << 30)[0].view(torch.float32).fill_(1.0).view(torch.int64)
-
-
-def read_bandwidth_gbs(repeats: int = 10) -> float:
-    x = probe_buffer()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _C.sum_words(x)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 8 / best / 1e9
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -76,32 +63,8 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def bytes_per_token(config, int8: bool, context: int) -> dict:
-    """Bytes one decode step reads at batch 1 (weights once, plus this context's KV)."""
-    c = config
-    H, D, I, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
-    matrices = [((c.num_heads + 2 * c.num_kv_heads) * D, H), (H, c.num_heads * D), (2 * I, H), (H, I)]
-    weight_elems = c.num_layers * sum(n * k for n, k in matrices) + V * H  # + lm_head
-    rows = c.num_layers * sum(n for n, _ in matrices) + V
-    weights = weight_elems * (1 if int8 else 4) + (rows * 4 if int8 else 0)
-    small = (2 * c.num_layers + 1) * H * 4 + H * 4  # norms, one embedding row
-    kv = 2 * c.num_layers * c.num_kv_heads * D * 4 * context
-    return {"weights": weights, "other": small + kv, "total": weights + small + kv}
-
-
-def roofline_tok_s(config, int8: bool, context: int, bandwidth_gbs: float) -> float:
-    """Decode tokens/s at batch 1 if a step took only the time to read its bytes_per_token at bandwidth_gbs."""
-    return bandwidth_gbs * 1e9 / bytes_per_token(config, int8, context)["total"]
-
-
 def median(values):
     return statistics.median(values)
-
-
-def fraction_beside(tok_s_runs, gbs_runs, bytes_per_step: int) -> float:
-    """The median over repeats of each repeat's tokens/s against reading bytes_per_step at the rate
-    probed just before it (gbs_runs, paired with tok_s_runs in order)."""
-    return median([tok_s / (gbs * 1e9 / bytes_per_step) for tok_s, gbs in zip(tok_s_runs, gbs_runs)])
 
 
 def hf_dynamic_int8(model):
@@ -125,38 +88,6 @@ def write_json(result: dict, path: Path) -> None:
 def _probe(probes):
     if probes is not None:
         probes.append(read_bandwidth_gbs(repeats=3))
-
-
-def weight_spans(engine) -> list[torch.Tensor]:
-    """The linear layers' weights (and int8 scales) of a fused engine as they lie in memory: one int64
-    view per contiguous span. The fused backends place them back to back in decode order, in 64 MB
-    chunks, so a few spans cover them, with at most alignment padding between tensors."""
-    model = engine.model
-    linears = [value for layer in model.layers for value in vars(layer).values()] + [model.lm_head]
-    tensors = [t for linear in linears for name in ("weight", "qweight", "scale")
-               if isinstance(t := getattr(linear, name, None), torch.Tensor)]
-    bounds = {}  # storage address -> (first byte, end byte)
-    for t in tensors:
-        storage = t.untyped_storage()
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        first, end, _ = bounds.get(storage.data_ptr(), (lo, hi, storage))
-        bounds[storage.data_ptr()] = (min(first, lo), max(end, hi), storage)
-    spans = []
-    for base, (first, end, storage) in bounds.items():
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-        spans.append(raw[first - base:first - base + (end - first) // 8 * 8].view(torch.int64))
-    return spans
-
-
-def weights_read_gbs(spans, repeats: int = 3) -> float:
-    """Best-of-`repeats` rate of reading every span (_C.sum_words: integer sums, the bytes are not floats)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for span in spans:
-            _C.sum_words(span)
-        best = min(best, time.perf_counter() - t)
-    return sum(s.numel() * 8 for s in spans) / best / 1e9
 
 
 def pyengine_runs(engine, prompt_ids, new_tokens, batch, repeats, probes=None, weight_probes=None):
@@ -188,7 +119,7 @@ def hf_runs(model, prompt_ids, new_tokens, batch, repeats, probes=None):
         out = []
         for _ in range(repeats):
             _probe(probes)
-            prefill = _time(lambda: model(ids))
+            prefill = _time(lambda: model(ids, logits_to_keep=1))  # the last position's logits, as ours
             total = _time(lambda: model.generate(ids, **kwargs))
             out.append(batch * (new_tokens - 1) / (total - prefill))  # decode = generate - prefill
     return out
@@ -197,8 +128,10 @@ def hf_runs(model, prompt_ids, new_tokens, batch, repeats, probes=None):
 def hf_prefill(model, prompt_ids, repeats):
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
-        model(ids)
-        return [len(prompt_ids) / _time(lambda: model(ids)) for _ in range(repeats)]
+        model(ids, logits_to_keep=1)
+        # logits at the last position only, as pyengine's prefill computes them (all positions: ~27%
+        # more matmul work on the default model's 49k vocabulary)
+        return [len(prompt_ids) / _time(lambda: model(ids, logits_to_keep=1)) for _ in range(repeats)]
 
 
 def profile_step(engine, steps: int = 20) -> dict:
@@ -245,7 +178,7 @@ def main(argv=None) -> int:
     prompt_ids, prefill_ids = ids[: args.prompt_tokens], ids[: args.prefill_tokens]
     del reference
     context = args.prompt_tokens + args.new_tokens // 2  # average KV length during decode
-    roofline = {kind: roofline_tok_s(config, kind == "int8", context, bandwidth) for kind in ("fp32", "int8")}
+    roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in ("fp32", "int8")}
     print(f"decode roofline at batch 1: fp32 {roofline['fp32']:.1f} tok/s, int8 {roofline['int8']:.1f} tok/s",
           flush=True)
 
@@ -261,7 +194,7 @@ def main(argv=None) -> int:
         row["decode_roofline_fraction"] = row["decode_tok_s"][1] / roofline[precision] if 1 in decode_by_batch else None
         if beside and 1 in decode_by_batch:
             # Each repeat against the bandwidth probed just before it; the median of those fractions.
-            per_byte = bytes_per_token(config, precision == "int8", context)["total"]
+            per_byte = bytes_per_token(config, precision, context)["total"]
             row["bandwidth_beside_gb_s"] = beside
             row["decode_roofline_fraction_beside"] = fraction_beside(decode_by_batch[1], beside, per_byte)
         if weights_beside and 1 in decode_by_batch:
@@ -328,7 +261,7 @@ def main(argv=None) -> int:
     if bandwidth_end > bandwidth:
         print(f"read bandwidth at the end {bandwidth_end:.1f} GB/s: roofline fractions recomputed with it")
         bandwidth = bandwidth_end
-        roofline = {kind: roofline_tok_s(config, kind == "int8", context, bandwidth) for kind in ("fp32", "int8")}
+        roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in ("fp32", "int8")}
         for r in rows:
             if 1 in r["decode_tok_s"]:
                 r["decode_roofline_fraction"] = r["decode_tok_s"][1] / roofline[r["precision"]]
@@ -338,7 +271,7 @@ def main(argv=None) -> int:
             r["decode_speedup_vs_hf_eager"] = r["decode_tok_s"].get(1, 0) / base["decode_tok_s"][1]
             r["prefill_speedup_vs_hf_eager"] = r["prefill_tok_s"] / base["prefill_tok_s"]
     result = {"machine": machine, "read_bandwidth_gb_s": bandwidth, "fp32_gemm_gflop_s": gflops,
-              "roofline_tok_s": roofline, "bytes_per_token": {k: bytes_per_token(config, k == "int8", context)
+              "roofline_tok_s": roofline, "bytes_per_token": {k: bytes_per_token(config, k, context)
                                                                for k in ("fp32", "int8")},
               "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows,
               "decode_step_profile_s": profiles}

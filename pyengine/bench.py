@@ -3,10 +3,13 @@
 One process, one model, the same prompt token ids for every backend:
 
 * ``hf-eager``: ``AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")`` in
-  float32 on a CPU (float16 on a GPU), greedy ``generate`` with exactly N new tokens
-  (``min_new_tokens = max_new_tokens = N``). Its prefill is measured as one separate forward of
-  the prompt batch, and **decode = generate - that prefill** (seconds and joules): HF's generate
-  gives no phase split of its own.
+  float32, the dtype pyengine's backends run in (on a CPU and on a GPU), greedy ``generate`` with
+  exactly N new tokens (``min_new_tokens = max_new_tokens = N``). Its prefill is measured as one
+  separate forward of the prompt batch that asks for the last position's logits only
+  (``logits_to_keep=1``), as pyengine computes them, and **decode = generate - that prefill**
+  (seconds and joules): HF's generate gives no phase split of its own.
+* ``hf-eager-bf16`` / ``hf-eager-fp16``: the same in that dtype; run by default when the
+  checkpoint is stored in it (the eager run a user of that checkpoint would make).
 * every pyengine backend that ``available_backends(device)`` lists: ``pyengine.load(path,
   backend=...)`` then ``engine.generate(prompts, max_new_tokens=N, ignore_eos=True,
   measure_energy=True)``; seconds and joules per phase come from ``usage``.
@@ -17,10 +20,17 @@ generated tokens" divides the whole generate call (short-prompt prefill + decode
 The prefill columns come from a separate measurement with a long prompt (--prefill-tokens),
 where a prefill is long enough to measure; --prefill-tokens 0 uses the generate call's prefill.
 
-Energy: one meter for the whole run (idle baseline included). Every repeat opens windows around
-each phase; on NVML, where a window shorter than NVML_MIN_WINDOW_S is unreliable, a run is
-repeated k = meter.repeats_for(seconds) times inside one window and that window's energy is split
-between the phases in proportion to their seconds (same average power assumed).
+Energy: one meter for the whole run. Idle is measured after the first model is loaded (on a GPU,
+with its CUDA context up), in --idle-repeats windows, and again at the end; a drift beyond
+IDLE_DRIFT_WARN is warned about. Every repeat opens windows around each phase; on NVML, where a
+window shorter than NVML_MIN_WINDOW_S is unreliable, a run is repeated k = meter.repeats_for(seconds)
+times inside one window, each phase is charged the window's average watts x its own seconds, and
+the rest of the window (Python between runs, HF's second prefill inside generate) is reported as
+overhead.
+
+Bytes and the roofline (CPU): read bandwidth is probed at the start, after each backend and at the
+end of the run (the highest is used: on a shared machine a probe can be slowed, never sped up); each row reports the bytes read per decoded token (pyengine.roofline) and its
+decode rate as a fraction of reading those bytes at that bandwidth.
 """
 from __future__ import annotations
 
@@ -37,11 +47,15 @@ import torch
 from pyengine.quant import METHODS
 
 HF = "hf-eager"
+# HF eager variants: the baseline (fp32, our dtype) and the checkpoint's own half-precision dtypes.
+HF_VARIANTS = {HF: torch.float32, f"{HF}-bf16": torch.bfloat16, f"{HF}-fp16": torch.float16}
 # The greedy-agreement check: this many corpus prompts of this many tokens, this many greedy tokens each.
 # 128 prompts: a share measured on them is within ~+-4.4% (one standard error); on 32 it was +-9%.
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 128, 12, 16
 PYENGINE_BACKENDS = ("torch", "fused", "fused-int8")
-ENERGY_SOURCES = ("auto", "nvml", "rapl", "estimate")
+ENERGY_SOURCES = ("auto", "nvml", "rapl", "estimate", "nvml+rapl")
+IDLE_REPEATS = 3
+PROBE_MIB = 1024
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "bench_text.txt"
 TIMELINE_INTERVAL_S = 0.05
 
@@ -72,6 +86,8 @@ class BenchConfig:
     warmup: int
     threads: int | None
     idle_seconds: float
+    idle_repeats: int
+    probe_mib: int
     energy_source: str
     grid: object  # energy.GridIntensity
     pue: float
@@ -91,7 +107,8 @@ class BenchConfig:
             "model": self.model, "backends": self.backends, "device": str(self.device),
             "batch_sizes": self.batch_sizes, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
             "prefill_tokens": self.prefill_tokens, "repeats": self.repeats, "warmup": self.warmup,
-            "threads": self.threads, "idle_seconds": self.idle_seconds, "energy_source": self.energy_source,
+            "threads": self.threads, "idle_seconds": self.idle_seconds, "idle_repeats": self.idle_repeats,
+            "probe_mib": self.probe_mib, "energy_source": self.energy_source,
             "grid_intensity": str(self.grid.region or self.grid.g_per_kwh), "pue": self.pue,
             "corpus": str(self.corpus), "quality": self.quality, "quality_tokens": self.quality_tokens,
             "quality_window": self.quality_window, "json": str(self.json_path) if self.json_path else None,
@@ -108,7 +125,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
     p.add_argument("--backends", default=None,
-                   help=f"comma-separated: {HF},{','.join(PYENGINE_BACKENDS)} (default: {HF} + every available one)")
+                   help=f"comma-separated: {','.join(HF_VARIANTS)},{','.join(PYENGINE_BACKENDS)} (default: {HF}, "
+                        f"{HF} in the checkpoint's dtype where that is not fp32, and every available one)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for generation (default 32)")
@@ -119,10 +137,15 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up runs (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (our kernels and torch)")
     p.add_argument("--idle-seconds", type=float, default=3.0,
-                   help="idle baseline length (default 3; skipped for the estimate source)")
-    p.add_argument("--energy-source", default="auto", help="auto, nvml, rapl or estimate")
+                   help="length of each idle window (default 3; skipped for the estimate source)")
+    p.add_argument("--idle-repeats", type=int, default=IDLE_REPEATS,
+                   help=f"idle windows after loading, and again at the end (default {IDLE_REPEATS})")
+    p.add_argument("--probe-mib", type=int, default=PROBE_MIB,
+                   help=f"read-bandwidth probe size in MiB for the roofline columns (default {PROBE_MIB}; 0: skip)")
+    p.add_argument("--energy-source", default="auto", help=f"{', '.join(ENERGY_SOURCES)}")
     p.add_argument("--grid-intensity", default=None,
-                   help="grid region code (WORLD, FR, US...) or gCO2e/kWh (default: $PYENGINE_GRID_INTENSITY or WORLD)")
+                   help=f"grid region code ({', '.join(grid_regions())}) or gCO2e/kWh (default: "
+                        "$PYENGINE_GRID_INTENSITY or WORLD)")
     p.add_argument("--pue", type=float, default=1.0, help="data-centre PUE, >= 1.0 (default 1.0)")
     p.add_argument("--corpus", default=None, help="plain-text file for perplexity (default: a text shipped with pyengine)")
     p.add_argument("--quality-tokens", type=int, default=2048, help="corpus tokens scored (default 2048)")
@@ -139,6 +162,28 @@ def add_parser(sub) -> None:
                         "quantizing at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def grid_regions() -> list[str]:
+    from pyengine.energy.carbon import regions
+
+    return list(regions())
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The dtype the checkpoint's config.json says it is stored in (None when it does not say)."""
+    from pyengine.loader import read_json
+
+    config = read_json(path / "config.json")
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def hf_native_backend(path: Path) -> str | None:
+    """The HF variant in the checkpoint's own dtype, where that is not the fp32 baseline."""
+    dtype = checkpoint_dtype(path)
+    return next((n for n, d in HF_VARIANTS.items() if d == dtype and n != HF), None)
 
 
 def _positive_int_list(text: str, what: str) -> list[int]:
@@ -163,9 +208,9 @@ def validate(args) -> BenchConfig:
 
     device = _check_device(args.device)
     available = available_backends(device)
-    known = [HF, *dict.fromkeys([*PYENGINE_BACKENDS, *BACKENDS])]
+    known = [*HF_VARIANTS, *dict.fromkeys([*PYENGINE_BACKENDS, *BACKENDS])]
     if args.backends is None:
-        backends = [HF, *available]
+        backends = [HF, *available]  # + the checkpoint-dtype HF run, added once the model is resolved
     else:
         backends = list(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
         if not backends:
@@ -173,11 +218,12 @@ def validate(args) -> BenchConfig:
         for b in backends:
             if b not in known:
                 raise ValueError(f"--backends: unknown backend {b!r}; known: {', '.join(known)}")
-            if b != HF and b not in available:
+            if b not in HF_VARIANTS and b not in available:
                 raise ValueError(f"--backends: backend {b!r} is not available on {device} in this build; "
                                  f"available: {', '.join([HF, *available])}")
     batch_sizes = _positive_int_list(args.batch_sizes, "batch-sizes")
     checks = [("prompt-tokens", args.prompt_tokens, 1), ("new-tokens", args.new_tokens, 1),
+              ("idle-repeats", args.idle_repeats, 1), ("probe-mib", args.probe_mib, 0),
               ("prefill-tokens", args.prefill_tokens, 0), ("repeats", args.repeats, 1), ("warmup", args.warmup, 0),
               ("quality-tokens", args.quality_tokens, 2), ("quality-window", args.quality_window, 2)]
     for name, value, low in checks:
@@ -203,12 +249,15 @@ def validate(args) -> BenchConfig:
     if int8_weights is not None and not int8_weights.is_file():
         raise ValueError(f"--int8-weights: {int8_weights} does not exist or is not a file")
     notes = []
+    if args.probe_mib and device.type != "cpu":
+        notes.append("roofline columns: CPU only (the probe reads host memory)")
     if args.cooldown and device.type != "cuda":
         notes.append(f"--cooldown {args.cooldown:g} ignored: it applies to GPU runs only")
     return BenchConfig(
         model=args.model, backends=backends, device=device, batch_sizes=batch_sizes,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         repeats=args.repeats, warmup=args.warmup, threads=args.threads, idle_seconds=args.idle_seconds,
+        idle_repeats=args.idle_repeats, probe_mib=args.probe_mib if device.type == "cpu" else 0,
         energy_source=args.energy_source, grid=grid, pue=float(args.pue), corpus=corpus,
         quality=not args.no_quality, quality_tokens=args.quality_tokens, quality_window=args.quality_window,
         json_path=Path(args.json) if args.json else None, plot_path=Path(args.plot) if args.plot else None,
@@ -299,18 +348,18 @@ def _sync(device):
 
 
 class HFRunner:
-    """transformers eager: prefill = one forward of the prompt batch, decode = generate - prefill."""
-
-    name = HF
+    """transformers eager: prefill = one forward of the prompt batch (last position's logits only,
+    as pyengine), decode = generate - prefill."""
 
     info: dict = {}  # nothing to add to the load record
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, name: str = HF):
         import transformers
 
         transformers.logging.set_verbosity_error()
+        self.name = name
         self.device = device
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.dtype = HF_VARIANTS[name]
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             path, attn_implementation="eager", dtype=self.dtype).to(device).eval()
         gen = self.model.generation_config
@@ -326,7 +375,9 @@ class HFRunner:
 
     @torch.inference_mode()
     def forward(self, ids):
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        # One position's logits, as pyengine's prefill: logits at every position would be ~27% more
+        # matmul work on the default model and inflate every prefill ratio.
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
         _sync(self.device)
         return out
 
@@ -357,7 +408,7 @@ class HFRunner:
         mg = meter.stop(wg) if meter else None
         generated = out.shape[1] - ids.shape[1]
         if generated != new_tokens:
-            raise RuntimeError(f"{HF}: generate produced {generated} tokens, expected {new_tokens}")
+            raise RuntimeError(f"{self.name}: generate produced {generated} tokens, expected {new_tokens}")
         # decode = generate - prefill: HF's generate has no phase split of its own
         return Phases(prefill=(prefill_s, mp), decode=(max(gen_s - prefill_s, 0.0), mg), decode_is_total=True)
 
@@ -437,7 +488,8 @@ def _usage_joules(results, key):
     if e is None:
         return None
     return UsageEnergy(joules=math.fsum(r.usage.energy[key] for r in results), source=e["source"],
-                       estimated=e["estimated"], confidence=e["confidence"], fallback_reason=e.get("fallback_reason"))
+                       estimated=e["estimated"], confidence=e["confidence"], fallback_reason=e.get("fallback_reason"),
+                       confidence_reason=e["confidence_reason"], method=e["method"], constants=e["constants"])
 
 
 @dataclass
@@ -448,6 +500,8 @@ class UsageEnergy:
     confidence: str
     fallback_reason: str | None = None
     confidence_reason: str = ""
+    method: str = ""
+    constants: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -471,6 +525,8 @@ def _joules_of(e):
 
 def measure(runner, kind, rows, cfg, meter, idle, runs_per_window=1):
     """One measured repeat: a dict of phases with tokens, seconds, joules (gross and active)."""
+    from pyengine.energy import net_of_idle
+
     B = len(rows)
     n_prompt = len(rows[0][1])
     outer = meter.start() if meter is not None and (runs_per_window > 1 or meter.record_timeline) else None
@@ -503,35 +559,54 @@ def measure(runner, kind, rows, cfg, meter, idle, runs_per_window=1):
             d_j = max(d_j - p_j, 0.0)  # decode = generate - prefill
     energies = [e for r in runs for e in (r.prefill[1], r.decode[1] if r.decode else None) if e is not None]
     method = "one window per phase"
+    overhead = None
     if runs_per_window > 1 and outer_m is not None:
-        # one window over k runs (NVML minimum window): split its energy by the phases' time share
-        # (HF runs its prefill twice: the separate forward and again inside generate; that second
-        # prefill's share of the window is not counted, as decode = generate - prefill elsewhere)
-        per_run = outer_m.total_joules / runs_per_window
-        run_s = p_sec + (d_sec or 0.0) + (p_sec if runs[0].decode_is_total else 0.0)
-        p_j = per_run * (p_sec / run_s) if run_s > 0 else per_run
-        d_j = per_run * (d_sec / run_s) if kind == "generate" and run_s > 0 else None
+        # one window over k runs (NVML minimum window): each phase is charged the window's average
+        # watts x its own seconds; the rest of the window (Python between runs, and HF's second
+        # prefill inside generate, as decode = generate - prefill) is overhead, charged to no phase
+        watts = outer_m.average_watts
+        p_j = watts * p_sec
+        d_j = watts * d_sec if kind == "generate" else None
+        charged_s = p_sec + (d_sec or 0.0)
+        rest_s = outer_m.seconds / runs_per_window - charged_s
+        overhead = {"seconds": rest_s, "joules": outer_m.total_joules / runs_per_window - watts * charged_s,
+                    "average_watts": watts, "per": "run",
+                    "what": "window time outside the phases: Python between runs"
+                            + (", and HF's prefill inside generate" if runs[0].decode_is_total else "")}
         energies = [outer_m]
-        method = f"{runs_per_window} runs in one window, energy split between phases by time share"
+        method = f"{runs_per_window} runs in one window, each phase charged the window's average watts x its seconds"
     idle_w = idle.total_watts if idle is not None else None
+    clamped = []
 
-    def phase(tokens, seconds, joules):
+    def phase(name, tokens, seconds, joules):
         active = None
         if joules is not None and idle_w is not None:
-            active = max(joules - idle_w * seconds, 0.0)
-        return {"tokens": tokens, "seconds": seconds, "joules": joules, "active_joules": active,
+            active, was_clamped = net_of_idle(joules, idle_w, seconds)
+            if was_clamped:
+                clamped.append(name)
+        out_ = {"tokens": tokens, "seconds": seconds, "joules": joules, "active_joules": active,
                 "tokens_per_s": tokens / seconds if seconds and tokens else None,
                 "joules_per_token": joules / tokens if joules is not None and tokens else None,
                 "active_joules_per_token": active / tokens if active is not None and tokens else None}
+        if active is not None:
+            out_["active_clamped"] = name in clamped
+        return out_
 
-    out = {"prefill": phase(B * n_prompt, p_sec, p_j), "runs_per_window": runs_per_window,
+    out = {"prefill": phase("prefill", B * n_prompt, p_sec, p_j), "runs_per_window": runs_per_window,
            "energy_method": method if energies else None}
+    if overhead is not None:
+        out["overhead"] = overhead
     if kind == "generate":
-        out["decode"] = phase(B * (cfg.new_tokens - 1), d_sec, d_j)
+        out["decode"] = phase("decode", B * (cfg.new_tokens - 1), d_sec, d_j)
         gen_j = None if p_j is None else p_j + (d_j or 0.0)
-        out["generate"] = phase(B * cfg.new_tokens, p_sec + d_sec, gen_j)
+        out["generate"] = phase("generate", B * cfg.new_tokens, p_sec + d_sec, gen_j)
         out["generate"]["prompt_tokens"] = B * n_prompt
     out["energy"] = _energy_meta(energies)
+    if clamped and out["energy"] is not None:
+        # as EnergyMeasurement.active() does: a window below idle power is reported, never hidden
+        note = f"idle subtraction clamped at 0 for {', '.join(clamped)} (the phase used less than idle power)"
+        out["energy"]["confidence"] = "low"
+        out["energy"]["confidence_reason"] = "; ".join(x for x in (out["energy"]["confidence_reason"], note) if x)
     if outer_m is not None and outer_m.timeline:
         out["timeline"] = {"power": {d: [list(p) for p in pts] for d, pts in outer_m.timeline.items()},
                            "phases": [list(m) for m in marks], "seconds": outer_m.seconds}
@@ -544,6 +619,7 @@ def _energy_meta(energies) -> dict | None:
     first = energies[0]
     low = [e for e in energies if e.confidence == "low"]
     return {"source": first.source, "estimated": any(e.estimated for e in energies),
+            "method": first.method, "constants": dict(first.constants),
             "confidence": "low" if low else "high",
             "confidence_reason": (low[0] if low else first).confidence_reason or None,
             "fallback_reason": first.fallback_reason}
@@ -553,7 +629,7 @@ def make_bench_meter(cfg):
     from pyengine.energy import make_meter
 
     meter = make_meter(cfg.energy_source, device=cfg.device)
-    if not meter.estimated and meter.name in ("nvml", "rapl"):
+    if not meter.estimated and meter.name in ("nvml", "rapl", "nvml+rapl"):
         # sample power for a timeline; the estimate is not sampled (its sampler thread's own CPU
         # time would be counted in what it estimates)
         reason = meter.fallback_reason
@@ -604,7 +680,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pyengine import bench_report, ops, quality
-    from pyengine.energy import measure_idle
+    from pyengine.energy import idle_drift, measure_idle
 
     cfg = validate(args)
     path, mconfig, tokenizer = _resolve_model(cfg.model)
@@ -625,16 +701,19 @@ def run(args) -> int:
 
     transformers.utils.logging.disable_progress_bar()
 
+    if args.backends is None and (native := hf_native_backend(path)) is not None:
+        cfg.backends.insert(1, native)
+        cfg.notes.append(f"{native}: HF eager in the checkpoint's own dtype, beside the fp32 {HF} baseline")
+    bandwidth = {"start": read_bandwidth(cfg)}
     meter = make_bench_meter(cfg)
-    idle = None
+    idle = idle_end = None
+    measure_idle_now = not meter.estimated and cfg.idle_seconds > 0
     if meter.estimated:
         idle_note = "skipped: idle power means nothing for the estimate (it counts this process's CPU time only)"
     elif cfg.idle_seconds <= 0:
         idle_note = "not measured (--idle-seconds 0): active energy not reported"
     else:
-        print(f"pyengine bench: measuring idle power for {cfg.idle_seconds:g} s...", file=sys.stderr)
-        idle = measure_idle(meter, cfg.idle_seconds)
-        idle_note = idle.note
+        idle_note = ""
 
     prompts = {b: build_prompts(tokenizer, cfg.prompt_tokens, b) for b in cfg.batch_sizes}
     long_prompts = ({b: build_prompts(tokenizer, cfg.prefill_tokens, b) for b in cfg.batch_sizes}
@@ -649,7 +728,8 @@ def run(args) -> int:
         if sum(len(w) for w in wins) < cfg.quality_tokens:
             cfg.notes.append(f"the corpus has only {sum(len(w) for w in wins)} tokens; scored them all")
 
-    reference = ("torch" if "torch" in cfg.backends else HF if HF in cfg.backends else cfg.backends[0])
+    reference = ("torch" if "torch" in cfg.backends else next((b for b in cfg.backends if b in HF_VARIANTS),
+                                                               cfg.backends[0]))
     order = [reference] + [b for b in cfg.backends if b != reference]
     per_batch = cfg.warmup + cfg.repeats
     total = len(order) * (1 + len(cfg.batch_sizes) * per_batch * (2 if long_prompts else 1) + len(wins)
@@ -667,11 +747,17 @@ def run(args) -> int:
             t0 = time.perf_counter()
             int8 = ({"int8_method": cfg.int8_method, "int8_weights": cfg.int8_weights}
                     if name == "fused-int8" else {})
-            runner = HFRunner(path, cfg.device) if name == HF else EngineRunner(name, path, cfg.device, meter, **int8)
+            runner = (HFRunner(path, cfg.device, name) if name in HF_VARIANTS
+                      else EngineRunner(name, path, cfg.device, meter, **int8))
             load_info[name] = {"load_seconds": time.perf_counter() - t0, "dtype": str(runner.dtype).replace("torch.", ""),
                                **runner.info}
             bar.update(1)
             try:
+                if i == 0 and measure_idle_now:
+                    # after loading (on a GPU: the CUDA context up), as the runs will find the machine
+                    bar.set_description(f"idle power ({cfg.idle_repeats} x {cfg.idle_seconds:g} s)")
+                    idle = measure_idle(meter, cfg.idle_seconds, repeats=cfg.idle_repeats)
+                    idle_note = f"measured with {name} loaded: {idle.note}"
                 for b in cfg.batch_sizes:
                     results[(name, b)] = _bench_batch(runner, name, b, prompts[b],
                                                       long_prompts[b] if long_prompts else None, cfg, meter, idle, bar)
@@ -693,6 +779,13 @@ def run(args) -> int:
                                              greedy_new_tokens=GREEDY_NEW_TOKENS)
                         bar.update(1)
                     qualities[name] = res
+                bandwidth[f"after {name}"] = read_bandwidth(cfg)
+                if i == len(order) - 1 and idle is not None:
+                    bar.set_description("idle power again, at the end")
+                    idle_end = measure_idle(meter, cfg.idle_seconds, repeats=cfg.idle_repeats)
+                    drift, warning = idle_drift(idle, idle_end)
+                    if warning:
+                        cfg.notes.append(warning)
             finally:
                 runner.close()
                 del runner
@@ -702,9 +795,10 @@ def run(args) -> int:
     finally:
         bar.close()
         meter.close()
+    bandwidth["end"] = read_bandwidth(cfg)
 
     report = bench_report.build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_prompts, results,
-                                       qualities, reference, load_info, wins)
+                                       qualities, reference, load_info, wins, idle_end=idle_end, bandwidth=bandwidth)
     print(bench_report.format_report(report))
     if cfg.json_path:
         bench_report.write_json(report, cfg.json_path)
@@ -713,6 +807,15 @@ def run(args) -> int:
         bench_report.plot(report, cfg.plot_path)
         print(f"wrote {cfg.plot_path}", file=sys.stderr)
     return 0
+
+
+def read_bandwidth(cfg) -> float | None:
+    """Read bandwidth (GB/s, best of 10) for the roofline columns; None when --probe-mib is 0."""
+    if not cfg.probe_mib:
+        return None
+    from pyengine.roofline import read_bandwidth_gbs
+
+    return read_bandwidth_gbs(repeats=10, nbytes=cfg.probe_mib << 20)
 
 
 def _bench_batch(runner, name, b, rows, long_rows, cfg, meter, idle, bar):
@@ -729,7 +832,7 @@ def _bench_batch(runner, name, b, rows, long_rows, cfg, meter, idle, bar):
             run_s = time.perf_counter() - t0
             bar.update(1)
         k = 1
-        if meter.name == "nvml" and meter.min_window_s > 0:
+        if meter.name.startswith("nvml") and meter.min_window_s > 0:
             if run_s is None:  # no warm-up: time one run to size the window
                 t0 = time.perf_counter()
                 (runner.run_prefill(r, None) if kind == "prefill" else runner.run_generate(r, cfg.new_tokens, None))

@@ -12,6 +12,9 @@ import torch
 SCHEMA_VERSION = 1
 HF = "hf-eager"
 ESTIMATE_FOOTNOTE = "~ estimate: process CPU time x W/core, not a measurement"
+SPEED_RATIO_NOTE = ("every backend is charged the same watts per busy core, so each ~ ratio (saved, int8 vs fp32, "
+                    "break-even) is a ratio of CPU time, i.e. a SPEED ratio, not a measured energy difference")
+PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def machine_info(device) -> dict:
@@ -55,29 +58,66 @@ def _saved_pct(x, ref):
     return (1.0 - x / ref) * 100.0 if x is not None and ref not in (None, 0) else None
 
 
+def precision_of(row) -> str:
+    """The stored width of a result row's weights: int8 for fused-int8, else its dtype's."""
+    return "int8" if row["backend"] == "fused-int8" else PRECISION.get(row["dtype"], "fp32")
+
+
+def roofline_of(cfg, mconfig, bandwidth) -> dict | None:
+    """The run's bandwidth readings and the average KV length of a decode step (prompt + half the new tokens)."""
+    readings = [g for g in (bandwidth or {}).values() if g]
+    if not readings:
+        return None
+    return {"bandwidth_gb_s": max(readings), "bandwidth_gb_s_start": bandwidth.get("start"),
+            "bandwidth_gb_s_end": bandwidth.get("end"), "bandwidth_gb_s_readings": dict(bandwidth),
+            "probe_mib": cfg.probe_mib,
+            "context": cfg.prompt_tokens + cfg.new_tokens // 2,
+            "note": "read bandwidth: best of 10 reads of the probe at the start, after each backend and at the end of "
+                    "the run, the highest used (a shared machine slows a probe, never speeds it up); bytes per decoded token: the weights at their stored width once per step shared by the "
+                    "batch, plus each sequence's KV cache at the average context"}
+
+
+def _decode_bytes(row, mconfig, roof) -> dict | None:
+    from pyengine.roofline import bytes_per_token
+
+    if roof is None:
+        return None
+    per = bytes_per_token(mconfig, precision_of(row), roof["context"], row["batch_size"])
+    tok_s = roof["bandwidth_gb_s"] * 1e9 / per["total"]
+    measured = _median(row["summary"], "decode_tokens_per_s")
+    return {"precision": precision_of(row), "bytes_per_token": per, "roofline_tok_s": tok_s,
+            "fraction": _ratio(measured, tok_s)}
+
+
 def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_prompts, results, qualities,
-                 reference, load_info, wins) -> dict:
+                 reference, load_info, wins, idle_end=None, bandwidth=None) -> dict:
+    from pyengine.energy import idle_drift
+
     use_active = idle is not None
     jkey = "decode_active_joules_per_token" if use_active else "decode_joules_per_token"
+    hf_names = [n for n in cfg.backends if n.startswith(HF)]
+    roof = roofline_of(cfg, mconfig, bandwidth)
     rows = []
     for name in cfg.backends:
         for b in cfg.batch_sizes:
             r = results[(name, b)]
             s = r["summary"]
-            hf = results.get((HF, b))
-            vs = None
-            if hf is not None:
-                hs = hf["summary"]
-                vs = {
+            vs_all = {}
+            for hf_name in hf_names:
+                hs = results[(hf_name, b)]["summary"]
+                vs_all[hf_name] = {
                     "decode_speedup": _ratio(_median(s, "decode_tokens_per_s"), _median(hs, "decode_tokens_per_s")),
                     "prefill_speedup": _ratio(_median(s, "prefill_tokens_per_s"), _median(hs, "prefill_tokens_per_s")),
                     "decode_energy_saved_pct": _saved_pct(_median(s, jkey), _median(hs, jkey)),
                     "energy_basis": "active" if use_active else "gross",
+                    "estimate_ratio_is_speed_ratio": bool(meter.estimated),
                 }
             energy = next((rep["energy"] for rep in r["repeats"] if rep.get("energy")), None)
-            rows.append({"backend": name, "batch_size": b, **load_info[name], "energy": energy,
-                         "summary": s, "vs_hf_eager": vs, "repeats": r["repeats"],
-                         "prefill_repeats": r["prefill_repeats"]})
+            row = {"backend": name, "batch_size": b, **load_info[name], "energy": energy,
+                   "summary": s, "vs_hf_eager": vs_all.get(HF), "vs_hf": vs_all, "repeats": r["repeats"],
+                   "prefill_repeats": r["prefill_repeats"]}
+            row["decode_roofline"] = _decode_bytes(row, mconfig, roof)
+            rows.append(row)
     quality = None
     if cfg.quality:
         ref_q = qualities.get(reference)
@@ -103,13 +143,16 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
                   "max_context": mconfig.max_context},
         "machine": machine_info(cfg.device),
         "energy": {"source": meter.name, "estimated": bool(meter.estimated), "meter": meter.describe(),
+                   "method": meter.method, "constants": dict(meter.constants),
+                   "estimate_ratios": SPEED_RATIO_NOTE if meter.estimated else None,
                    "fallback_reason": meter.fallback_reason, "min_window_s": meter.min_window_s,
                    "timeline_sampling": bool(meter.record_timeline),
-                   "idle": None if idle is None else {"watts": idle.watts, "total_watts": idle.total_watts,
-                                                      "seconds": idle.seconds, "source": idle.source,
-                                                      "note": idle.note},
+                   "timeline_interval_s": meter.sample_interval_s if meter.record_timeline else None,
+                   "idle": _idle_dict(idle), "idle_end": _idle_dict(idle_end),
+                   "idle_drift": idle_drift(idle, idle_end)[0] if idle and idle_end else None,
                    "idle_note": idle_note,
                    "saved_basis": "active (gross - idle W x seconds)" if use_active else "gross"},
+        "roofline": roof,
         "carbon": {"g_per_kwh": cfg.grid.g_per_kwh, "region": cfg.grid.region, "name": cfg.grid.name,
                    "source": cfg.grid.source, "pue": cfg.pue,
                    "basis": "gross joules of the whole generate call (prefill + decode) per generated token"},
@@ -122,7 +165,10 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
         "warnings": list(cfg.notes),
         "notes": [
             "decode tokens = batch x (new_tokens - 1): the first new token comes from the prefill forward",
-            f"{HF}: prefill measured as one forward of the prompt batch; decode = generate - prefill",
+            f"{HF}: prefill measured as one forward of the prompt batch, logits at the last position only "
+            "(logits_to_keep=1, as pyengine); decode = generate - prefill",
+            f"{HF} runs in fp32, the dtype of pyengine's backends; {HF}-bf16 / -fp16 rows, where present, run HF "
+            "in that dtype",
             "prefill columns: a separate run with --prefill-tokens tokens per prompt" if cfg.prefill_tokens
             else "prefill columns: the generate call's own prefill (--prefill-tokens 0)",
         ],
@@ -131,12 +177,21 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
     return report
 
 
+def _idle_dict(idle) -> dict | None:
+    if idle is None:
+        return None
+    return {"watts": idle.watts, "total_watts": idle.total_watts, "seconds": idle.seconds, "source": idle.source,
+            "window_watts": list(idle.window_watts), "spread_watts": idle.spread_watts, "note": idle.note}
+
+
 def tradeoffs(report) -> dict:
     """int8 vs fp32: energy saved against quality lost, per batch size, and the break-even batch."""
     names = {r["backend"] for r in report["results"]}
     basis = "decode_active_joules_per_token" if report["energy"]["idle"] else "decode_joules_per_token"
+    est = bool(report["energy"].get("estimated"))
     out = {"int8": "fused-int8", "fp32": None, "basis": basis, "by_batch": [], "break_even_batch": None,
-           "lines": []}
+           "lines": [], "estimated": est}
+    mark = "~ " if est else ""
     if "fused-int8" not in names:
         out["lines"].append("int8 vs fp32: fused-int8 was not run (not requested, or not available in this build)")
         return out
@@ -152,8 +207,8 @@ def tradeoffs(report) -> dict:
         saved = _saved_pct(j8, j32)
         entry = {"batch_size": b, "int8_j_per_token": j8, "fp32_j_per_token": j32, "energy_saved_pct": saved}
         method = by[("fused-int8", b)].get("int8_method")
-        line = (f"batch {b}: fused-int8{f' ({method})' if method else ''} vs {fp32}: decode J/token {_fmt(j8, 4)} "
-                f"vs {_fmt(j32, 4)}")
+        line = (f"{mark}batch {b}: fused-int8{f' ({method})' if method else ''} vs {fp32}: decode J/token "
+                f"{_fmt(j8, 4)} vs {_fmt(j32, 4)}")
         line += f" ({'saves' if saved is not None and saved >= 0 else 'costs'} {_fmt(abs(saved) if saved is not None else None, 1)}%)"
         if "fused-int8" in q and fp32 in q:
             dppl = q["fused-int8"]["perplexity"] - q[fp32]["perplexity"]
@@ -169,10 +224,12 @@ def tradeoffs(report) -> dict:
         if out["break_even_batch"] is None and j8 is not None and j32 is not None and j8 < j32:
             out["break_even_batch"] = b
     if out["break_even_batch"] is None:
-        out["lines"].append("int8 did not save energy at any measured batch size")
+        out["lines"].append(f"{mark}int8 did not save energy at any measured batch size")
     else:
-        out["lines"].append(f"smallest batch size at which int8 uses less decode J/token than fp32 ({fp32}): "
+        out["lines"].append(f"{mark}smallest batch size at which int8 uses less decode J/token than fp32 ({fp32}): "
                             f"{out['break_even_batch']}")
+    if est:
+        out["lines"].append(f"~ ESTIMATE: {SPEED_RATIO_NOTE}")
     return out
 
 
@@ -219,7 +276,10 @@ def format_report(report) -> str:
     head = ["backend", "batch", "prefill tok/s", "decode tok/s", "prefill J/tok", "decode J/tok"]
     if idle:
         head += ["prefill J/tok act", "decode J/tok act"]
-    head += ["avg W", "gCO2e/1k tok", "speedup", "saved", "ppl", "Δppl", "KL", "top-1", "greedy"]
+    roof = report.get("roofline")
+    if roof:
+        head += ["MB/tok", "of roofline"]
+    head += ["avg W", "gCO2e/1k tok", "speedup", "prefill x", "saved", "ppl", "Δppl", "KL", "top-1", "greedy"]
     body = []
     any_est = False
     for r in report["results"]:
@@ -235,9 +295,15 @@ def format_report(report) -> str:
         if idle:
             row += [_with_spread(s["prefill_active_joules_per_token"], est),
                     _with_spread(s["decode_active_joules_per_token"], est)]
+        if roof:
+            dr = r.get("decode_roofline") or {}
+            row += [_num(dr["bytes_per_token"]["total"] / 1e6) if dr else "-",
+                    "-" if dr.get("fraction") is None else f"{dr['fraction'] * 100:.0f}%"]
         row += [est + _num(_median(s, "average_watts")), est + _num(_median(s, "g_co2e_per_1k_tokens")),
                 "base" if r["backend"] == HF else
                 "-" if vs.get("decode_speedup") is None else f"{vs['decode_speedup']:.2f}x",
+                "base" if r["backend"] == HF else
+                "-" if vs.get("prefill_speedup") is None else f"{vs['prefill_speedup']:.2f}x",
                 "base" if r["backend"] == HF else
                 "-" if vs.get("decode_energy_saved_pct") is None else f"{est}{vs['decode_energy_saved_pct']:+.1f}%",
                 _num(qq.get("perplexity")),
@@ -257,10 +323,26 @@ def format_report(report) -> str:
     lines.append(f"medians of {cfgd['repeats']} repeats (± half the min-max range) after {cfgd['warmup']} warm-up; "
                  f"prompt {cfgd['prompt_tokens']} tokens, {cfgd['new_tokens']} new tokens, prefill columns from "
                  + (f"a {cfgd['prefill_tokens']}-token prompt" if cfgd["prefill_tokens"] else "the generate call"))
-    lines.append(f"speedup: decode tok/s vs {HF}; saved: decode J/token vs {HF} "
-                 f"({'active, idle subtracted' if idle else 'gross'}); {HF} decode = generate - one prefill forward")
+    lines.append(f"speedup / prefill x: decode / prefill tok/s vs {HF} (fp32, last-position logits); saved: decode "
+                 f"J/token vs {HF} ({'active, idle subtracted' if idle else 'gross'}); {HF} decode = generate - one "
+                 "prefill forward")
+    for r in report["results"]:
+        for hf_name, v in (r.get("vs_hf") or {}).items():
+            if hf_name != HF and r["backend"] != hf_name and v.get("decode_speedup") is not None:
+                lines.append(f"vs {hf_name}: {r['backend']} b={r['batch_size']} decode {v['decode_speedup']:.2f}x, "
+                             f"prefill {_fmt(v['prefill_speedup'])}x")
+    if roof:
+        readings = [g for g in roof["bandwidth_gb_s_readings"].values() if g]
+        lines.append(f"MB/tok: bytes read per decoded token (weights at their stored width, shared by the batch, + KV "
+                     f"cache at {roof['context']} tokens); of roofline: decode tok/s / reading those bytes at "
+                     f"{roof['bandwidth_gb_s']:.1f} GB/s, the highest of {len(readings)} read-bandwidth probes in "
+                     f"this run ({_fmt(min(readings), 1)}-{_fmt(max(readings), 1)} GB/s); above 100%: every probe "
+                     "was slowed by other work on the machine")
     if any_est:
-        lines.append(ESTIMATE_FOOTNOTE)
+        w = report["energy"].get("constants", {}).get("watts_per_core")
+        lines.append(ESTIMATE_FOOTNOTE + (f" ({w:.3g} W/core: {report['energy']['constants']['watts_per_core_origin']})"
+                                          if w else ""))
+        lines.append(f"~ ESTIMATE RATIOS ARE SPEED RATIOS: {SPEED_RATIO_NOTE}")
     lines.append("")
     gpu = f"; gpu: {m['gpu']} (driver {m['gpu_driver'] or '?'})" if m.get("gpu") else ""
     lines.append(f"machine: {m['cpu_model']}; isa {m['isa']}; {m['threads']} threads (torch {m['torch_threads']})"
@@ -269,7 +351,11 @@ def format_report(report) -> str:
     lines.append(f"energy source: {en['source']}{' (ESTIMATE)' if en['estimated'] else ''}; "
                  f"fallback: {en['fallback_reason'] or 'none'}")
     if en["idle"]:
-        lines.append(f"idle power: {en['idle']['total_watts']:.2f} W ({en['idle']['note']})")
+        lines.append(f"idle power: {en['idle']['total_watts']:.2f} W ±{en['idle']['spread_watts']:.2f} W "
+                     f"({en['idle_note']})")
+        if en.get("idle_end"):
+            lines.append(f"idle power at the end: {en['idle_end']['total_watts']:.2f} W "
+                         f"±{en['idle_end']['spread_watts']:.2f} W (drift {en['idle_drift'] * 100:+.1f}%)")
     else:
         lines.append(f"idle power: {en['idle_note']}")
     lines.append(f"carbon: {cb['g_per_kwh']:g} gCO2e/kWh ({cb['name']}; {cb['source']}), PUE {cb['pue']:g}; "
@@ -317,6 +403,8 @@ def write_json(report, path: Path) -> None:
 
 
 def plot(report, path: Path) -> None:
+    """J/token per backend and phase; the power timeline where one was sampled; then what the user
+    came for: decode J/token against quality lost and against bytes read per decoded token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,7 +412,11 @@ def plot(report, path: Path) -> None:
 
     results = report["results"]
     est = report["energy"]["estimated"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(results) + 4), 9))
+    has_timeline = any((r["repeats"][-1] if r["repeats"] else {}).get("timeline") for r in results)
+    n_rows = 3 if has_timeline else 2
+    fig = plt.figure(figsize=(max(10, 1.2 * len(results) + 4), 4.5 * n_rows))
+    grid = fig.add_gridspec(n_rows, 2)
+    ax1 = fig.add_subplot(grid[0, :])
     labels = [f"{r['backend']}\nB={r['batch_size']}" for r in results]
     xs = range(len(results))
     width = 0.38
@@ -343,12 +435,21 @@ def plot(report, path: Path) -> None:
     ax1.set_ylabel("J / token (gross, median, min-max)")
     title = f"energy per token by backend and phase - source: {report['energy']['source']}"
     if est:
-        title += " (ESTIMATE: process CPU time x W/core)"
+        title += "\n(ESTIMATE: process CPU time x W/core; its ratios between backends are SPEED ratios)"
     ax1.set_title(title, fontsize=10)
     ax1.legend()
     ax1.set_yscale("log") if _spread_wide(results) else None
+    if has_timeline:
+        _plot_timeline(fig.add_subplot(grid[1, :]), results)
+    _plot_tradeoffs(fig.add_subplot(grid[n_rows - 1, 0]), fig.add_subplot(grid[n_rows - 1, 1]), report)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    t_off, plotted = 0.0, False
+
+def _plot_timeline(ax, results) -> None:
+    t_off = 0.0
     colors = {"prefill": "#4c72b0", "decode": "#dd8452", "generate": "#c44e52"}
     for r in results:
         tl = (r["repeats"][-1] if r["repeats"] else {}).get("timeline")
@@ -356,28 +457,60 @@ def plot(report, path: Path) -> None:
             continue
         for d, pts in tl["power"].items():
             if pts:
-                ax2.plot([t_off + p[0] for p in pts], [p[1] for p in pts], lw=1, label=f"{r['backend']} B={r['batch_size']} {d}")
-                plotted = True
+                ax.plot([t_off + p[0] for p in pts], [p[1] for p in pts], lw=1,
+                        label=f"{r['backend']} B={r['batch_size']} {d}")
         for name, a, b in tl["phases"]:
-            ax2.axvspan(t_off + a, t_off + b, alpha=0.12, color=colors.get(name, "grey"))
-        ax2.text(t_off, 0.98, f"{r['backend']} B={r['batch_size']}", transform=ax2.get_xaxis_transform(),
-                 fontsize=7, va="top")
+            ax.axvspan(t_off + a, t_off + b, alpha=0.12, color=colors.get(name, "grey"))
+        ax.text(t_off, 0.98, f"{r['backend']} B={r['batch_size']}", transform=ax.get_xaxis_transform(),
+                fontsize=7, va="top")
         t_off += tl["seconds"] * 1.05
-    if plotted:
-        ax2.set_xlabel("seconds (last repeat of each run, laid end to end; shaded: prefill blue, decode orange, "
-                       "HF generate red)", fontsize=8)
-        ax2.set_ylabel("W")
-        ax2.legend(fontsize=6, ncol=2)
-        ax2.set_title("power over time", fontsize=10)
+    ax.set_xlabel("seconds (last repeat of each run, laid end to end; shaded: prefill blue, decode orange, "
+                  "HF generate red)", fontsize=8)
+    ax.set_ylabel("W")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("power over time", fontsize=10)
+
+
+def _plot_tradeoffs(ax_q, ax_b, report) -> None:
+    """Decode J/token (one point per backend and batch size) against quality lost (perplexity
+    change vs the reference, %) and against bytes read per decoded token."""
+    est = report["energy"]["estimated"]
+    q = (report["quality"] or {}).get("backends", {})
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    colors = {b: f"C{i}" for i, b in enumerate(backends)}
+    ylabel = "decode J / token" + (" (ESTIMATE)" if est else "")
+    plotted_q = plotted_b = False
+    for r in report["results"]:
+        j = _median(r["summary"], "decode_joules_per_token")
+        if j is None:
+            continue
+        c, label = colors[r["backend"]], f"{r['backend']} B={r['batch_size']}"
+        x = (q.get(r["backend"]) or {}).get("ppl_delta_pct")
+        if x is not None:
+            ax_q.scatter([x], [j], color=c, marker="o" if r["batch_size"] == 1 else "s")
+            ax_q.annotate(label, (x, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            plotted_q = True
+        dr = r.get("decode_roofline")
+        if dr:
+            mb = dr["bytes_per_token"]["total"] / 1e6
+            ax_b.scatter([mb], [j], color=c, marker="o" if r["batch_size"] == 1 else "s")
+            ax_b.annotate(label, (mb, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            plotted_b = True
+    if plotted_q:
+        ax_q.set_xlabel(f"quality lost: perplexity change vs {report['quality']['reference']}, %", fontsize=8)
+        ax_q.set_ylabel(ylabel)
+        ax_q.set_title("energy against quality lost", fontsize=10)
     else:
-        ax2.axis("off")
-        ax2.text(0.5, 0.5, f"no power timeline: the {report['energy']['source']} meter recorded none\n"
-                 "(timelines come from sampling a hardware source, NVML or RAPL; the estimate is not sampled)",
-                 ha="center", va="center", fontsize=10, transform=ax2.transAxes)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax_q.axis("off")
+        ax_q.text(0.5, 0.5, "quality not measured (--no-quality)", ha="center", va="center", transform=ax_q.transAxes)
+    if plotted_b:
+        ax_b.set_xlabel("MB read per decoded token (weights at stored width / batch + KV cache)", fontsize=8)
+        ax_b.set_ylabel(ylabel)
+        ax_b.set_title("energy against bytes moved per token", fontsize=10)
+    else:
+        ax_b.axis("off")
+        ax_b.text(0.5, 0.5, "no bytes per token: the roofline probe was off (--probe-mib 0) or not a CPU run",
+                  ha="center", va="center", fontsize=8, transform=ax_b.transAxes)
 
 
 def _spread_wide(results) -> bool:

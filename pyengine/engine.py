@@ -348,6 +348,23 @@ def _attribute_energy(prefill, decode, active_per_step, prompt_lengths, generate
     decode_steps = [(per_step, active) for active in active_per_step] or [(decode.total_joules, range(len(prompt_lengths)))]
     prefill_shares = attribute_batch(prefill, [], prompt_lengths)
     decode_shares = attribute_batch(0.0, decode_steps, prompt_lengths)
+    both = prefill + decode  # labels of the two windows together (confidence, reasons, constants)
+    labels = {
+        "source": both.source,
+        "estimated": both.estimated,
+        "method": both.method,
+        "constants": dict(both.constants),
+        "sources": dict(both.sources),
+        "confidence": both.confidence,
+        "confidence_reason": both.confidence_reason,
+        "counter_updates": {"prefill": prefill.counter_updates, "decode": decode.counter_updates},
+        "power_estimated": list(both.power_estimated),
+        "seconds": both.seconds,
+        "prefill_window_seconds": prefill.seconds,
+        "decode_window_seconds": decode.seconds,
+        "batch_joules": both.total_joules,
+        "fallback_reason": both.fallback_reason,
+    }
     out = []
     for b, ids in enumerate(generated):
         joules = prefill_shares[b] + decode_shares[b]
@@ -356,11 +373,7 @@ def _attribute_energy(prefill, decode, active_per_step, prompt_lengths, generate
             "prefill_joules": prefill_shares[b],
             "decode_joules": decode_shares[b],
             "joules_per_token": joules / len(ids) if ids else None,
-            "source": decode.source,
-            "estimated": decode.estimated,
-            "confidence": "low" if "low" in (prefill.confidence, decode.confidence) else "high",
-            "batch_joules": prefill.total_joules + decode.total_joules,
-            "fallback_reason": decode.fallback_reason,
+            **labels,
         })
     return out
 

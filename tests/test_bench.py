@@ -160,7 +160,7 @@ def _is_png(path):
 
 
 TINY_ARGS = ["--prompt-tokens", "8", "--new-tokens", "4", "--prefill-tokens", "24", "--repeats", "2",
-             "--warmup", "1", "--quality-tokens", "96", "--quality-window", "32", "--no-progress"]
+             "--warmup", "1", "--quality-tokens", "96", "--quality-window", "32", "--no-progress", "--probe-mib", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +190,28 @@ def test_bench_end_to_end(e2e):
     _validate(report)
     seen = {(r["backend"], r["batch_size"]) for r in report["results"]}
     assert seen == {(b, n) for b in ("hf-eager", "torch") for n in (1, 2)}
+    watts_per_core = report["energy"]["constants"]["watts_per_core"]
+    assert watts_per_core > 0 and report["energy"]["estimate_ratios"].startswith("every backend is charged")
+    roof = report["roofline"]
+    readings = roof["bandwidth_gb_s_readings"]
+    assert list(readings) == ["start", "after torch", "after hf-eager", "end"]  # the reference backend runs first
+    assert roof["bandwidth_gb_s"] == max(readings.values()) > 0
+    assert roof["context"] == 8 + 4 // 2
     for r in report["results"]:
         assert r["energy"]["source"] == "estimate" and r["energy"]["estimated"] is True
+        # every row says what the estimate is and why it is low confidence (was null for our backends)
+        assert r["energy"]["confidence_reason"].startswith("estimate, not a measurement")
+        assert r["energy"]["constants"]["watts_per_core"] == watts_per_core
+        assert r["energy"]["method"] == "estimate: process CPU time (user+system) x W/core"
+        # bytes per decoded token: fp32 weights shared by the batch, and the decode rate against reading them
+        dr = r["decode_roofline"]
+        assert dr["precision"] == "fp32"
+        assert dr["roofline_tok_s"] == pytest.approx(roof["bandwidth_gb_s"] * 1e9 / dr["bytes_per_token"]["total"])
+        assert dr["fraction"] == pytest.approx(r["summary"]["decode_tokens_per_s"]["median"] / dr["roofline_tok_s"])
+        if r["backend"] != "hf-eager":
+            assert r["vs_hf_eager"]["estimate_ratio_is_speed_ratio"] is True
+        one = next(x for x in report["results"] if x["backend"] == r["backend"] and x["batch_size"] == 1)
+        assert dr["bytes_per_token"]["weights"] * r["batch_size"] == one["decode_roofline"]["bytes_per_token"]["weights"]
         assert len(r["repeats"]) == 2
         for rep in r["repeats"]:
             assert rep["decode"]["tokens"] == r["batch_size"] * 3  # new_tokens - 1
@@ -220,6 +240,26 @@ def test_bench_end_to_end(e2e):
     assert _is_png(out / "r.png")
 
 
+def test_plot_without_timeline_shows_energy_against_quality_and_bytes(e2e, tmp_path, monkeypatch):
+    """On the estimate there is no power timeline: the lower half plots decode J/token against quality
+    lost and against bytes read per token, one point per backend and batch size."""
+    import matplotlib.pyplot as plt
+
+    report = strict_json((e2e[3] / "r.json").read_text())
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bench_report.plot(report, tmp_path / "p.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert set(axes) >= {"energy against quality lost", "energy against bytes moved per token"}
+    assert not any("no power timeline" in t.get_text() for ax in figures[0].axes for t in ax.texts)
+    points = axes["energy against bytes moved per token"].collections
+    assert len(points) == len(report["results"])
+    bytes_axis = sorted(float(c.get_offsets()[0][0]) for c in points)
+    expected = sorted(r["decode_roofline"]["bytes_per_token"]["total"] / 1e6 for r in report["results"])
+    assert bytes_axis == pytest.approx(expected)
+    assert len(axes["energy against quality lost"].collections) == len(report["results"])
+
+
 def test_bench_terminal_table(e2e):
     rc, stdout, stderr, _ = e2e
     assert rc == 0
@@ -227,6 +267,8 @@ def test_bench_terminal_table(e2e):
                  "torch", "greedy: share of"):
         assert word in stdout
     assert "~" in stdout and "estimate: process CPU time x W/core, not a measurement" in stdout
+    assert "ESTIMATE RATIOS ARE SPEED RATIOS" in stdout and "W/core:" in stdout
+    assert "MB/tok" in stdout and "of roofline" in stdout and "prefill x" in stdout
     assert "energy source: estimate" in stdout and "fallback:" in stdout
     assert "idle power: skipped" in stdout
     assert "PUE 1" in stdout and "machine:" in stdout
@@ -247,30 +289,42 @@ class _NvmlLike:
 
 
 def test_bench_measured_source_idle_timeline_and_min_window(tiny_models, tmp_path, monkeypatch, capsys):
+    import pyengine.energy
+
     monkeypatch.setattr(bench, "make_bench_meter", _NvmlLike.make)
-    # 32 new tokens, not TINY_ARGS' 4: the window's energy between runs (Python around each generate
-    # call) is split over the phases too, so a phase of a few milliseconds is too short to compare
-    # with watts x its own seconds (a 4-token decode measured 1.32x once, on a loaded host).
+    events = []
+    measure_idle, load = pyengine.energy.measure_idle, bench.EngineRunner.__init__
+    monkeypatch.setattr(pyengine.energy, "measure_idle",
+                        lambda *a, **kw: events.append(("idle", kw.get("repeats"))) or measure_idle(*a, **kw))
+    monkeypatch.setattr(bench.EngineRunner, "__init__",
+                        lambda self, name, *a, **kw: events.append(("load", name)) or load(self, name, *a, **kw))
     rc = main(["bench", "--model", str(tiny_models["gpt2"]), "--backends", "torch", "--idle-seconds", "0.1",
-               "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--no-quality", *TINY_ARGS,
-               "--new-tokens", "32"])
+               "--idle-repeats", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+               "--no-quality", *TINY_ARGS])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = strict_json((tmp_path / "r.json").read_text())
     _validate(report)
     assert report["quality"] is None
-    assert report["energy"]["idle"]["total_watts"] == pytest.approx(40.0, rel=0.05)
+    # idle after the model is loaded, repeated, and again at the end
+    assert events == [("load", "torch"), ("idle", 2), ("idle", 2)]
+    for key in ("idle", "idle_end"):
+        assert report["energy"][key]["total_watts"] == pytest.approx(40.0, rel=0.05)
+        assert len(report["energy"][key]["window_watts"]) == 2 and report["energy"][key]["spread_watts"] >= 0
+    assert abs(report["energy"]["idle_drift"]) < 0.05 and "measured with torch loaded" in report["energy"]["idle_note"]
     r = report["results"][0]
     rep = r["repeats"][0]
     assert r["energy"]["estimated"] is False and r["energy"]["source"] == "nvml"
     assert rep["runs_per_window"] == 3 and "one window" in rep["energy_method"]
     assert rep["decode"]["active_joules"] is not None
     assert rep["timeline"]["power"]["gpu"] and rep["timeline"]["phases"]
-    # constant power: J/token is watts x seconds per token
-    d = rep["decode"]
-    assert d["joules"] == pytest.approx(40.0 * d["seconds"], rel=0.3)
+    # constant power: each phase is charged watts x its own seconds, the rest of the window is overhead
+    for phase in ("prefill", "decode"):
+        assert rep[phase]["joules"] == pytest.approx(40.0 * rep[phase]["seconds"], rel=1e-6)
+    assert rep["overhead"]["seconds"] > 0 and rep["overhead"]["joules"] == pytest.approx(
+        40.0 * rep["overhead"]["seconds"], rel=1e-6)
     assert "~" not in captured.out.split("\n\n")[0]
-    assert "idle power: 40" in captured.out
+    assert "idle power: 40" in captured.out and "idle power at the end: 40" in captured.out
     assert _is_png(tmp_path / "r.png")
 
 
@@ -450,8 +504,8 @@ def test_bench_default_model(tmp_path, capsys):
 class _ScriptedRunner:
     """Sleeps through fixed phase lengths; `hf=True` reports like HFRunner (decode = the whole generate)."""
 
-    def __init__(self, meter, hf):
-        self.meter, self.hf = meter, hf
+    def __init__(self, meter, hf, gap=0.0):
+        self.meter, self.hf, self.gap = meter, hf, gap
 
     def _phase(self, seconds, meter, name):
         import time
@@ -464,6 +518,9 @@ class _ScriptedRunner:
         return bench.Phases(prefill=self._phase(0.02, meter, "prefill"), decode=None)
 
     def run_generate(self, rows, new_tokens, meter):
+        import time
+
+        time.sleep(self.gap)  # Python around the call: inside a repeated-run window, outside every phase
         p = self._phase(0.02, meter, "prefill")
         if self.hf:
             g = self._phase(0.08, meter, "generate")  # = prefill 0.02 + decode 0.06
@@ -497,10 +554,100 @@ def test_measure_splits_phases_at_constant_power(hf, k):
     assert m["timeline"]["phases"][0][0] == "prefill"
 
 
+@pytest.mark.parametrize("hf", [False, True])
+def test_repeated_run_window_charges_watts_times_phase_seconds(hf):
+    """Inside one window over k runs, each phase gets the window's average watts x its own seconds;
+    the gaps between runs (here 50 ms of sleep per run, and HF's prefill inside generate) are
+    overhead, not charged to the phases in proportion to them."""
+    from types import SimpleNamespace
+
+    from pyengine.energy import ConstantPowerMeter
+
+    meter = ConstantPowerMeter({"gpu": 100.0}, sample_interval_s=0.005)
+    try:
+        m = bench.measure(_ScriptedRunner(meter, hf, gap=0.05), "generate", [("a", [1, 2, 3])],
+                          SimpleNamespace(new_tokens=4), meter, None, runs_per_window=3)
+    finally:
+        meter.close()
+    for phase in ("prefill", "decode"):  # exact: 100 W throughout, trapezoid of a constant
+        assert m[phase]["joules"] == pytest.approx(100.0 * m[phase]["seconds"], rel=1e-9)
+    o = m["overhead"]
+    assert o["average_watts"] == pytest.approx(100.0) and o["joules"] == pytest.approx(100.0 * o["seconds"], rel=1e-9)
+    # the gap (and HF's second prefill, 20 ms) is overhead
+    assert o["seconds"] == pytest.approx(0.05 + (0.02 if hf else 0.0), abs=0.03)
+    assert "each phase charged the window's average watts" in m["energy_method"]
+
+
+def test_active_energy_below_idle_is_flagged_not_silently_zero():
+    from types import SimpleNamespace
+
+    from pyengine.energy import ConstantPowerMeter, IdlePower
+
+    meter = ConstantPowerMeter({"gpu": 20.0}, sample_interval_s=0.005)
+    try:
+        m = bench.measure(_ScriptedRunner(meter, False), "generate", [("a", [1, 2])], SimpleNamespace(new_tokens=3),
+                          meter, IdlePower({"gpu": 50.0}, 1.0, "constant"))
+    finally:
+        meter.close()
+    assert m["decode"]["active_joules"] == 0.0 and m["decode"]["active_clamped"] is True
+    assert m["energy"]["confidence"] == "low"
+    assert "idle subtraction clamped at 0 for prefill, decode" in m["energy"]["confidence_reason"]
+
+
+# ---- the HF baseline -----------------------------------------------------------------------------
+
+
+def test_hf_prefill_asks_for_the_last_position_only(tiny_models):
+    runner = bench.HFRunner(tiny_models["llama"], torch.device("cpu"))
+    seen = []
+    original = runner.model.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape)))
+        return out
+
+    runner.model.forward = spy
+    rows = [("a", [5, 6, 7, 8, 9]), ("b", [9, 8, 7, 6, 5])]
+    runner.run_prefill(rows, None)
+    assert seen[0][0] == 1 and seen[0][1][:2] == (2, 1)  # one position's logits per row, as pyengine
+    seen.clear()
+    runner.run_generate(rows, 2, None)
+    assert seen[0][0] == 1 and seen[0][1][:2] == (2, 1)  # the separate prefill forward too
+    assert runner.logits([5, 6, 7]).shape[0] == 3  # quality scoring still sees every position
+
+
+def test_hf_in_the_checkpoint_dtype(tiny_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert bench.hf_native_backend(folder) == "hf-eager-bf16"
+    assert bench.hf_native_backend(tiny_models["llama"]) is None  # fp32: the baseline is already its dtype
+    runner = bench.HFRunner(folder, torch.device("cpu"), "hf-eager-bf16")
+    assert runner.dtype == torch.bfloat16 and next(runner.model.parameters()).dtype == torch.bfloat16
+    assert bench.HFRunner(folder, torch.device("cpu")).dtype == torch.float32  # hf-eager: fp32, ours
+
+
+def test_grid_intensity_help_names_only_regions_in_the_table(capsys):
+    import re
+
+    from pyengine.energy.carbon import regions
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    named = re.search(r"grid region code \(([^)]*)\)", text).group(1).replace(" ", "").split(",")
+    assert named and set(named) <= set(regions()), named
+
+
 # ---- the int8 trade-off lines --------------------------------------------------------------------
 
 
-def _fake_report(j_int8, j_fp32, idle=False):
+def _fake_report(j_int8, j_fp32, idle=False, estimated=False):
     key = "decode_active_joules_per_token" if idle else "decode_joules_per_token"
     results = []
     for name, js in (("fused", j_fp32), ("fused-int8", j_int8)):
@@ -509,7 +656,7 @@ def _fake_report(j_int8, j_fp32, idle=False):
     quality = {"backends": {"fused": {"perplexity": 10.0, "kl": 0.0, "top1_agreement": 1.0, "reference": "torch"},
                             "fused-int8": {"perplexity": 10.5, "kl": 0.01, "top1_agreement": 0.97,
                                            "reference": "torch"}}}
-    return {"results": results, "energy": {"idle": {"total_watts": 1.0} if idle else None},
+    return {"results": results, "energy": {"idle": {"total_watts": 1.0} if idle else None, "estimated": estimated},
             "config": {"batch_sizes": [1, 4, 16]}, "quality": quality}
 
 
@@ -528,3 +675,11 @@ def test_tradeoff_break_even_batch():
     never = bench_report.tradeoffs(_fake_report([2.0, 1.5, 1.1], [1.0, 1.0, 1.0]))
     assert never["break_even_batch"] is None
     assert never["lines"][-1] == "int8 did not save energy at any measured batch size"
+    assert not any(line.startswith("~") for line in t["lines"] + never["lines"])  # measured: no estimate mark
+
+
+def test_tradeoff_lines_on_the_estimate_say_they_are_speed_ratios():
+    t = bench_report.tradeoffs(_fake_report([2.0, 0.9, 0.5], [1.0, 1.0, 1.0], estimated=True))
+    assert t["estimated"] is True
+    assert all(line.startswith("~ ") for line in t["lines"])  # every derived line carries the mark
+    assert "SPEED ratio" in t["lines"][-1] and "same watts per busy core" in t["lines"][-1]

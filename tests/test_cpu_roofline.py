@@ -54,17 +54,45 @@ def test_weight_spans_cover_exactly_the_linear_weights(tiny_models, backend):
     span_bytes = sum(s.numel() * 8 for s in spans)
     assert weight_bytes - 8 * len(spans) <= span_bytes <= weight_bytes + 64 * len(tensors)
     # bytes_per_token's weights are these bytes (tiny llama: lm_head untied, no biases in the spans).
-    expected = cpu_roofline.bytes_per_token(engine.config, backend == "fused-int8", context=1)["weights"]
+    expected = cpu_roofline.bytes_per_token(engine.config, "int8" if backend == "fused-int8" else "fp32",
+                                            context=1)["weights"]
     assert expected == weight_bytes
     assert cpu_roofline.weights_read_gbs(spans, repeats=1) > 0
 
 
 def test_roofline_tok_s_and_fraction_beside(tiny_models):
     config = pyengine.load(tiny_models["llama"], backend="torch").config
-    per_token = cpu_roofline.bytes_per_token(config, False, context=8)["total"]
-    assert cpu_roofline.roofline_tok_s(config, False, 8, 10.0) == pytest.approx(10e9 / per_token)
+    per_token = cpu_roofline.bytes_per_token(config, "fp32", context=8)["total"]
+    assert cpu_roofline.roofline_tok_s(config, "fp32", 8, 10.0) == pytest.approx(10e9 / per_token)
     # Each repeat against its own probe, then the median: 0.5, 0.25 and 1.0 of reading 1 GB at the rate.
     assert cpu_roofline.fraction_beside([5.0, 5.0, 20.0], [10.0, 20.0, 20.0], 10**9) == pytest.approx(0.5)
+
+
+def test_bytes_per_token_widths_batch_and_kv(tiny_models):
+    from pyengine import roofline
+
+    config = pyengine.load(tiny_models["llama"], backend="torch").config
+    fp32, bf16, int8 = (roofline.bytes_per_token(config, p, context=10) for p in ("fp32", "bf16", "int8"))
+    assert bf16["weights"] * 2 == fp32["weights"]  # weights at their stored width
+    assert fp32["weights"] / 4 < int8["weights"] < fp32["weights"] / 4 * 1.1  # 1 byte + a scale per row
+    kv_per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    assert fp32["kv"] == kv_per_position * 10 and bf16["kv"] == kv_per_position * 10 // 2
+    b4 = roofline.bytes_per_token(config, "fp32", context=10, batch=4)
+    assert b4["weights"] == fp32["weights"] / 4 and b4["kv"] == fp32["kv"]  # weights shared, KV per sequence
+    assert roofline.roofline_tok_s(config, "fp32", 10, 10.0, batch=4) == pytest.approx(10e9 / b4["total"])
+    with pytest.raises(ValueError, match="precision"):
+        roofline.bytes_per_token(config, "int4", context=1)
+
+
+def test_hf_baselines_ask_for_the_last_position_only(tiny_models):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation="eager").eval()
+    seen = []
+    original = hf.forward
+    hf.forward = lambda *a, **kw: seen.append(kw.get("logits_to_keep")) or original(*a, **kw)
+    cpu_roofline.hf_prefill(hf, list(range(3, 19)), repeats=1)
+    assert seen == [1, 1]  # warm-up and the timed forward: one position's logits, as pyengine computes
 
 
 def test_write_json_is_strict_with_non_finite_as_null(tmp_path):

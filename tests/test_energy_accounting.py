@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from pyengine.energy import (
     ConstantPowerMeter, EnergyMeasurement, EstimateMeter, IdlePower, PhaseRecorder, ReplayMeter, attribute_batch,
-    measure_idle,
+    idle_drift, measure_idle,
 )
 
 
@@ -33,6 +33,25 @@ def test_measure_idle_and_active():
     assert net.joules == pytest.approx({"cpu_package": 10.0, "dram": 0.0})  # dram: 4 - 10 -> clamped at 0
     assert "clamped at 0 for dram" in net.confidence_reason and net.idle_subtracted
     assert gross.joules["dram"] == 4  # the gross measurement is untouched
+
+
+def test_idle_repeated_median_and_spread():
+    # three 2 s windows at 10, 14 and 11 W: the median, and half the min-max range as the spread
+    meter = replay({"cpu_package": [0, 20, 20, 48, 48, 70]}, [0.0, 2.0, 2.0, 4.0, 4.0, 6.0])
+    idle = measure_idle(meter, seconds=2.0, repeats=3, sleep=lambda s: None)
+    assert idle.watts == pytest.approx({"cpu_package": 11.0})
+    assert idle.window_watts == pytest.approx((10.0, 14.0, 11.0)) and idle.spread_watts == pytest.approx(2.0)
+    assert idle.seconds == pytest.approx(6.0) and "median of 3 window(s) of 2 s" in idle.note
+    with pytest.raises(ValueError, match="repeats"):
+        measure_idle(meter, seconds=1.0, repeats=0)
+
+
+def test_idle_drift_warns_beyond_the_threshold():
+    start = IdlePower({"gpu": 50.0}, 3.0, "nvml")
+    drift, warning = idle_drift(start, IdlePower({"gpu": 52.0}, 3.0, "nvml"))
+    assert drift == pytest.approx(0.04) and warning is None
+    drift, warning = idle_drift(start, IdlePower({"gpu": 60.0}, 3.0, "nvml"))
+    assert drift == pytest.approx(0.2) and "drifted +20.0%" in warning and "50.00 W at the start" in warning
 
 
 def test_idle_for_estimate_is_zero_and_says_so():

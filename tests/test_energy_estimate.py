@@ -59,11 +59,39 @@ def test_table_and_default(monkeypatch):
     assert w == pytest.approx(270 / 40)
     w, _ = resolve_watts_per_core(cpuinfo={"model name": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"})
     assert w == pytest.approx(205 / 32)
-    # a VM that hides the part number but keeps family 25 model 1 (Milan)
+    # a VM that hides the part number but keeps family 25 model 1 (Milan), or 17 (Genoa, this machine)
     p = lookup_profile({"model name": "AMD EPYC", "cpu family": "25", "model": "1", "vendor_id": "AuthenticAMD"})
     assert p is not None and "Milan" in p.name
+    p = lookup_profile({"model name": "AMD EPYC", "cpu family": "25", "model": "17", "vendor_id": "AuthenticAMD"})
+    assert p is not None and "Genoa" in p.name
     w, origin = resolve_watts_per_core(cpuinfo={"model name": "Some Unknown CPU"})
     assert w == DEFAULT_WATTS_PER_CORE == 10.0 and "generic default" in origin
+
+
+def test_family_fallback_over_rather_than_under_estimates():
+    """Where only the family is known, any of its parts may be underneath: the family entry must charge
+    at least as many W/core as every part of that family in the table (the rule the default follows)."""
+    from pyengine.energy.estimate import CPU_PROFILES, FAMILY_PROFILES
+
+    for pattern, family in FAMILY_PROFILES:
+        members = [p for _, p in CPU_PROFILES if lookup_profile({"model name": p.name.split(" (")[0]}) is p
+                   and __import__("re").search(pattern, p.name.split(" (")[0])]
+        assert members, pattern
+        assert all(family.watts_per_core >= p.watts_per_core for p in members), family.name
+    milan = lookup_profile({"model name": "AMD EPYC 7B13", "cpu family": "25", "model": "1",
+                            "vendor_id": "AuthenticAMD"})
+    assert milan.watts_per_core == pytest.approx(180 / 8)  # the family's highest, not the 64-core flagship's 4.4
+    assert milan.watts_per_core >= 225 / 32  # above the 32-core EPYC 7543
+
+
+def test_estimate_measurement_names_its_method_and_constants():
+    m = EstimateMeter(watts_per_core=7.5)
+    with m.measure() as w:
+        burn(0.01)
+    e = w.measurement
+    assert e.method == "estimate: process CPU time (user+system) x W/core"
+    assert e.constants["watts_per_core"] == 7.5 and "set by the caller" in e.constants["watts_per_core_origin"]
+    assert e.to_dict()["constants"]["watts_per_core"] == 7.5
 
 
 def test_idle_process_uses_almost_nothing():

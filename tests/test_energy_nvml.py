@@ -17,11 +17,13 @@ class FakeNvml:
             self.value = value
             super().__init__({3: "Not Supported", 12: "NVML Shared Library Not Found"}.get(value, f"error {value}"))
 
-    def __init__(self, energy_mj=None, power_mw=250_000, init_error=None, gpus=1):
+    def __init__(self, energy_mj=None, power_mw=250_000, init_error=None, gpus=1, uuids=None, pci=None):
         self.energy_mj = energy_mj  # None: the counter is not supported
         self.power_mw = power_mw
         self.init_error = init_error
         self.gpus = gpus
+        self.uuids = uuids or [f"GPU-{i:04d}" for i in range(gpus)]  # NVML index i has uuids[i]
+        self.pci = pci or [f"00000000:{0x10 + i:02X}:00.0" for i in range(gpus)]
         self.inits = self.shutdowns = self.energy_reads = self.power_reads = 0
 
     def nvmlInit(self):
@@ -39,6 +41,16 @@ class FakeNvml:
         if i >= self.gpus:
             raise self.NVMLError(2)
         return ("handle", i)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid not in self.uuids:
+            raise self.NVMLError(2)
+        return ("handle", self.uuids.index(uuid))
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id):
+        if bus_id not in self.pci:
+            raise self.NVMLError(2)
+        return ("handle", self.pci.index(bus_id))
 
     def nvmlDeviceGetName(self, h):
         return b"Fake H100"
@@ -114,6 +126,9 @@ def test_not_supported_falls_back_to_power_polling():
         time.sleep(0.3)
     m = w.measurement
     assert "power_usage polled every 20 ms" in m.sources["gpu"]
+    # the switch from the counter to polled power is a fallback, and says so
+    assert "energy counter not supported (Not Supported)" in meter.fallback_reason
+    assert m.fallback_reason == meter.fallback_reason and m.method == "NVML polled power, trapezoid rule"
     assert m.joules["gpu"] == pytest.approx(200.0 * m.seconds, rel=1e-6)
     assert nv.power_reads >= 5  # the background thread polled
     assert m.confidence == "low"  # 0.3 s < 1 s
@@ -137,9 +152,63 @@ def test_power_polling_trapezoid_with_scripted_clock():
 
 
 def test_force_power_polling():
-    meter = NvmlMeter(0, nvml=FakeNvml(energy_mj=5), sync=lambda: None, force_power_polling=True)
+    meter = NvmlMeter(0, nvml=FakeNvml(energy_mj=5), sync=lambda: None, force_power_polling=True,
+                      fallback_reason="rapl not asked")
     assert meter.mode == "power"
+    assert meter.fallback_reason == ("rapl not asked; NVML energy counter switched off (force_power_polling): "
+                                     "integrating power polled every 20 ms instead")
     meter.close()
+
+
+def test_counter_that_cannot_resolve_a_short_window_is_estimated_from_power():
+    # A 4 ms prefill: the counter (updated every 100 ms) does not move; 300 W read at start and end.
+    nv = FakeNvml(energy_mj=1000, power_mw=300_000)
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, clock=clock(0.0, 0.004, 0.5), identity={})
+    meter.start("prefill")
+    meter.mark("decode")
+    nv.energy_mj += 150_000  # the counter updates during decode: 150 J
+    m = meter.stop()
+    pre, dec = m.phases["prefill"], m.phases["decode"]
+    assert pre.joules["gpu"] == pytest.approx(300.0 * 0.004)  # not 0 J
+    assert pre.power_estimated == ["gpu"] and pre.confidence == "low"
+    assert "ESTIMATED from the power read" in pre.confidence_reason
+    assert "mean power read at its start and end" in pre.sources["gpu"]
+    assert dec.joules["gpu"] == pytest.approx(150.0) and dec.power_estimated == []
+    # a still counter over a long window is a stuck counter: flagged, not estimated
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, clock=clock(0.0, 2.0), identity={})
+    meter.start()
+    m = meter.stop()
+    assert m.joules["gpu"] == 0.0 and m.power_estimated == [] and "did not change" in m.confidence_reason
+
+
+def test_timeline_is_not_sampled_faster_than_the_counter_updates():
+    meter = NvmlMeter(0, nvml=FakeNvml(energy_mj=0), sync=lambda: None, sample_interval_s=0.02, identity={})
+    assert meter.update_period_s == 0.1 and meter.sample_interval_s == pytest.approx(0.1)
+    polled = NvmlMeter(0, nvml=FakeNvml(energy_mj=None), sync=lambda: None, sample_interval_s=0.02, identity={})
+    assert polled.sample_interval_s == pytest.approx(0.02)  # polled power: no counter period
+
+
+def test_nvml_plus_rapl_in_one_window(tmp_path):
+    from pyengine.energy import CombinedMeter
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("1000000\n")
+    (zone / "max_energy_range_uj").write_text("1000000000\n")
+    nv = FakeNvml(energy_mj=0)
+    meter = make_meter("nvml+rapl", device="cuda:0", nvml=nv, rapl_root=str(tmp_path))
+    assert isinstance(meter, CombinedMeter) and meter.name == "nvml+rapl"
+    w = meter.start()
+    nv.energy_mj += 200_000  # 200 J on the GPU
+    (zone / "energy_uj").write_text(f"{1_000_000 + 30_000_000}\n")  # 30 J on the CPU package
+    m = meter.stop(w)
+    assert m.joules == {"gpu": pytest.approx(200.0), "cpu_package": pytest.approx(30.0)}
+    assert m.source == "nvml+rapl" and m.method == "NVML energy counter + RAPL energy counter"
+    meter.close()
+    assert nv.shutdowns == 1
+    with pytest.raises(EnergySourceUnavailable, match="'nvml\\+rapl' is not available"):
+        make_meter("nvml+rapl", device="cuda:0", nvml=nv, rapl_root=str(tmp_path / "none"))
 
 
 def test_other_counter_error_is_not_hidden():
@@ -172,14 +241,42 @@ def test_status_with_fake():
 
 def test_cuda_visible_devices_mapping(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
-    meter = NvmlMeter("cuda:0", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None)
+    meter = NvmlMeter("cuda:0", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None, identity={})
     assert meter.handle == ("handle", 1) and "NVML index 1" in meter.channels[0].label
+    assert "by order" in meter.channels[0].label
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(EnergySourceError, match="not in CUDA_VISIBLE_DEVICES"):
-        NvmlMeter("cuda:1", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None)
+        NvmlMeter("cuda:1", nvml=FakeNvml(energy_mj=0, gpus=2), sync=lambda: None, identity={})
 
 
-def test_auto_picks_nvml_for_cuda(tmp_path):
+def test_cuda_device_found_by_uuid_then_pci_bus_id_not_by_order(monkeypatch):
+    # CUDA's cuda:0 is NVML's index 1 (CUDA orders fastest first, NVML by PCI bus): the UUID decides.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nv = FakeNvml(energy_mj=0, gpus=2, uuids=["GPU-slow", "GPU-fast"])
+    meter = NvmlMeter("cuda:0", nvml=nv, sync=lambda: None, identity={"uuid": "GPU-fast"})
+    assert meter.handle == ("handle", 1) and "matched by UUID GPU-fast" in meter.channels[0].label
+    meter = NvmlMeter("cuda:0", nvml=nv, sync=lambda: None, identity={"pci_bus_id": "00000000:11:00.0"})
+    assert meter.handle == ("handle", 1) and "PCI bus id 00000000:11:00.0" in meter.channels[0].label
+    with pytest.raises(EnergySourceError, match="no NVML device for cuda:0"):
+        NvmlMeter("cuda:0", nvml=nv, sync=lambda: None, identity={"uuid": "GPU-missing"})
+
+
+def test_cuda_device_identity_from_torch_properties(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from pyengine.energy.nvml import cuda_device_identity
+
+    props = SimpleNamespace(uuid="1b2c", pci_bus_id=0x3B, pci_device_id=0, pci_domain_id=0)
+    cuda = SimpleNamespace(is_available=lambda: True, get_device_properties=lambda i: props)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    assert cuda_device_identity(0) == {"uuid": "GPU-1b2c", "pci_bus_id": "00000000:3B:00.0"}
+    cuda.is_available = lambda: False
+    assert cuda_device_identity(0) == {}
+
+
+def test_auto_picks_nvml_for_cuda(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     m = make_meter("auto", device="cuda:0", nvml=FakeNvml(energy_mj=0), rapl_root=str(tmp_path / "none"))
     assert m.name == "nvml" and m.fallback_reason is None
 

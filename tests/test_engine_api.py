@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pyengine
+import pyengine.energy
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,25 @@ def test_measure_energy_fills_usage(engine):
     assert e["joules_per_token"] == pytest.approx(e["joules"] / 6)
     if e["source"] == "estimate":
         assert e["estimated"] and e["fallback_reason"]
+
+
+def test_usage_energy_names_its_method_constants_and_windows(engine):
+    from pyengine.energy import ReplayMeter
+
+    # an estimate: the W/core it charged, its origin, why it is low confidence
+    r = engine.generate("The capital", max_new_tokens=4, ignore_eos=True,
+                        measure_energy=pyengine.energy.EstimateMeter(watts_per_core=7.5))
+    e = r.usage.energy
+    assert e["method"] == "estimate: process CPU time (user+system) x W/core"
+    assert e["constants"]["watts_per_core"] == 7.5 and "set by the caller" in e["constants"]["watts_per_core_origin"]
+    assert "estimate, not a measurement" in e["confidence_reason"]
+    assert e["sources"]["cpu"].startswith("estimate: process CPU seconds")
+    # a counter: the updates seen in each window and the windows' seconds (scripted clock: 2 s + 3 s)
+    meter = ReplayMeter({"gpu": [0, 10, 10, 40]}, times=[0.0, 2.0, 2.0, 5.0])
+    e = engine.generate("fox", max_new_tokens=3, ignore_eos=True, measure_energy=meter).usage.energy
+    assert e["counter_updates"] == {"prefill": 1, "decode": 1}
+    assert e["seconds"] == 5.0 and e["prefill_window_seconds"] == 2.0 and e["decode_window_seconds"] == 3.0
+    assert e["joules"] == pytest.approx(40.0) and e["confidence"] == "high" and e["confidence_reason"]
 
 
 def test_batch_energy_shares_add_up(engine):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from typing import Sequence, Union
 
@@ -10,10 +11,16 @@ from pyengine.energy.measurement import EnergyMeasurement, IdlePower
 from pyengine.energy.meter import EnergyMeter
 
 DEFAULT_IDLE_SECONDS = 3.0
+IDLE_DRIFT_WARN = 0.10
 
 
-def measure_idle(meter: EnergyMeter, seconds: float = DEFAULT_IDLE_SECONDS, *, sleep=time.sleep) -> IdlePower:
-    """Watts per domain while this process sleeps for ``seconds``.
+def measure_idle(meter: EnergyMeter, seconds: float = DEFAULT_IDLE_SECONDS, *, repeats: int = 1,
+                 sleep=time.sleep) -> IdlePower:
+    """Watts per domain while this process sleeps: the median over ``repeats`` windows of
+    ``seconds`` each, with each window's total kept (``window_watts``) to show the spread.
+
+    Measure it with the model loaded (on a GPU: with its CUDA context up), as the runs are: a GPU
+    with no context idles in a lower power state than between kernels.
 
     For the estimate (process CPU time x W/core) idle is meaningless: a sleeping process uses no
     CPU time, so this returns zeros at once and says so in ``note``."""
@@ -23,13 +30,36 @@ def measure_idle(meter: EnergyMeter, seconds: float = DEFAULT_IDLE_SECONDS, *, s
                               "idle power is taken as 0 and nothing is subtracted")
     if seconds <= 0:
         raise ValueError("seconds must be positive")
-    with meter.measure() as w:
-        sleep(seconds)
-    m = w.measurement
-    if m.seconds <= 0:
-        raise ValueError("the idle window has zero length")
-    note = f"measured over {m.seconds:.2f} s while sleeping; confidence {m.confidence}: {m.confidence_reason}"
-    return IdlePower({d: j / m.seconds for d, j in m.joules.items()}, m.seconds, meter.name, note=note)
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    windows = []
+    for _ in range(repeats):
+        with meter.measure() as w:
+            sleep(seconds)
+        if w.measurement.seconds <= 0:
+            raise ValueError("the idle window has zero length")
+        windows.append(w.measurement)
+    watts = {d: statistics.median(m.joules[d] / m.seconds for m in windows) for d in meter.domains}
+    low = [m for m in windows if m.confidence != "high"]
+    conf = f"confidence low: {low[0].confidence_reason}" if low else f"confidence high: {windows[0].confidence_reason}"
+    note = (f"median of {repeats} window(s) of {seconds:g} s while sleeping; {conf}")
+    return IdlePower(watts, math.fsum(m.seconds for m in windows), meter.name, note=note,
+                     window_watts=tuple(m.average_watts for m in windows))
+
+
+def idle_drift(start: IdlePower, end: IdlePower, warn_above: float = IDLE_DRIFT_WARN) -> tuple[float, str | None]:
+    """(relative change of the total idle watts from ``start`` to ``end``, a warning or None).
+
+    A drift beyond ``warn_above`` means the baseline moved during the run (thermals, another job,
+    a power state), so active energy (gross - idle) is uncertain by about that much."""
+    if start.total_watts <= 0:
+        return 0.0, None
+    drift = (end.total_watts - start.total_watts) / start.total_watts
+    if abs(drift) <= warn_above:
+        return drift, None
+    return drift, (f"idle power drifted {drift * 100:+.1f}% during the run ({start.total_watts:.2f} W at the start, "
+                   f"{end.total_watts:.2f} W at the end; more than {warn_above * 100:g}%): active energy is uncertain "
+                   "by about that much")
 
 
 class PhaseRecorder:

@@ -19,10 +19,11 @@ Watts per core, first match wins:
      ``physical_cores=`` (default: physical cores this OS sees, psutil). In a VM the OS sees vCPUs,
      so give the TDP share of your vCPUs, or ``watts_per_core`` directly;
   3. the built-in table below, by /proc/cpuinfo model name (then AMD family/model), with each
-     part's TDP / cores from the vendor's spec sheet;
+     part's TDP / cores from the vendor's spec sheet; where only the family is known, the family's
+     highest TDP per core (its parts with the fewest cores), by the rule below;
   4. ``DEFAULT_WATTS_PER_CORE`` = 10 W: a round figure above today's server parts (about 3 to 7
-     W per core at TDP, see the table) and near desktop parts (e.g. 65 W / 6 to 8 cores), so an
-     unknown CPU is more likely over- than under-estimated.
+     W per core at TDP, see the table) and near desktop parts (e.g. 65 W / 6 to 8 cores).
+The rule for every fallback: an unknown CPU is over- rather than under-estimated.
 """
 from __future__ import annotations
 
@@ -54,21 +55,32 @@ class CpuPowerProfile:
 _AMD = "AMD product specifications (amd.com)"
 _INTEL = "Intel ARK (ark.intel.com)"
 
-# (regex on the model name, profile). The family entries use the flagship part of the family:
-# its per-core figure is the family's lowest, the parts with fewer cores run more watts per core.
+# (regex on the model name, profile). A family entry stands for any part of the family (the model
+# name gave the family only): it takes the family's highest TDP per core, its parts with the fewest
+# cores, so that an unknown part is over- rather than under-estimated (the rule for every fallback).
 CPU_PROFILES: list[tuple[str, CpuPowerProfile]] = [
     (r"EPYC 7763\b", CpuPowerProfile("AMD EPYC 7763 (Zen 3, Milan)", 280, 64, _AMD)),
     (r"EPYC 7713\b", CpuPowerProfile("AMD EPYC 7713 (Zen 3, Milan)", 225, 64, _AMD)),
     (r"EPYC 7543\b", CpuPowerProfile("AMD EPYC 7543 (Zen 3, Milan)", 225, 32, _AMD)),
-    (r"EPYC 7[0-9]{2}3\b", CpuPowerProfile("AMD EPYC 7003 family (Zen 3, Milan), as EPYC 7763", 280, 64, _AMD)),
+    (r"EPYC 9654\b", CpuPowerProfile("AMD EPYC 9654 (Zen 4, Genoa)", 360, 96, _AMD)),
+    (r"EPYC 9554\b", CpuPowerProfile("AMD EPYC 9554 (Zen 4, Genoa)", 360, 64, _AMD)),
     (r"Xeon.*Platinum 8380\b", CpuPowerProfile("Intel Xeon Platinum 8380 (Ice Lake-SP)", 270, 40, _INTEL)),
     (r"Xeon.*Gold 6338\b", CpuPowerProfile("Intel Xeon Gold 6338 (Ice Lake-SP)", 205, 32, _INTEL)),
-    (r"Xeon.*(Platinum|Gold|Silver) [0-9]3[0-9]{2}", CpuPowerProfile(
-        "Intel Xeon 3rd gen Scalable (Ice Lake-SP), as Platinum 8380", 270, 40, _INTEL)),
 ]
-# AMD family 0x19 model 0x00-0x0f is Zen 3 server (Milan); VMs often hide the model number and
-# show only "AMD EPYC" but keep the family/model fields.
-_AMD_FAMILY_MODEL = {(25, m): CPU_PROFILES[3][1] for m in range(0x00, 0x10)}
+MILAN = CpuPowerProfile("AMD EPYC 7003 family (Zen 3, Milan), part unknown: as EPYC 72F3, the family's highest "
+                        "TDP per core", 180, 8, _AMD)
+GENOA = CpuPowerProfile("AMD EPYC 9004 family (Zen 4, Genoa), part unknown: as EPYC 9174F, the family's highest "
+                        "TDP per core", 320, 16, _AMD)
+ICE_LAKE_SP = CpuPowerProfile("Intel Xeon 3rd gen Scalable (Ice Lake-SP), part unknown: as Gold 6334, the "
+                              "family's highest TDP per core", 165, 8, _INTEL)
+FAMILY_PROFILES: list[tuple[str, CpuPowerProfile]] = [
+    (r"EPYC 7[0-9F]{2}3\b", MILAN),
+    (r"EPYC 9[0-9F]{2}4", GENOA),
+    (r"Xeon.*(Platinum|Gold|Silver) [0-9]3[0-9]{2}", ICE_LAKE_SP),
+]
+# AMD family 0x19 models 0x00-0x0f are Zen 3 server (Milan), 0x10-0x1f Zen 4 server (Genoa); VMs
+# often hide the model number and show only "AMD EPYC" but keep the family/model fields.
+_AMD_FAMILY_MODEL = {**{(25, m): MILAN for m in range(0x00, 0x10)}, **{(25, m): GENOA for m in range(0x10, 0x20)}}
 
 
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
@@ -86,7 +98,7 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
 
 def lookup_profile(cpuinfo: dict[str, str]) -> CpuPowerProfile | None:
     model_name = cpuinfo.get("model name", "")
-    for pattern, profile in CPU_PROFILES:
+    for pattern, profile in CPU_PROFILES + FAMILY_PROFILES:
         if re.search(pattern, model_name):
             return profile
     if "AMD" in model_name or cpuinfo.get("vendor_id") == "AuthenticAMD":
@@ -154,7 +166,8 @@ class EstimateMeter(EnergyMeter):
         label = (f"estimate: process CPU seconds (user+system) x {self.watts_per_core:.3f} W/core "
                  f"[{self.power_origin}]")
         super().__init__([Channel("cpu", label, cpu_time, kind="counter", scale=self.watts_per_core)],
-                         min_window_s=min_window_s,
+                         min_window_s=min_window_s, method="estimate: process CPU time (user+system) x W/core",
+                         constants={"watts_per_core": self.watts_per_core, "watts_per_core_origin": self.power_origin},
                          estimate_note=f"process CPU time x {self.watts_per_core:.3f} W/core ({self.power_origin})",
                          **kw)
 

@@ -34,14 +34,28 @@ class SourceStatus:
         return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.detail})"
 
 
+def net_of_idle(joules: float, idle_watts: float, seconds: float) -> tuple[float, bool]:
+    """(joules - idle_watts x seconds clamped at 0, whether it was clamped): the one idle subtraction,
+    used by :meth:`EnergyMeasurement.active` and the bench; a clamp is always reported by the caller."""
+    net = joules - idle_watts * seconds
+    return (0.0, True) if net < 0 else (net, False)
+
+
 @dataclass(frozen=True)
 class IdlePower:
-    """Idle power per domain, in watts, as measured by :func:`pyengine.energy.measure_idle`."""
+    """Idle power per domain, in watts, as measured by :func:`pyengine.energy.measure_idle`: the
+    median over ``len(window_watts)`` windows of ``seconds`` each (``window_watts``: each window's
+    total watts; ``spread_watts``: half their min-max range)."""
 
     watts: dict[str, float]
     seconds: float
     source: str
     note: str = ""
+    window_watts: tuple[float, ...] = ()
+
+    @property
+    def spread_watts(self) -> float:
+        return (max(self.window_watts) - min(self.window_watts)) / 2 if self.window_watts else 0.0
 
     @property
     def total_watts(self) -> float:
@@ -67,6 +81,10 @@ class EnergyMeasurement:
     fallback_reason  why the meter that produced this is not the preferred source (or None)
     min_window_s     the meter's recommended minimum window (see ``meets_min_window``)
     idle_subtracted  True for the result of :meth:`active`
+    method           how the number was obtained (e.g. "process CPU time x W/core")
+    constants        the constants the method used (e.g. {"watts_per_core": 4.375, ...})
+    power_estimated  domains whose counter did not update inside the window, so their joules are
+                     the power read around the window x its seconds (an estimate)
     """
 
     joules: dict[str, float]
@@ -83,6 +101,9 @@ class EnergyMeasurement:
     fallback_reason: str | None = None
     min_window_s: float = 0.0
     idle_subtracted: bool = False
+    method: str = ""
+    constants: dict = field(default_factory=dict)
+    power_estimated: list[str] = field(default_factory=list)
 
     @property
     def total_joules(self) -> float:
@@ -114,11 +135,9 @@ class EnergyMeasurement:
             raise ValueError(f"idle power came from {idle.source!r}, this measurement from {self.source!r}")
         joules, clamped = {}, []
         for d, j in self.joules.items():
-            net = j - idle.watts.get(d, 0.0) * self.seconds
-            if net < 0:
+            joules[d], was_clamped = net_of_idle(j, idle.watts.get(d, 0.0), self.seconds)
+            if was_clamped:
                 clamped.append(d)
-                net = 0.0
-            joules[d] = net
         reason = self.confidence_reason
         if clamped:
             reason += f"; idle subtraction clamped at 0 for {', '.join(clamped)}"
@@ -164,6 +183,9 @@ class EnergyMeasurement:
             fallback_reason=self.fallback_reason or other.fallback_reason,
             min_window_s=max(self.min_window_s, other.min_window_s),
             idle_subtracted=self.idle_subtracted and other.idle_subtracted,
+            method=self.method if self.method == other.method else f"{self.method} + {other.method}",
+            constants={**other.constants, **self.constants},
+            power_estimated=sorted(set(self.power_estimated) | set(other.power_estimated)),
         )
 
     def to_dict(self) -> dict:
@@ -182,6 +204,9 @@ class EnergyMeasurement:
             "fallback_reason": self.fallback_reason,
             "min_window_s": self.min_window_s,
             "idle_subtracted": self.idle_subtracted,
+            "method": self.method,
+            "constants": dict(self.constants),
+            "power_estimated": list(self.power_estimated),
             "phases": {k: p.to_dict() for k, p in self.phases.items()},
             "timeline": None if self.timeline is None else {d: [list(p) for p in v] for d, v in self.timeline.items()},
         }

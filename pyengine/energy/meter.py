@@ -42,6 +42,9 @@ class Channel:
     kind: str = "counter"  # or "power"
     scale: float = 1.0  # native counter unit -> joules (counter channels)
     wrap: float | None = None  # counter range in native units, None when it never wraps
+    # watts now, read beside a counter: a window the counter did not resolve (no update inside it)
+    # is charged the mean of the power read at its start and end x its seconds, and labelled so
+    power: Callable[[], float] | None = None
 
     def __post_init__(self):
         if self.kind not in ("counter", "power"):
@@ -49,7 +52,7 @@ class Channel:
 
 
 class _ChannelState:
-    __slots__ = ("prev_raw", "prev_t", "joules", "updates", "wraps")
+    __slots__ = ("prev_raw", "prev_t", "joules", "updates", "wraps", "watts")
 
     def __init__(self):
         self.prev_raw = None
@@ -57,6 +60,7 @@ class _ChannelState:
         self.joules = 0.0  # cumulative joules since the meter was created
         self.updates = 0  # reads whose value differed from the previous read
         self.wraps = 0
+        self.watts = None  # the channel's power at the last read, where it has a power reading
 
 
 class Window:
@@ -89,12 +93,19 @@ class EnergyMeter:
                  low_confidence_below_s: float = 0.0, min_window_s: float = 0.0,
                  resolution_note: str = "", sync: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter, fallback_reason: str | None = None,
-                 estimate_note: str = ""):
+                 estimate_note: str = "", method: str = "", constants: dict | None = None,
+                 update_period_s: float = 0.0):
         if not channels:
             raise EnergySourceError(f"{self.name}: no channels to read")
         self.channels = list(channels)
         self.domains = sorted({c.domain for c in self.channels}, key=[c.domain for c in self.channels].index)
         self.record_timeline = sample_interval_s is not None
+        # A timeline sampled faster than its counter updates shows zeros and spikes, not power.
+        self.update_period_s = update_period_s
+        if sample_interval_s is not None:
+            sample_interval_s = max(sample_interval_s, update_period_s)
+        self.method = method or self.name
+        self.constants = dict(constants or {})
         intervals = [x for x in (sample_interval_s, guard_interval_s) if x]
         if any(c.kind == "power" for c in self.channels):
             intervals.append(power_interval_s)
@@ -121,9 +132,11 @@ class EnergyMeter:
         """Read every channel once, fold the readings into the running totals, return (t, snapshot)."""
         with self._lock:
             raws = [c.read() for c in self.channels]
+            powers = [None if c.power is None else float(c.power()) for c in self.channels]
             t = self.clock()
             watts: dict[str, float] = {}
-            for c, st, raw in zip(self.channels, self._state, raws):
+            for c, st, raw, power in zip(self.channels, self._state, raws, powers):
+                st.watts = power
                 raw = float(raw)
                 if not math.isfinite(raw):
                     raise EnergySourceError(f"{c.label}: read a non-finite value {raw!r}")
@@ -155,7 +168,7 @@ class EnergyMeter:
             self._n_samples += 1
             if self.record_timeline and self._windows and watts and not reset:
                 self._timeline.append((t, watts))
-            return t, [(st.joules, st.updates) for st in self._state]
+            return t, [(st.joules, st.updates, st.watts) for st in self._state]
 
     def _sampler(self, stop_evt: threading.Event):
         while not stop_evt.wait(self.sample_interval_s):
@@ -285,10 +298,19 @@ class EnergyMeter:
         joules = {d: 0.0 for d in self.domains}
         updates = {d: 0 for d in self.domains}
         sources: dict[str, list[str]] = {d: [] for d in self.domains}
-        for c, (ja, ua), (jb, ub) in zip(self.channels, snap_a, snap_b):
-            joules[c.domain] += jb - ja
+        from_power = []
+        # Shorter than two counter periods with no update: the counter could not resolve the window.
+        # Longer, a still counter is a stuck one, flagged below, not papered over.
+        unresolved = 0 < seconds < 2 * self.update_period_s
+        for c, (ja, ua, wa), (jb, ub, wb) in zip(self.channels, snap_a, snap_b):
+            if unresolved and c.kind == "counter" and ub == ua and wa is not None and wb is not None:
+                joules[c.domain] += 0.5 * (wa + wb) * seconds
+                sources[c.domain].append(f"{c.label}; this window: mean power read at its start and end x seconds")
+                from_power.append(c.domain)
+            else:
+                joules[c.domain] += jb - ja
+                sources[c.domain].append(c.label)
             updates[c.domain] += ub - ua
-            sources[c.domain].append(c.label)
         reasons = []
         if self.estimated:
             reasons.append(f"estimate, not a measurement: {self.estimate_note}".rstrip(": "))
@@ -296,8 +318,12 @@ class EnergyMeter:
             reasons.append(f"window {seconds:.3f} s is shorter than {self.low_confidence_below_s:g} s"
                            + (f" ({self.resolution_note})" if self.resolution_note else ""))
         kinds = {c.domain: c.kind for c in self.channels}
+        for d in dict.fromkeys(from_power):
+            reasons.append(f"the {d} counter did not update during this {seconds:.3f} s window: its joules are "
+                           "ESTIMATED from the power read at the window's start and end")
         for d in self.domains:
-            if kinds[d] == "counter" and seconds > 0 and updates[d] == 0 and not self.estimated:
+            if (kinds[d] == "counter" and seconds > 0 and updates[d] == 0 and not self.estimated
+                    and d not in from_power):
                 reasons.append(f"the {d} counter did not change during the window")
         conf = LOW if reasons else HIGH
         reason = "; ".join(reasons) if reasons else (
@@ -309,7 +335,8 @@ class EnergyMeter:
             joules=joules, seconds=seconds, sources={d: " + ".join(v) for d, v in sources.items()},
             source=self.name, estimated=self.estimated, counter_updates=min(updates.values()),
             confidence=conf, confidence_reason=reason, samples=n_samples, timeline=timeline,
-            fallback_reason=self.fallback_reason, min_window_s=self.min_window_s)
+            fallback_reason=self.fallback_reason, min_window_s=self.min_window_s, method=self.method,
+            constants=dict(self.constants), power_estimated=sorted(set(from_power)))
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -342,3 +369,35 @@ class EnergyMeter:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+class CombinedMeter(EnergyMeter):
+    """Several meters' channels read together in one window: e.g. NVML + RAPL, so that a GPU run
+    counts the host's CPU package and DRAM too. Joules per domain ("gpu", "cpu_package", "dram")."""
+
+    def __init__(self, meters: list[EnergyMeter], *, sample_interval_s: float | None = None,
+                 fallback_reason: str | None = None):
+        self.parts = list(meters)
+        self.name = "+".join(m.name for m in self.parts)
+        self.estimated = any(m.estimated for m in self.parts)
+        syncs = [m.sync for m in self.parts if m.sync is not None]
+        intervals = [m.sample_interval_s for m in self.parts if m.sample_interval_s]
+        constants = {}
+        for m in self.parts:
+            constants.update({f"{m.name}.{k}": v for k, v in m.constants.items()})
+        super().__init__(
+            [c for m in self.parts for c in m.channels], sample_interval_s=sample_interval_s,
+            guard_interval_s=min(intervals) if intervals else None, power_interval_s=min(intervals or [0.02]),
+            low_confidence_below_s=max(m.low_confidence_below_s for m in self.parts),
+            min_window_s=max(m.min_window_s for m in self.parts),
+            resolution_note="; ".join(m.resolution_note for m in self.parts if m.resolution_note),
+            sync=(lambda: [s() for s in syncs]) if syncs else None, clock=self.parts[0].clock,
+            fallback_reason=fallback_reason or "; ".join(m.fallback_reason for m in self.parts if m.fallback_reason)
+            or None, estimate_note="; ".join(m.estimate_note for m in self.parts if m.estimate_note),
+            method=" + ".join(m.method for m in self.parts), constants=constants,
+            update_period_s=max(m.update_period_s for m in self.parts))
+
+    def close(self) -> None:
+        super().close()
+        for m in self.parts:
+            m.close()

@@ -156,7 +156,8 @@ class RaplMeter(EnergyMeter):
             guard_interval_s = max(0.5, min(60.0, smallest / RAPL_MAX_WATTS_PER_ZONE / 4))
         super().__init__(channels, sample_interval_s=sample_interval_s, guard_interval_s=guard_interval_s,
                          low_confidence_below_s=low_confidence_below_s, min_window_s=min_window_s,
-                         resolution_note="RAPL counters update about every 1 ms", **kw)
+                         resolution_note="RAPL counters update about every 1 ms", method="RAPL energy counter",
+                         **kw)
 
 
 def rapl_status(root: str = DEFAULT_POWERCAP_ROOT) -> SourceStatus:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pyengine.energy.estimate import EstimateMeter, estimate_status
 from pyengine.energy.measurement import EnergySourceError, EnergySourceUnavailable, SourceStatus
-from pyengine.energy.meter import EnergyMeter
+from pyengine.energy.meter import CombinedMeter, EnergyMeter
 from pyengine.energy.nvml import NvmlMeter, nvml_status
 from pyengine.energy.rapl import DEFAULT_POWERCAP_ROOT, RaplMeter, rapl_status
 
-SOURCES = ("nvml", "rapl", "estimate")
+SOURCES = ("nvml", "rapl", "estimate", "nvml+rapl")
 
 
 def available_sources(*, rapl_root: str = DEFAULT_POWERCAP_ROOT, nvml=None) -> list[SourceStatus]:
@@ -30,11 +30,20 @@ def make_meter(source: str = "auto", device="cpu", *, rapl_root: str = DEFAULT_P
     down records why in ``meter.fallback_reason`` (which measurements carry and outputs print).
     For a CUDA device without NVML, rapl and the estimate measure the CPU side only, and the
     reason says so. An explicit source that is unavailable raises EnergySourceUnavailable with the
-    reason. Extra keyword arguments go to the meter (min_window_s, clock, ...)."""
+    reason. source="nvml+rapl": the GPU and the host's CPU package (+ DRAM) in one window.
+    Extra keyword arguments go to the meter (min_window_s, clock, ...)."""
     if source not in ("auto", *SOURCES):
         raise ValueError(f"unknown energy source {source!r}; choose from auto, {', '.join(SOURCES)}")
 
     def build(name, fallback_reason=None):
+        if name == "nvml+rapl":
+            parts = [build("nvml")]
+            try:
+                parts.append(build("rapl"))
+            except BaseException:
+                parts[0].close()
+                raise
+            return CombinedMeter(parts, sample_interval_s=sample_interval_s, fallback_reason=fallback_reason)
         extra = dict(kw, sample_interval_s=sample_interval_s, fallback_reason=fallback_reason)
         if name == "nvml":
             return NvmlMeter(device, nvml=nvml, **extra)
