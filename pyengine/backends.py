@@ -45,6 +45,7 @@ class LinearWeights:
 class TorchBackend:
     name = "torch"
     devices = ("cpu", "cuda")
+    weight_precision = None  # the model's dtype (fp32, fp16 or bf16)
 
     dtype = torch.float32  # the model's; make_backend sets it
 
@@ -148,6 +149,7 @@ class FusedBackend(TorchBackend):
 
     name = "fused"
     devices = ("cpu",)
+    weight_precision = "fp32"
     kernels = ("linear_f32", "attention", "rope", "silu_mul", "gelu", "layer_norm", "add_layer_norm", "embedding",
                "rms_norm")
 
@@ -264,6 +266,7 @@ class FusedInt8Backend(FusedBackend):
     """
 
     name = "fused-int8"
+    weight_precision = "int8"
     kernels = FusedBackend.kernels + ("int8_linear_a16",)
 
     def __init__(self, preloaded=None):
@@ -303,6 +306,7 @@ class FusedBf16Backend(FusedBackend):
     bf16 7), so this is the default only for bf16 checkpoints. The embedding table stays fp32."""
 
     name = "fused-bf16"
+    weight_precision = "bf16"
     kernels = FusedBackend.kernels + ("linear_bf16",)
 
     def prepare_linear(self, weight, bias=None):

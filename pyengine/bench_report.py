@@ -59,8 +59,11 @@ def _saved_pct(x, ref):
 
 
 def precision_of(row) -> str:
-    """The stored width of a result row's weights: int8 for fused-int8, else its dtype's."""
-    return "int8" if row["backend"] == "fused-int8" else PRECISION.get(row["dtype"], "fp32")
+    """The stored width of a result row's weights: the backend's own (fused-int8, fused-bf16), else its dtype's."""
+    from pyengine.backends import BACKENDS
+
+    own = getattr(BACKENDS.get(row["backend"]), "weight_precision", None)
+    return own or PRECISION.get(row["dtype"], "fp32")
 
 
 def roofline_of(cfg, mconfig, bandwidth) -> dict | None:

@@ -683,3 +683,12 @@ def test_tradeoff_lines_on_the_estimate_say_they_are_speed_ratios():
     assert t["estimated"] is True
     assert all(line.startswith("~ ") for line in t["lines"])  # every derived line carries the mark
     assert "SPEED ratio" in t["lines"][-1] and "same watts per busy core" in t["lines"][-1]
+
+
+def test_rows_are_charged_their_backends_stored_width():
+    from pyengine.bench_report import precision_of
+
+    assert precision_of({"backend": "fused-int8", "dtype": "float32"}) == "int8"
+    assert precision_of({"backend": "fused-bf16", "dtype": "float32"}) == "bf16"
+    assert precision_of({"backend": "fused", "dtype": "float32"}) == "fp32"
+    assert precision_of({"backend": "hf-eager-bf16", "dtype": "bfloat16"}) == "bf16"
