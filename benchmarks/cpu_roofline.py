@@ -32,6 +32,7 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -134,6 +135,26 @@ def hf_prefill(model, prompt_ids, repeats):
         return [len(prompt_ids) / _time(lambda: model(ids, logits_to_keep=1)) for _ in range(repeats)]
 
 
+def context_run(engine, context: int, new_tokens: int) -> float:
+    """Decode tokens/s at batch 1 after a prompt of `context` tokens (one run: long prompts are slow to
+    prefill; the decode after them reads the KV cache of that length every step)."""
+    vocab = engine.config.vocab_size
+    ids = torch.tensor([[(i * 7919) % vocab for i in range(context)]])  # any ids: decode reads the same bytes
+    cache = engine.model.new_cache(1, context + new_tokens, torch.float32)
+    with torch.inference_mode():
+        logits = engine.model.forward(ids, cache, logits_at=torch.tensor([context - 1]))
+        cache.lengths += context
+        token = logits.reshape(1, -1).argmax(-1, keepdim=True)
+        engine.model.forward(token, cache)  # warm-up step
+        cache.lengths += 1
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits = engine.model.forward(token, cache)
+            cache.lengths += 1
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        return (new_tokens - 1) / (time.perf_counter() - t)
+
+
 def profile_step(engine, steps: int = 20) -> dict:
     """Seconds per phase of one C++ decode step (the decoder's own timers), averaged over `steps`."""
     decoder = engine.model._decoder
@@ -153,9 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prefill-tokens", default="512", help="comma-separated prompt lengths for prefill")
     p.add_argument("--batch-sizes", default="1,4,16")
-    p.add_argument("--skip-hf", action="store_true", help="skip both HF baselines")
+    p.add_argument("--contexts", default="", help="comma-separated KV lengths for batch-1 decode, fused backends")
+    p.add_argument("--backends", default="torch,fused,fused-int8,fused-bf16")
+    p.add_argument("--no-python-path", action="store_true", help="skip the op-by-op decode and the step profile")
+    p.add_argument("--skip-hf", action="store_true", help="skip the HF baselines")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     ops.set_num_threads(args.threads)
@@ -174,23 +198,37 @@ def main(argv=None) -> int:
 
     reference = pyengine.load(args.model, backend="torch")
     path, config = reference.model_path, reference.config
+    from pyengine.loader import CheckpointWeights
+
+    checkpoint_dtype = CheckpointWeights(path).matrix_dtype()
     ids = reference.tokenizer.encode(PROMPT)
-    prompt_ids, prefill_ids = ids[: args.prompt_tokens], ids[: args.prefill_tokens]
+    prefill_lengths = [int(n) for n in args.prefill_tokens.split(",")]
+    ids = (ids * (max(prefill_lengths) // len(ids) + 1))[: max(prefill_lengths + [args.prompt_tokens])]
+    prompt_ids = ids[: args.prompt_tokens]
     del reference
     context = args.prompt_tokens + args.new_tokens // 2  # average KV length during decode
-    roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in ("fp32", "int8")}
-    print(f"decode roofline at batch 1: fp32 {roofline['fp32']:.1f} tok/s, int8 {roofline['int8']:.1f} tok/s",
-          flush=True)
+    precisions = ("fp32", "bf16", "int8")
+    roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in precisions}
+    print("decode roofline at batch 1: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in roofline.items()), flush=True)
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = []
+
+    def prefill_by_length(measure):
+        """{length: median tok/s} for every --prefill-tokens length (the longer ones: one repeat)."""
+        return {n: median(measure(ids[:n], args.repeats if n == prefill_lengths[0] else 1)) for n in prefill_lengths}
 
     def record(name, precision, decode_by_batch, prefill, beside=None, weights_beside=None, weight_bytes=None):
         """beside: the bandwidth probed before each batch-1 decode repeat; weights_beside: the rate of
         reading the engine's own weights (weight_bytes of them) probed before each."""
         row = {"backend": name, "precision": precision,
                "decode_tok_s": {b: median(v) for b, v in decode_by_batch.items()},
-               "decode_tok_s_runs": decode_by_batch, "prefill_tok_s": median(prefill), "prefill_runs": prefill}
+               "decode_tok_s_runs": decode_by_batch}
+        if isinstance(prefill, dict):  # {length: tok/s}
+            row["prefill_tok_s_by_length"] = prefill
+            row["prefill_tok_s"] = prefill[prefill_lengths[0]]
+        else:
+            row["prefill_tok_s"], row["prefill_runs"] = median(prefill), prefill
         row["decode_roofline_fraction"] = row["decode_tok_s"][1] / roofline[precision] if 1 in decode_by_batch else None
         if beside and 1 in decode_by_batch:
             # Each repeat against the bandwidth probed just before it; the median of those fractions.
@@ -216,22 +254,36 @@ def main(argv=None) -> int:
         beside = []
         record("hf-eager", "fp32", {b: hf_runs(hf, prompt_ids, args.new_tokens, b, args.repeats,
                                                probes=beside if b == 1 else None) for b in batch_sizes},
-               hf_prefill(hf, prefill_ids, args.repeats), beside)
+               prefill_by_length(partial(hf_prefill, hf)), beside)
         try:
             hf8 = hf_dynamic_int8(hf)
             beside = []
             record("hf-dynamic-int8", "int8",
                    {1: hf_runs(hf8, prompt_ids, args.new_tokens, 1, args.repeats, probes=beside)},
-                   hf_prefill(hf8, prefill_ids, args.repeats), beside)
+                   prefill_by_length(partial(hf_prefill, hf8)), beside)
             del hf8
         except Exception as e:  # report, don't hide: this baseline may disappear from torch
             print(f"hf-dynamic-int8: not measured ({type(e).__name__}: {e})")
         del hf
+        if checkpoint_dtype in (torch.bfloat16, torch.float16):
+            # The eager run a user of a half-precision checkpoint makes: HF in the checkpoint's own dtype.
+            half = "bf16" if checkpoint_dtype == torch.bfloat16 else "fp16"
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                                   dtype=checkpoint_dtype).eval()
+            beside = []
+            record(f"hf-eager-{half}", half,
+                   {b: hf_runs(hf, prompt_ids, args.new_tokens, b, args.repeats, probes=beside if b == 1 else None)
+                    for b in batch_sizes},
+                   prefill_by_length(partial(hf_prefill, hf)), beside)
+            del hf
 
     profiles = {}
-    for backend in ("torch", "fused", "fused-int8"):
+    from pyengine.backends import BACKENDS
+
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    for backend in args.backends.split(","):
         engine = pyengine.load(path, backend=backend)
-        precision = "int8" if backend == "fused-int8" else "fp32"
+        precision = BACKENDS[backend].weight_precision or "fp32"
         fused = backend != "torch"
         weight_bytes = sum(s.numel() * 8 for s in weight_spans(engine)) if fused else None
         beside, weights_beside = [], [] if fused else None
@@ -239,8 +291,18 @@ def main(argv=None) -> int:
                {b: pyengine_runs(engine, prompt_ids, args.new_tokens, b, args.repeats,
                                  probes=beside if b == 1 else None,
                                  weight_probes=weights_beside if b == 1 else None) for b in batch_sizes},
-               pyengine_prefill(engine, prefill_ids, args.repeats), beside, weights_beside, weight_bytes)
-        if fused:
+               prefill_by_length(partial(pyengine_prefill, engine)), beside, weights_beside, weight_bytes)
+        if fused and contexts:
+            by_context = {}
+            for n in contexts:
+                tok_s = context_run(engine, n, 32)
+                roof = roofline_tok_s(config, precision, n, bandwidth)
+                by_context[n] = {"decode_tok_s": tok_s, "roofline_tok_s": roof, "fraction": tok_s / roof,
+                                 "bytes_per_token": bytes_per_token(config, precision, n)}
+                print(f"{backend:<18} decode b1 at context {n}: {tok_s:.1f} tok/s ({tok_s / roof:.0%} of its roofline, "
+                      f"{by_context[n]['bytes_per_token']['total'] / 1e6:.0f} MB read per token, KV cache included)", flush=True)
+            rows[-1]["decode_by_context"] = by_context
+        if fused and not args.no_python_path:
             # The same kernels driven op by op from Python: what the C++ decode step saves.
             engine.model.cpp_decode = False
             beside, weights_beside = [], []
@@ -261,7 +323,7 @@ def main(argv=None) -> int:
     if bandwidth_end > bandwidth:
         print(f"read bandwidth at the end {bandwidth_end:.1f} GB/s: roofline fractions recomputed with it")
         bandwidth = bandwidth_end
-        roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in ("fp32", "int8")}
+        roofline = {kind: roofline_tok_s(config, kind, context, bandwidth) for kind in precisions}
         for r in rows:
             if 1 in r["decode_tok_s"]:
                 r["decode_roofline_fraction"] = r["decode_tok_s"][1] / roofline[r["precision"]]
@@ -272,7 +334,7 @@ def main(argv=None) -> int:
             r["prefill_speedup_vs_hf_eager"] = r["prefill_tok_s"] / base["prefill_tok_s"]
     result = {"machine": machine, "read_bandwidth_gb_s": bandwidth, "fp32_gemm_gflop_s": gflops,
               "roofline_tok_s": roofline, "bytes_per_token": {k: bytes_per_token(config, k, context)
-                                                               for k in ("fp32", "int8")},
+                                                               for k in precisions},
               "settings": vars(args) | {"json": str(args.json) if args.json else None}, "results": rows,
               "decode_step_profile_s": profiles}
     print("\nsummary (decode at batch 1; fraction of the roofline from the higher of the start and end bandwidth "

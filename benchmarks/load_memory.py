@@ -80,7 +80,9 @@ def make_llama_checkpoint(folder: Path, shape: dict, seed: int = 0) -> Path:
             weight_map[name] = file
         save_file(part, str(folder / file), metadata={"format": "pt"})
         del part
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))  # transformers reads it
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=8192,
                   rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, hidden_act="silu",
                   torch_dtype="bfloat16", **shape)
