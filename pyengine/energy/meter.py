@@ -197,6 +197,13 @@ class EnergyMeter:
             t, snap = self._sample()
             w.segments.append((phase, t, snap))
 
+    def total_joules(self) -> float:
+        """Joules of every channel since the meter was created, read now (one read). For a caller that
+        splits a long open window into many short steps (the scheduler) without a window per step:
+        successive reads share their end points, so the steps add up to the window exactly."""
+        self._sync()
+        return math.fsum(j for j, _ in self._sample()[1])
+
     @contextlib.contextmanager
     def phase(self, name: str, window: Window | None = None):
         """``with meter.phase("decode"):`` marks ``name`` inside the open window, then back."""
