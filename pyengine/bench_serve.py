@@ -62,13 +62,18 @@ def run_level(engine, concurrency: int, new_tokens: int, rate: float | None = No
         delays.append(t if rate else 0.0)
         t += rng.expovariate(rate) if rate else 0.0
     meter = engine.energy_meter()
+    steps = []  # this level's decode steps with every client in the batch
+    engine.scheduler.on_step = lambda kind, s, reqs: steps.append(s) if len(reqs) == concurrency else None
     window = meter.start()
     t0 = time.perf_counter()
 
     async def main():
         return await asyncio.gather(*(_one(engine, p, new_tokens, d) for p, d in zip(prompts(concurrency), delays)))
 
-    requests = asyncio.run(main())
+    try:
+        requests = asyncio.run(main())
+    finally:
+        engine.scheduler.on_step = None
     wall = time.perf_counter() - t0
     total = meter.stop(window).total_joules
     tokens = sum(len(r.result.token_ids) for r in requests)
@@ -80,6 +85,7 @@ def run_level(engine, concurrency: int, new_tokens: int, rate: float | None = No
         "tokens": tokens, "throughput_tok_s": tokens / wall,
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "tbt_p50_s": percentile(tbt, 50), "tbt_p99_s": percentile(tbt, 99),
+        "full_batch_decode_step_s": percentile(steps, 50),
         "queue_p50_s": percentile([r.result.usage.queue_seconds for r in requests], 50),
         "queue_max_s": max(r.result.usage.queue_seconds for r in requests),
         "joules_per_token": [r.result.usage.energy["joules_per_token"] for r in requests],
@@ -91,14 +97,18 @@ def run_level(engine, concurrency: int, new_tokens: int, rate: float | None = No
 
 
 def run_list(engine, n: int, new_tokens: int) -> dict:
-    """One generate() of n prompts as a list."""
+    """One generate() of n prompts as a list; its batch-n decode steps timed by the scheduler's hook."""
+    steps = []
+    engine.scheduler.on_step = lambda kind, seconds, reqs: steps.append(seconds) if len(reqs) == n else None
     t0 = time.perf_counter()
-    results = engine.generate(prompts(n), chat=True, max_new_tokens=new_tokens, ignore_eos=True)
+    try:
+        results = engine.generate(prompts(n), chat=True, max_new_tokens=new_tokens, ignore_eos=True)
+    finally:
+        engine.scheduler.on_step = None
     wall = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
-    step = results[0].usage.decode_seconds / max(new_tokens - 1, 1)
     return {"prompts": n, "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall,
-            "decode_step_s": step}
+            "decode_step_s": percentile(steps, 50), "decode_steps": len(steps)}
 
 
 def run_serialized(engine, n: int, new_tokens: int) -> dict:
@@ -111,7 +121,7 @@ def run_serialized(engine, n: int, new_tokens: int) -> dict:
 
 
 def run_overload(model, backend, n_requests: int, queue_limit: int, max_batch: int, kv_budget: int,
-                 new_tokens: int, threads: int | None) -> dict:
+                 new_tokens: int, threads: int | None, prefill_chunk: int) -> dict:
     """A `pyengine serve` subprocess; n_requests POSTs at once; /health polled; its RSS sampled."""
     import httpx
 
@@ -119,7 +129,8 @@ def run_overload(model, backend, n_requests: int, queue_limit: int, max_batch: i
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "pyengine.cli", "serve", "--model", str(model), "--port", str(port),
-           "--queue-limit", str(queue_limit), "--max-batch", str(max_batch), "--kv-budget", str(kv_budget)]
+           "--queue-limit", str(queue_limit), "--max-batch", str(max_batch), "--kv-budget", str(kv_budget),
+           "--prefill-chunk", str(prefill_chunk)]
     cmd += (["--backend", backend] if backend else []) + (["--threads", str(threads)] if threads else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -235,6 +246,7 @@ def add_parser(sub):
     p.add_argument("--queue-limit", type=int, default=64)
     p.add_argument("--overload-tokens", type=int, default=32)
     p.add_argument("--kv-budget", type=int, default=512 << 20)
+    p.add_argument("--prefill-chunk", type=int, default=32)
     p.add_argument("--machine", default="local", help="the machine's name in the results file, e.g. cpu-amd-epyc-zen4")
     p.add_argument("--out", default="benchmarks/results")
     p.set_defaults(func=main)
@@ -250,7 +262,7 @@ def main(args) -> int:
         ops.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = pyengine.load(args.model, backend=args.backend, progress=False, max_batch=max(levels),
-                           kv_budget=args.kv_budget)
+                           kv_budget=args.kv_budget, prefill_chunk=args.prefill_chunk)
     engine.generate("warm up", max_new_tokens=4)
     machine = args.machine
     result = {"machine": machine, "machine_info": machine_info(engine.device), "model": engine.model_path.name,
@@ -273,13 +285,14 @@ def main(args) -> int:
         "throughput_vs_list": top["throughput_tok_s"] / result["list_generate"]["throughput_tok_s"],
         "throughput_vs_serialized": top["throughput_tok_s"] / result["serialized"]["throughput_tok_s"],
         "tbt_p99_over_batch_step": top["tbt_p99_s"] / result["list_generate"]["decode_step_s"],
+        "tbt_p99_over_same_level_batch_step": top["tbt_p99_s"] / top["full_batch_decode_step_s"],
         "requests_joules_over_meter": top["requests_over_meter"],
     }
     engine.close()
     del engine
     if args.overload:
         result["overload"] = run_overload(args.model, args.backend, args.overload, args.queue_limit, 16,
-                                          args.kv_budget, args.overload_tokens, args.threads)
+                                          args.kv_budget, args.overload_tokens, args.threads, args.prefill_chunk)
         print(f"overload: {json.dumps(result['overload'])}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@
 One background thread loops over *iterations*. Each iteration:
   1. drops cancelled requests and those past their deadline;
   2. admits waiting requests while the KV budget and `max_batch` allow (FIFO);
-  3. prefills at most `prefill_chunk` prompt tokens, in chunks of a request's own prompt (the
-     chunk boundaries depend only on that prompt, so its tokens are the same whoever else runs);
+  3. prefills prompt tokens, oldest prompt first: at most `prefill_chunk` of them while others are
+     decoding, else one whole prompt (the kernels' rows do not depend on how a prompt is cut, so
+     its tokens are the same either way: tests/test_scheduler.py checks it on every backend);
   4. re-lays the batch's KV cache when requests joined or left;
   5. runs one decode step for every running request (one C++ call on the fused backends).
 So a running decode waits at most one prefill chunk between two of its tokens, and a request joins
@@ -151,7 +152,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, engine, *, max_batch: int = 16, kv_budget: int | None = None, queue_limit: int = 256,
-                 prefill_chunk: int = 128):
+                 prefill_chunk: int = 32):
         for name, value in (("max_batch", max_batch), ("queue_limit", queue_limit), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "queue_limit" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -276,19 +277,25 @@ class Scheduler:
             self._prefilling.append(r)
 
     def _prefill(self) -> list[Request]:
-        """Up to prefill_chunk prompt tokens, whole chunks, oldest request first; returns the requests
-        whose prompt is now in the cache and that go on decoding."""
-        spent, joined = 0, []
+        """Prompt tokens, oldest prompt first: at most prefill_chunk of them while requests are decoding
+        (the stall those see; a chunk may end one prompt and start the next), else one whole prompt
+        (nothing to stall: one large forward is faster). Returns the requests whose prompt is now all
+        in the cache and that go on decoding."""
+        budget = self.prefill_chunk if self._running else None
+        joined = []
         for r in list(self._prefilling):
-            while r.finish_reason is None and r.prefilled < len(r.prompt_ids):
-                n = min(self.prefill_chunk, len(r.prompt_ids) - r.prefilled)
-                if spent and spent + n > self.prefill_chunk:
-                    return joined
-                self._prefill_chunk(r, n)
-                spent += n
-            if r.finish_reason is None:
+            if r.finish_reason is not None:
+                continue
+            rest = len(r.prompt_ids) - r.prefilled
+            self._prefill_chunk(r, rest if budget is None else min(rest, budget))
+            if r.finish_reason is None and r.prefilled == len(r.prompt_ids):
                 self._prefilling.remove(r)
                 joined.append(r)
+            if budget is None:
+                break
+            budget -= min(rest, budget)
+            if budget == 0:
+                break
         return joined
 
     def _prefill_chunk(self, r: Request, n: int):

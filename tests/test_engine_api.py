@@ -180,9 +180,8 @@ def test_batch_energy_shares_add_up(engine):
     results = engine.generate(["The capital of France", "fox"], max_new_tokens=5, ignore_eos=True, measure_energy=True)
     shares = [r.usage.energy["joules"] for r in results]
     assert sum(shares) == pytest.approx(results[0].usage.energy["batch_joules"])
-    # each prompt's prefill is its own; the two decoded every step together, so they split the steps equally
-    assert all(r.usage.energy["prefill_joules"] > 0 for r in results)
-    assert results[0].usage.energy["decode_joules"] == pytest.approx(results[1].usage.energy["decode_joules"])
+    # each prompt's prefill is its own, each decode step split among its rows (exactly: tests/test_scheduler.py)
+    assert all(r.usage.energy["prefill_joules"] > 0 and r.usage.energy["decode_joules"] > 0 for r in results)
 
 
 @pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.default_model)])
