@@ -287,3 +287,23 @@ def test_memory_does_not_grow_with_requests_served(engine):
     while engine.scheduler._batch is not None and time.monotonic() < deadline:
         time.sleep(0.01)  # the finished rows leave the batch tensor at the scheduler's next iteration
     assert engine.scheduler._batch is None and engine.scheduler.stats()["kv_bytes"] == 0
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("backend", ["fused-int8", "fused"])
+def test_default_model_greedy_tokens_alone_and_joined(backend):
+    """The default model: chat prompts of ~35 tokens, cut into 32-token chunks when they arrive while
+    others decode, whole when alone; the same tokens either way."""
+    engine = pyengine.load("default", backend=backend, progress=False, max_batch=4)
+    try:
+        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}])
+                   for t in ("the sea", "bread", "the moon", "a violin", "rain")]
+        alone = [engine.generate(p, max_new_tokens=16, ignore_eos=True) for p in prompts]
+        driver_alone = engine.generate(prompts[0], max_new_tokens=32, ignore_eos=True).text
+        steps = _record_steps(engine)
+        joined = _joined_mid_flight(engine, prompts, 16, random.Random(1))
+        assert joined[0] == driver_alone
+        assert [j.token_ids for j in joined[1:]] == [a.token_ids for a in alone[1:]]
+        assert sum(kind == "prefill" for kind, _ in steps) > len(prompts)  # some prompt was cut into chunks
+    finally:
+        engine.close()
