@@ -38,6 +38,7 @@ from pyengine.sampling import SamplingParams, sample
 from pyengine.tokenizer import IncrementalDecoder
 
 GREEDY = SamplingParams()
+IDLE_EXIT_S = 2.0  # the loop thread ends after this long without requests
 
 
 class Request:
@@ -226,7 +227,11 @@ class Scheduler:
         while True:
             with self._cond:
                 while not (self._closing or self._waiting or self._prefilling or self._running):
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_EXIT_S) and not (self._closing or self._waiting):
+                        # Idle: end the thread, which holds the engine (a dropped engine is then freed);
+                        # submit() starts a new one.
+                        self._thread = None
+                        return
                 if self._closing:
                     self._fail_all(None)
                     return

@@ -307,3 +307,26 @@ def test_default_model_greedy_tokens_alone_and_joined(backend):
         assert sum(kind == "prefill" for kind, _ in steps) > len(prompts)  # some prompt was cut into chunks
     finally:
         engine.close()
+
+
+def test_an_idle_engine_holds_no_thread_and_can_be_freed(tiny_models, monkeypatch):
+    import weakref
+
+    from pyengine import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_EXIT_S", 0.05)
+    engine = pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False)
+    assert len(engine.generate("fox", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    thread = engine.scheduler._thread
+    if thread is not None:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert len(engine.generate("fox", max_new_tokens=3, ignore_eos=True).token_ids) == 3  # a new thread serves
+    thread = engine.scheduler._thread
+    if thread is not None:
+        thread.join(timeout=10)
+    del thread
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
