@@ -104,7 +104,7 @@ class Engine:
         self.scheduler.submit(requests)
         results = [r.wait() for r in requests]
         if not single:
-            _batch_usage(results)
+            _batch_usage(requests)
         return results[0] if single else results
 
     def stream(self, prompt=None, *, messages=None, chat: bool = False, **settings) -> Iterator[str]:
@@ -131,7 +131,7 @@ class Engine:
                 r.cancel()
         results = [r.result for r in requests]
         if not single:
-            _batch_usage(results)
+            _batch_usage(requests)
         return results[0] if single else results
 
     async def astream(self, prompt=None, *, messages=None, chat: bool = False, **settings):
@@ -306,6 +306,8 @@ class Engine:
                                     context=self.config.max_context, tokenizer=self.tokenizer,
                                     min_tokens=min_tokens, meter=meter,
                                     timeout=timeout, streaming=streaming, loop=loop))
+        for r in requests:
+            r.group = tuple(requests)
         return requests, single
 
     def _complete(self, r) -> GenerationResult:
@@ -371,11 +373,13 @@ def _energy_usage(prefill_joules, decode_joules, tokens, shared_joules, meter, s
     }
 
 
-def _batch_usage(results):
-    """A list given to generate() is one batch to its caller: each result's seconds are the list's
-    (first prefill to last first token, then to the last token), batch_joules the list's total."""
-    prefill = max(r.usage.prefill_seconds for r in results)
-    decode = max(r.usage.decode_seconds for r in results)
+def _batch_usage(requests):
+    """A list given to generate() is one batch to its caller (its prompts are prefilled, then decoded
+    together): each result's seconds are the list's (first prefill start to last first token, then to
+    the last token), batch_joules the list's total."""
+    first = max(r.t_first or r.t_end for r in requests)
+    prefill, decode = first - min(r.t_start or r.t_end for r in requests), max(r.t_end for r in requests) - first
+    results = [r.result for r in requests]
     total = sum(r.usage.energy["joules"] for r in results) if results[0].usage.energy else None
     for r in results:
         r.usage.prefill_seconds, r.usage.decode_seconds = prefill, decode

@@ -50,6 +50,7 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params, self.max_new_tokens, self.stops, self.end_ids = params, max_new_tokens, stops, end_ids
         self.min_tokens = min_tokens  # no stop (end id or string) before this many tokens
+        self.group = (self,)  # the requests of one generate() list: they start decoding together
         self.context = context  # the model's: a request ends with "length" there, never earlier
         self.need = min(len(self.prompt_ids) + max_new_tokens, context)  # KV positions it can use
         self.meter, self.streaming = meter, streaming  # meter: measure this request's joules with it
@@ -284,23 +285,29 @@ class Scheduler:
     def _prefill(self) -> list[Request]:
         """Prompt tokens, oldest prompt first: at most prefill_chunk of them while requests are decoding
         (the stall those see; a chunk may end one prompt and start the next), else one whole prompt
-        (nothing to stall: one large forward is faster). Returns the requests whose prompt is now all
-        in the cache and that go on decoding."""
-        budget = self.prefill_chunk if self._running else None
-        joined = []
+        (nothing to stall: one large forward is faster). Returns the requests that now go on decoding:
+        those whose prompt is all in the cache, once the other prompts of their group (a list given
+        to generate()) that are admitted are too, so that a list decodes as one batch."""
+        decoding = any(r.finish_reason is None for r in self._running)
+        budget = self.prefill_chunk if decoding else None
         for r in list(self._prefilling):
-            if r.finish_reason is not None:
-                continue
             rest = len(r.prompt_ids) - r.prefilled
+            if r.finish_reason is not None or rest == 0:
+                continue
             self._prefill_chunk(r, rest if budget is None else min(rest, budget))
-            if r.finish_reason is None and r.prefilled == len(r.prompt_ids):
-                self._prefilling.remove(r)
-                joined.append(r)
             if budget is None:
                 break
             budget -= min(rest, budget)
             if budget == 0:
                 break
+
+        def unfinished(q):
+            return q.finish_reason is None and q.prefilled < len(q.prompt_ids) and q in self._prefilling
+
+        joined = [r for r in self._prefilling if r.finish_reason is None and r.prefilled == len(r.prompt_ids)
+                  and not any(unfinished(q) for q in r.group)]
+        for r in joined:
+            self._prefilling.remove(r)
         return joined
 
     def _prefill_chunk(self, r: Request, n: int):

@@ -124,9 +124,13 @@ def test_each_request_keeps_its_own_settings_in_a_shared_batch(engine):
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
 
 
-def test_a_list_is_several_requests(engine):
-    alone = [engine.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in PROMPTS[:6]]
-    assert [r.token_ids for r in engine.generate(PROMPTS[:6], max_new_tokens=12, ignore_eos=True)] == alone
+def test_a_list_is_several_requests_decoded_as_one_batch(engine):
+    alone = [engine.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in LONG_PROMPTS[:4]]
+    steps = _record_steps(engine)
+    assert [r.token_ids for r in engine.generate(LONG_PROMPTS[:4], max_new_tokens=12, ignore_eos=True)] == alone
+    # prompts prefilled first (whole: nothing decodes meanwhile), then 11 steps with all four rows
+    assert [kind for kind, _ in steps] == ["prefill"] * 4 + ["decode"] * 11
+    assert all(len(reqs) == 4 for kind, reqs in steps if kind == "decode")
 
 
 def test_a_paused_reader_holds_up_nobody(engine):
