@@ -246,7 +246,7 @@ def add_parser(sub):
     p.add_argument("--queue-limit", type=int, default=64)
     p.add_argument("--overload-tokens", type=int, default=32)
     p.add_argument("--kv-budget", type=int, default=512 << 20)
-    p.add_argument("--prefill-chunk", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="list vs top level, back to back, this many times")
     p.add_argument("--machine", default="local", help="the machine's name in the results file, e.g. cpu-amd-epyc-zen4")
     p.add_argument("--out", default="benchmarks/results")

@@ -48,7 +48,7 @@ class Engine:
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
                  dtype: torch.dtype | None = None, int8_weights: str | Path | None = None,
                  int8_method: str | None = None, progress: bool = True, max_batch: int = 16,
-                 kv_budget: int | None = None, queue_limit: int = 256, prefill_chunk: int = 32):
+                 kv_budget: int | None = None, queue_limit: int = 256, prefill_chunk: int = 16):
         self.device = _check_device(device)
         self.dtype = dtype or torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):

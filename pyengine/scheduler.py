@@ -154,7 +154,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, engine, *, max_batch: int = 16, kv_budget: int | None = None, queue_limit: int = 256,
-                 prefill_chunk: int = 32):
+                 prefill_chunk: int = 16):
         for name, value in (("max_batch", max_batch), ("queue_limit", queue_limit), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "queue_limit" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -247,7 +247,7 @@ def _usage(result) -> dict:
 
 
 def serve(model="default", *, backend=None, host="127.0.0.1", port=8000, max_batch=16, kv_budget=None,
-          queue_limit=64, prefill_chunk=32, threads=None, log_level="info"):
+          queue_limit=64, prefill_chunk=16, threads=None, log_level="info"):
     """Load the model and serve it until interrupted."""
     import uvicorn
 
