@@ -102,7 +102,11 @@ class Engine:
             return self.stream(prompt, messages=messages, chat=chat, **settings)
         requests, single = self._requests(prompt, messages, chat, settings)
         self.scheduler.submit(requests)
-        results = [r.wait() for r in requests]
+        try:
+            results = [r.wait() for r in requests]
+        finally:  # interrupted (KeyboardInterrupt): stop generating for nobody
+            for r in requests:
+                r.cancel()
         if not single:
             _batch_usage(requests)
         return results[0] if single else results
@@ -136,8 +140,7 @@ class Engine:
 
     async def astream(self, prompt=None, *, messages=None, chat: bool = False, **settings):
         """stream() for asyncio: an async iterator of text pieces; closing it cancels the request.
-        The finished request (its GenerationResult in .result) is in the iterator's `request`
-        attribute only through astream_request(); most callers just read the pieces."""
+        (astream_request() also gives the GenerationResult, with usage, once the pieces are read.)"""
         request = self.astream_request(prompt, messages=messages, chat=chat, **settings)
         async for piece in request.apieces():
             yield piece
@@ -157,7 +160,7 @@ class Engine:
         """The engine's scheduler (pyengine.scheduler.Scheduler), created with the serving settings
         given to load() on first use."""
         if self._scheduler is None:
-            with _ENGINES_LOCK:
+            with _ENGINES_LOCK:  # not self._lock: the scheduler holds that during its steps
                 if self._scheduler is None:
                     from pyengine.scheduler import Scheduler
 

@@ -157,7 +157,8 @@ class Scheduler:
                  prefill_chunk: int = 16):
         for name, value in (("max_batch", max_batch), ("queue_limit", queue_limit), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "queue_limit" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'queue_limit' else 'positive'} "
+                                 f"integer, got {value!r}")
         c = engine.config
         self.engine, self.model = engine, engine.model
         self.bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * engine.dtype.itemsize
