@@ -309,8 +309,9 @@ class Engine:
                                     context=self.config.max_context, tokenizer=self.tokenizer,
                                     min_tokens=min_tokens, meter=meter,
                                     timeout=timeout, streaming=streaming, loop=loop))
-        for r in requests:
-            r.group = tuple(requests)
+        if len(requests) > 1:
+            for r in requests:
+                r.group = tuple(requests)
         return requests, single
 
     def _complete(self, r) -> GenerationResult:

@@ -3,12 +3,13 @@
 One background thread loops over *iterations*. Each iteration:
   1. drops cancelled requests and those past their deadline;
   2. admits waiting requests while the KV budget and `max_batch` allow (FIFO);
-  3. prefills prompt tokens, oldest prompt first: at most `prefill_chunk` of them while others are
-     decoding, else one whole prompt (the kernels' rows do not depend on how a prompt is cut, so
-     its tokens are the same either way: tests/test_scheduler.py checks it on every backend);
+  3. prefills prompt tokens, oldest prompt first: while others decode, about one decode step's
+     worth (the tokens the measured prefill speed does in the last step's time, at least
+     `prefill_chunk`), else one whole prompt (the kernels' rows do not depend on how a prompt is
+     cut, so its tokens are the same either way: tests/test_scheduler.py checks it on every backend);
   4. re-lays the batch's KV cache when requests joined or left;
   5. runs one decode step for every running request (one C++ call on the fused backends).
-So a running decode waits at most one prefill chunk between two of its tokens, and a request joins
+So a running request waits about two decode steps at most between two of its tokens, and a request joins
 the batch as soon as its prompt is in the cache, and leaves it the step it finishes.
 
 KV memory: the running batch is one [layers, rows, kv_heads, capacity, head_dim] tensor (the C++
@@ -50,7 +51,7 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params, self.max_new_tokens, self.stops, self.end_ids = params, max_new_tokens, stops, end_ids
         self.min_tokens = min_tokens  # no stop (end id or string) before this many tokens
-        self.group = (self,)  # the requests of one generate() list: they start decoding together
+        self.group = ()  # the other requests of its generate() list: they start decoding together
         self.context = context  # the model's: a request ends with "length" there, never earlier
         self.need = min(len(self.prompt_ids) + max_new_tokens, context)  # KV positions it can use
         self.meter, self.streaming = meter, streaming  # meter: measure this request's joules with it
@@ -180,6 +181,8 @@ class Scheduler:
         self._last_joules = 0.0
         self.attributed_joules = self.idle_joules = 0.0
         self.on_step = None  # optional callback(kind, seconds, requests) after each step (metrics, tests)
+        self._prefill_rate = 0.0  # prompt tokens/s of the chunks prefilled between decode steps
+        self._step_seconds = 0.0  # the last decode step's
 
     # ---- submitting ---------------------------------------------------------------------------------
 
@@ -284,13 +287,15 @@ class Scheduler:
             self._prefilling.append(r)
 
     def _prefill(self) -> list[Request]:
-        """Prompt tokens, oldest prompt first: at most prefill_chunk of them while requests are decoding
+        """Prompt tokens, oldest prompt first: about one decode step's worth while requests are decoding
         (the stall those see; a chunk may end one prompt and start the next), else one whole prompt
         (nothing to stall: one large forward is faster). Returns the requests that now go on decoding:
         those whose prompt is all in the cache, once the other prompts of their group (a list given
         to generate()) that are admitted are too, so that a list decodes as one batch."""
         decoding = any(r.finish_reason is None for r in self._running)
-        budget = self.prefill_chunk if decoding else None
+        budget = None
+        if decoding:  # about one decode step's worth of prompt tokens, at least prefill_chunk
+            budget = max(self.prefill_chunk, int(self._prefill_rate * self._step_seconds))
         for r in list(self._prefilling):
             rest = len(r.prompt_ids) - r.prefilled
             if r.finish_reason is not None or rest == 0:
@@ -322,6 +327,9 @@ class Scheduler:
             self.model.hidden_states(tokens, cache, self.model.make_step(n, cache))
         cache.lengths += n
         r.prefilled += n
+        if self._running:  # the speed of the chunks that run between decode steps sizes the next ones
+            rate = n / max(time.perf_counter() - t0, 1e-6)
+            self._prefill_rate = rate if not self._prefill_rate else 0.5 * (self._prefill_rate + rate)
         if self._window is not None:
             j = self._lap()
             r.prefill_joules += j
@@ -377,16 +385,18 @@ class Scheduler:
             r.accept(token)
             if r.finish_reason is not None:
                 self._finish(r, r.finish_reason)
+        self._step_seconds = time.perf_counter() - t0
         if self.on_step is not None:
-            self.on_step("decode", time.perf_counter() - t0, rows)
+            self.on_step("decode", self._step_seconds, rows)
 
     def _finish(self, r: Request, reason: str):
         r.finish_reason = reason
         r.t_end = time.perf_counter()
         if r in self._prefilling:
             self._prefilling.remove(r)
-        if r.kv is not None and r.kv[0] is not self._batch:
-            r.kv = None  # its own prefill cache: free it now (a batch row is dropped at the next regroup)
+        # Drop its caches now (a batch row is left out at the next regroup) and its group: a finished
+        # request must not keep any KV tensor alive, even until the garbage collector breaks a cycle.
+        r.kv, r.group = None, ()
         self.engine._complete(r)
         r._send(r.result)
 

@@ -285,8 +285,21 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, call, e
 
 
 def test_memory_does_not_grow_with_requests_served(engine):
-    for _ in range(3):
-        engine.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    from pyengine.kv_cache import KVCache
+
+    gc.collect()
+    gc.disable()  # finished requests must free their KV by reference counting, not wait for a collection
+    try:
+        for _ in range(3):
+            engine.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        threads = [threading.Thread(target=engine.generate, args=(p,), kwargs=dict(max_new_tokens=6)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sum(isinstance(o, KVCache) for o in gc.get_objects()) <= 1  # at most the batch's, until regroup
+    finally:
+        gc.enable()
     deadline = time.monotonic() + 10
     while engine.scheduler._batch is not None and time.monotonic() < deadline:
         time.sleep(0.01)  # the finished rows leave the batch tensor at the scheduler's next iteration
