@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                           "the full context, at most 2 GiB)")
     srv.add_argument("--queue-limit", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
     srv.add_argument("--prefill-chunk", type=int, default=16,
-                     help="prompt tokens prefilled between two decode steps (default 16)")
+                     help="the fewest prompt tokens prefilled between two decode steps (default 16; "
+                          "about one decode step's worth are)")
     srv.add_argument("--threads", type=int, default=None)
     srv.set_defaults(func=_serve)
 
