@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 from pyengine.engine import Engine, GenerationResult, Usage, generate, load  # noqa: E402
-from pyengine.errors import CheckpointError, HubUnavailableError  # noqa: E402
+from pyengine.errors import CheckpointError, HubUnavailableError, Overloaded  # noqa: E402
 
-__all__ = ["Engine", "GenerationResult", "Usage", "generate", "load", "CheckpointError", "HubUnavailableError",
+__all__ = ["Engine", "GenerationResult", "Usage", "generate", "load", "CheckpointError", "HubUnavailableError", "Overloaded",
            "__version__"]

@@ -1,4 +1,4 @@
-"""`pyengine` command line: generate, quantize, bench, info."""
+"""`pyengine` command line: generate, quantize, serve, bench, bench-serve, info."""
 from __future__ import annotations
 
 import argparse
@@ -42,9 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="version, CPU ISA, CUDA, energy sources")
     info.set_defaults(func=_info)
 
-    from pyengine import bench
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                       "/metrics); concurrent requests share one running batch")
+    srv.add_argument("--model", default="default", help="local HF model folder, or 'default'")
+    srv.add_argument("--backend", default=None, help="torch, fused or fused-int8 (default: fastest exact one)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    srv.add_argument("--kv-budget", type=_bytes, default=None,
+                     help="KV cache bytes for the running batch, e.g. 512M or 2G (default: max-batch requests at "
+                          "the full context, at most 2 GiB)")
+    srv.add_argument("--queue-limit", type=int, default=64, help="waiting requests before HTTP 429 (default 64)")
+    srv.add_argument("--prefill-chunk", type=int, default=16,
+                     help="the fewest prompt tokens prefilled between two decode steps (default 16; "
+                          "about one decode step's worth are)")
+    srv.add_argument("--threads", type=int, default=None)
+    srv.set_defaults(func=_serve)
+
+    from pyengine import bench, bench_serve
 
     bench.add_parser(sub)
+    bench_serve.add_parser(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -68,6 +86,24 @@ def _generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r} (e.g. 536870912, 512M, 2G)") from None
+
+
+def _serve(args) -> int:
+    from pyengine.server import serve
+
+    serve(args.model, backend=args.backend, host=args.host, port=args.port, max_batch=args.max_batch,
+          kv_budget=args.kv_budget, queue_limit=args.queue_limit, prefill_chunk=args.prefill_chunk,
+          threads=args.threads)
     return 0
 
 

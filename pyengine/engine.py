@@ -1,10 +1,11 @@
 """The engine: load a checkpoint once, then generate, stream, or score text with it."""
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -13,8 +14,7 @@ import torch
 from pyengine.backends import default_backend, make_backend
 from pyengine.loader import WeightReader, load_checkpoint
 from pyengine.models import ARCHITECTURES
-from pyengine.sampling import SamplingParams, sample
-from pyengine.tokenizer import IncrementalDecoder
+from pyengine.sampling import SamplingParams
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Usage:
     prefill_seconds: float
     decode_seconds: float
     energy: dict | None = None  # joules, J/token, source... when generate(measure_energy=True)
+    queue_seconds: float = 0.0  # waiting for a place in the batch (KV budget, max_batch)
 
 
 @dataclass
@@ -36,12 +37,18 @@ class GenerationResult:
 
 
 class Engine:
-    """A loaded model. Thread-safe: concurrent calls are serialized (one forward pass at a time);
-    pass a list of prompts to generate them as one batch."""
+    """A loaded model. Thread- and asyncio-safe: every generate()/stream()/agenerate()/astream() call,
+    from any thread or task, joins one running batch (pyengine.scheduler) at the next decode step.
+
+    Serving settings: max_batch (rows decoded together), kv_budget (bytes of KV cache for the
+    running batch; default room for max_batch requests at the full context, at most 2 GiB),
+    queue_limit (waiting requests before pyengine.Overloaded), prefill_chunk (the fewest prompt tokens
+    prefilled between two decode steps; about one decode step's worth are, see pyengine.scheduler)."""
 
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
                  dtype: torch.dtype | None = None, int8_weights: str | Path | None = None,
-                 int8_method: str | None = None, progress: bool = True):
+                 int8_method: str | None = None, progress: bool = True, max_batch: int = 16,
+                 kv_budget: int | None = None, queue_limit: int = 256, prefill_chunk: int = 16):
         self.device = _check_device(device)
         self.dtype = dtype or torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -64,7 +71,10 @@ class Engine:
         self.model = ARCHITECTURES[self.config.arch](self.config, reader, self.backend, self.device)
         del checkpoint, reader  # the model holds what it needs; drop the rest of the state dict
         self.eos_token_ids = self._eos_ids()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one forward pass at a time (the scheduler's steps, logits())
+        self._serving = dict(max_batch=max_batch, kv_budget=kv_budget, queue_limit=queue_limit,
+                             prefill_chunk=prefill_chunk)
+        self._scheduler = None
 
     def __repr__(self):
         return (f"Engine({str(self.model_path)!r}, model_type={self.config.model_type!r}, "
@@ -75,48 +85,107 @@ class Engine:
     def generate(self, prompt=None, *, messages=None, chat: bool = False, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
                  stop=None, stop_token_ids=None, ignore_eos: bool = False, stream: bool = False,
-                 measure_energy: bool = False):
-        """Generate from one prompt (returns a GenerationResult) or a list (a list, run as one batch).
+                 measure_energy=False, timeout: float | None = None, min_tokens: int = 0):
+        """Generate from one prompt (returns a GenerationResult) or a list (a list of them).
 
         prompt: str or list of str. messages: a conversation (list of {"role", "content"}) or a list
         of them, rendered with the model's chat template; chat=True wraps plain prompts as a user turn.
+        Every prompt is a request to the engine's scheduler: it shares the running batch with every
+        other caller's (threads, asyncio tasks, the server). A list's prompt i is seeded with seed + i.
         stream=True returns an iterator of text pieces instead (one prompt only).
         measure_energy: True (this engine's meter, see energy_meter()) or a pyengine.energy meter.
+        timeout: seconds; past it the request ends with finish_reason "timeout" (what it has so far).
+        min_tokens: no end-of-sequence token or stop string ends it before this many tokens.
+        Raises pyengine.Overloaded when the engine's queue is full.
         """
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                        measure_energy=measure_energy, timeout=timeout, min_tokens=min_tokens)
         if stream:
-            return self.stream(prompt, messages=messages, chat=chat, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                               stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
-        texts, single = self._prompt_texts(prompt, messages, chat)
-        run = self._start(texts, messages is not None or chat, max_new_tokens, temperature, top_k, top_p,
-                          seed, stop, stop_token_ids, ignore_eos, measure_energy)
-        for _ in run:
-            pass
-        results = run.results
+            return self.stream(prompt, messages=messages, chat=chat, **settings)
+        requests, single = self._requests(prompt, messages, chat, settings)
+        self.scheduler.submit(requests)
+        try:
+            results = [r.wait() for r in requests]
+        finally:  # interrupted (KeyboardInterrupt): stop generating for nobody
+            for r in requests:
+                r.cancel()
+        if not single:
+            _batch_usage(requests)
         return results[0] if single else results
 
-    def stream(self, prompt=None, *, messages=None, chat: bool = False, **kwargs) -> Iterator[str]:
-        """Yield text pieces as tokens are produced. Stopping iteration early ends generation cleanly."""
-        texts, single = self._prompt_texts(prompt, messages, chat)
+    def stream(self, prompt=None, *, messages=None, chat: bool = False, **settings) -> Iterator[str]:
+        """Yield text pieces as tokens are produced (the settings of generate()). Closing or dropping
+        the iterator cancels the request; a paused reader holds up nobody else."""
+        requests, single = self._requests(prompt, messages, chat, settings, streaming=True)
         if not single:
             raise ValueError("stream() takes a single prompt; use generate() for a batch")
-        kwargs.setdefault("max_new_tokens", 128)
-        allowed = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos"}
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-        params = {k: kwargs.get(k) for k in allowed}
-        params["temperature"] = params["temperature"] or 0.0
-        params["top_p"] = 1.0 if params["top_p"] is None else params["top_p"]
-        params["ignore_eos"] = bool(params["ignore_eos"])
-        run = self._start(texts, messages is not None or chat, params["max_new_tokens"], params["temperature"],
-                          params["top_k"], params["top_p"], params["seed"], params["stop"],
-                          params["stop_token_ids"], params["ignore_eos"], False)
-        return run.text_pieces()
+        self.scheduler.submit(requests)
+        return requests[0].pieces()
+
+    async def agenerate(self, prompt=None, *, messages=None, chat: bool = False, **settings):
+        """generate() for asyncio: awaits the result(s) without blocking the event loop."""
+        if settings.pop("stream", False):
+            raise ValueError("agenerate() does not stream; use astream()")
+        requests, single = self._requests(prompt, messages, chat, settings, loop=asyncio.get_running_loop())
+        self.scheduler.submit(requests)
+        try:
+            for r in requests:
+                async for _ in r.apieces():
+                    pass
+        finally:  # a cancelled task cancels its requests
+            for r in requests:
+                r.cancel()
+        results = [r.result for r in requests]
+        if not single:
+            _batch_usage(requests)
+        return results[0] if single else results
+
+    async def astream(self, prompt=None, *, messages=None, chat: bool = False, **settings):
+        """stream() for asyncio: an async iterator of text pieces; closing it cancels the request.
+        (astream_request() also gives the GenerationResult, with usage, once the pieces are read.)"""
+        request = self.astream_request(prompt, messages=messages, chat=chat, **settings)
+        async for piece in request.apieces():
+            yield piece
+
+    def astream_request(self, prompt=None, *, messages=None, chat: bool = False, **settings):
+        """A submitted streaming request for the running event loop: iterate `request.apieces()`, then
+        read `request.result` (a GenerationResult with usage). The server uses it."""
+        requests, single = self._requests(prompt, messages, chat, settings, streaming=True,
+                                          loop=asyncio.get_running_loop())
+        if not single:
+            raise ValueError("astream() takes a single prompt")
+        self.scheduler.submit(requests)
+        return requests[0]
+
+    @property
+    def scheduler(self):
+        """The engine's scheduler (pyengine.scheduler.Scheduler), created with the serving settings
+        given to load() on first use."""
+        if self._scheduler is None:
+            with _ENGINES_LOCK:  # not self._lock: the scheduler holds that during its steps
+                if self._scheduler is None:
+                    from pyengine.scheduler import Scheduler
+
+                    self._scheduler = Scheduler(self, **self._serving)
+        return self._scheduler
+
+    def close(self):
+        """Stop the scheduler thread (requests still running end with 'cancelled')."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
         """Next-token logits at every position: input_ids [batch, seq] -> [batch, seq, vocab] (fp32)."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids, got a tensor of {input_ids.dtype}")
+        else:
+            flat = torch.as_tensor(input_ids)
+            if flat.dtype.is_floating_point or flat.dtype == torch.bool:
+                raise TypeError(f"input_ids must hold integer token ids, got {flat.dtype} values")
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
@@ -159,48 +228,106 @@ class Engine:
         if messages is not None:
             if prompt is not None:
                 raise ValueError("pass either prompt or messages, not both")
-            single = bool(messages) and isinstance(messages[0], dict)
-            conversations = [messages] if single else list(messages)
-            if not conversations or not all(isinstance(c, list) and c for c in conversations):
+            single = isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict)
+            conversations = [messages] if single else messages
+            if not isinstance(conversations, list) or not conversations or \
+                    not all(isinstance(c, list) and c for c in conversations):
                 raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (or a list of such lists)")
+            for c in conversations:
+                for m in c:
+                    if isinstance(m, dict) and not isinstance(m.get("content"), str):
+                        raise TypeError(f"messages: each content must be a string, got {type(m.get('content')).__name__}")
+                    if isinstance(m, dict):
+                        _check_text(m["content"], "messages content")
             return [self.tokenizer.apply_chat_template(c) for c in conversations], single
         if prompt is None:
             raise ValueError("a prompt (or messages) is required")
         single = isinstance(prompt, str)
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("the list of prompts is empty")
         for p in prompts:
             if not isinstance(p, str):
-                raise ValueError(f"each prompt must be a string, got {type(p).__name__}")
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(p).__name__}"
+                                + (" in the list" if not single else ""))
             if not p:
                 raise ValueError("empty prompt")
+            _check_text(p, "prompt")
         if chat:
             prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         return prompts, single
 
-    def _start(self, texts, templated, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
-               ignore_eos, measure_energy) -> "_Run":
+    def _requests(self, prompt, messages, chat, settings, *, streaming=False, loop=None):
+        """Check every argument and build the scheduler's requests (one per prompt); nothing is queued yet."""
+        from pyengine.scheduler import Request
+
+        allowed = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "measure_energy", "timeout", "min_tokens"}
+        unknown = set(settings) - allowed
+        if unknown:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+        get = settings.get
+        texts, single = self._prompt_texts(prompt, messages, chat)
+        max_new_tokens = get("max_new_tokens", 128)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
+        seed = get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        params = SamplingParams(temperature=get("temperature") or 0.0, top_k=get("top_k"),
+                                top_p=1.0 if get("top_p") is None else get("top_p"), seed=seed)
+        stop = get("stop")
+        stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else None
+        if stops is None and stop is not None or not all(isinstance(s, str) and s for s in stops or []):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        extra_ids = list(stop_token_ids or [])
+        extra_ids = get("stop_token_ids") or []
+        if not isinstance(extra_ids, (list, tuple)):
+            raise TypeError(f"stop_token_ids must be a list of token ids, got {type(extra_ids).__name__}")
         self._check_ids(extra_ids, "stop_token_ids")
-        prompt_ids = [self.tokenizer.encode(t, add_special_tokens=not templated) for t in texts]
+        min_tokens = get("min_tokens") or 0
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_new_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens!r}")
+        timeout = get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        prompt_ids = [self.tokenizer.encode(t, add_special_tokens=not (messages is not None or chat)) for t in texts]
         for i, ids in enumerate(prompt_ids):
             if not ids:
                 raise ValueError(f"prompt {i} encodes to no tokens")
             if len(ids) >= self.config.max_context:
                 raise ValueError(f"prompt {i} is {len(ids)} tokens; the model's context is "
                                  f"{self.config.max_context} tokens (room is needed for at least one new token)")
-        end_ids = set(extra_ids) | (set() if ignore_eos else set(self.eos_token_ids))
+        end_ids = set(extra_ids) | (set() if get("ignore_eos") else set(self.eos_token_ids))
         # measure_energy: True for this engine's meter, or a meter object (e.g. the bench's, so that
         # every backend is measured by the source its idle baseline came from).
-        meter = measure_energy if hasattr(measure_energy, "start") else self.energy_meter() if measure_energy else None
-        return _Run(self, prompt_ids, max_new_tokens, params, stops, end_ids, meter)
+        measure = get("measure_energy")
+        meter = measure if hasattr(measure, "start") else self.energy_meter() if measure else None
+        requests = []
+        for i, ids in enumerate(prompt_ids):
+            p = params if seed is None or single else replace(params, seed=seed + i)
+            requests.append(Request(ids, params=p, max_new_tokens=max_new_tokens, stops=stops or [], end_ids=end_ids,
+                                    context=self.config.max_context, tokenizer=self.tokenizer,
+                                    min_tokens=min_tokens, meter=meter,
+                                    timeout=timeout, streaming=streaming, loop=loop))
+        if len(requests) > 1:
+            for r in requests:
+                r.group = tuple(requests)
+        return requests, single
+
+    def _complete(self, r) -> GenerationResult:
+        """The scheduler's finished request as a GenerationResult (on request.result)."""
+        t_first = r.t_first or r.t_end
+        prefill_seconds, decode_seconds = t_first - (r.t_start or t_first), r.t_end - t_first
+        energy = _energy_usage(r, prefill_seconds, decode_seconds) if r.meter is not None else None
+        usage = Usage(prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated),
+                      prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                      energy=energy, queue_seconds=(r.t_start or r.t_end) - r.t_submit)
+        r.result = GenerationResult(text=r.text, token_ids=list(r.generated), finish_reason=r.finish_reason,
+                                    usage=usage, prompt_token_ids=r.prompt_ids)
+        return r.result
 
     def energy_meter(self, source: str = "auto"):
         """The meter generate(measure_energy=True) uses: NVML on a GPU, RAPL on a CPU, else an estimate
@@ -232,161 +359,48 @@ class Engine:
         return tuple(sorted(i for i in ids if 0 <= i < self.config.vocab_size))
 
 
-class _Run:
-    """One generate() call: prefill, then decode steps, as an iterator of per-step events."""
-
-    def __init__(self, engine: Engine, prompt_ids, max_new_tokens, params, stops, end_ids, meter=None):
-        self.engine, self.prompt_ids, self.max_new_tokens = engine, prompt_ids, max_new_tokens
-        self.params, self.stops, self.end_ids, self.meter = params, stops, end_ids, meter
-        self.results: list[GenerationResult] = []
-
-    def text_pieces(self) -> Iterator[str]:
-        """For a single sequence: text as it is produced, holding back a possible stop-string prefix."""
-        emitted = 0
-        for texts in self:
-            text = texts[0]
-            safe = len(text) - _stop_prefix_len(text, self.stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        final = self.results[0].text
-        if len(final) > emitted:
-            yield final[emitted:]
-
-    @torch.inference_mode()
-    def __iter__(self):
-        engine, model = self.engine, self.engine.model
-        B = len(self.prompt_ids)
-        lengths = [len(p) for p in self.prompt_ids]
-        context = engine.config.max_context
-        capacity = min(max(lengths) + self.max_new_tokens, context)
-        generator = None
-        if self.params.seed is not None:
-            generator = torch.Generator(device=engine.device).manual_seed(self.params.seed)
-        generated = [[] for _ in range(B)]
-        decoders = [IncrementalDecoder(engine.tokenizer) for _ in range(B)]
-        texts = [""] * B
-        finish = [None] * B
-        active_per_step = []  # which sequences each decode step computed for (energy attribution)
-        with engine._lock:
-            if self.meter is not None:
-                self.meter.start("prefill")
-            t0 = time.perf_counter()
-            cache = model.new_cache(B, capacity, engine.dtype)
-            tokens = torch.zeros(B, max(lengths), dtype=torch.long, device=engine.device)
-            for b, ids in enumerate(self.prompt_ids):
-                tokens[b, :len(ids)] = torch.tensor(ids)
-            last = torch.tensor(lengths, device=engine.device) - 1
-            logits = model.forward(tokens, cache, logits_at=last, n_new=torch.tensor(lengths, dtype=torch.int32))
-            cache.lengths += torch.tensor(lengths, dtype=torch.int32, device=engine.device)
-            next_ids = sample(logits, self.params, generator)
-            prefill_seconds = time.perf_counter() - t0
-            if self.meter is not None:
-                prefill_energy = self.meter.stop()
-                self.meter.start("decode")
-            t1 = time.perf_counter()
-            active = torch.ones(B, dtype=torch.int32, device=engine.device)  # rebuilt only when one finishes
-            for step in range(self.max_new_tokens):
-                ids = next_ids.tolist()
-                for b in range(B):
-                    if finish[b] is not None:
-                        continue
-                    generated[b].append(ids[b])
-                    texts[b] += decoders[b].push(ids[b])
-                    finish[b] = self._finished(b, ids[b], texts, generated[b], lengths[b], context)
-                    if finish[b] is not None:
-                        active = torch.tensor([f is None for f in finish], dtype=torch.int32, device=engine.device)
-                yield texts
-                if all(f is not None for f in finish) or step == self.max_new_tokens - 1:
-                    break
-                active_per_step.append([b for b in range(B) if finish[b] is None])
-                # Finished sequences stay put (advance 0) and rewrite their last slot.
-                stepped = model.decode_greedy(next_ids, cache, active) if self.params.greedy else None
-                if stepped is not None:  # the C++ step chose the tokens: one call per token
-                    next_ids = stepped
-                else:
-                    logits = model.forward(next_ids[:, None], cache)[:, -1]
-                    cache.lengths += active
-                    next_ids = sample(logits, self.params, generator)
-            decode_seconds = time.perf_counter() - t1
-            energy = None
-            if self.meter is not None:
-                energy = _attribute_energy(prefill_energy, self.meter.stop(), active_per_step, lengths, generated)
-        for b in range(B):
-            usage = Usage(prompt_tokens=lengths[b], completion_tokens=len(generated[b]),
-                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                          energy=energy[b] if energy else None)
-            self.results.append(GenerationResult(text=texts[b], token_ids=generated[b],
-                                                 finish_reason=finish[b] or "length", usage=usage,
-                                                 prompt_token_ids=self.prompt_ids[b]))
-
-    def _finished(self, b, token, texts, generated, prompt_len, context):
-        if token in self.end_ids:
-            return "stop"
-        for s in self.stops:
-            cut = texts[b].find(s)
-            if cut >= 0:
-                texts[b] = texts[b][:cut]
-                return "stop"
-        if prompt_len + len(generated) >= context:
-            return "length"
-        return None
-
-
-def _attribute_energy(prefill, decode, active_per_step, prompt_lengths, generated) -> list[dict]:
-    """Each sequence's share of a batch's energy.
-
-    Rule: prefill energy is split in proportion to prompt tokens; decode energy is spread evenly
-    over the decode steps (one window covers them all, since a counter read per step would cost
-    more than the step on small models), and each step's share is split equally among the
-    sequences still generating in it. The shares add up to the measured total.
-    """
-    from pyengine.energy import attribute_batch
-
-    steps = max(len(active_per_step), 1)
-    per_step = decode.total_joules / steps
-    decode_steps = [(per_step, active) for active in active_per_step] or [(decode.total_joules, range(len(prompt_lengths)))]
-    prefill_shares = attribute_batch(prefill, [], prompt_lengths)
-    decode_shares = attribute_batch(0.0, decode_steps, prompt_lengths)
-    both = prefill + decode  # labels of the two windows together (confidence, reasons, constants)
-    labels = {
-        "source": both.source,
-        "estimated": both.estimated,
-        "method": both.method,
-        "constants": dict(both.constants),
-        "sources": dict(both.sources),
-        "confidence": both.confidence,
-        "confidence_reason": both.confidence_reason,
-        "counter_updates": {"prefill": prefill.counter_updates, "decode": decode.counter_updates},
-        "power_estimated": list(both.power_estimated),
-        "seconds": both.seconds,
-        "prefill_window_seconds": prefill.seconds,
-        "decode_window_seconds": decode.seconds,
-        "batch_joules": both.total_joules,
-        "fallback_reason": both.fallback_reason,
+def _energy_usage(r, prefill_seconds: float, decode_seconds: float) -> dict:
+    """A request's usage.energy. Its prefill chunks' joules are its own; each decode step's joules are
+    split equally among the requests in that step (pyengine.scheduler), so over any window the
+    requests' joules add up to what the meter counted while they ran. The labels (source, method and
+    constants, confidence and its reason) are the meter's, for the seconds and counter updates the
+    request saw."""
+    joules = r.prefill_joules + r.decode_joules
+    seconds = prefill_seconds + decode_seconds
+    return {
+        "joules": joules,
+        "prefill_joules": r.prefill_joules,
+        "decode_joules": r.decode_joules,
+        "joules_per_token": joules / len(r.generated) if r.generated else None,
+        **r.meter.labels(seconds, r.prefill_updates + r.decode_updates),
+        "counter_updates": {"prefill": r.prefill_updates, "decode": r.decode_updates},
+        "seconds": seconds,
+        "prefill_window_seconds": prefill_seconds,
+        "decode_window_seconds": decode_seconds,
+        "batch_joules": r.shared_joules,  # the whole steps this request took part in
     }
-    out = []
-    for b, ids in enumerate(generated):
-        joules = prefill_shares[b] + decode_shares[b]
-        out.append({
-            "joules": joules,
-            "prefill_joules": prefill_shares[b],
-            "decode_joules": decode_shares[b],
-            "joules_per_token": joules / len(ids) if ids else None,
-            **labels,
-        })
-    return out
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop string."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                longest = max(longest, n)
-                break
-    return longest
+def _batch_usage(requests):
+    """A list given to generate() is one batch to its caller (its prompts are prefilled, then decoded
+    together): each result's seconds are the list's (first prefill start to last first token, then to
+    the last token), batch_joules the list's total."""
+    first = max(r.t_first or r.t_end for r in requests)
+    prefill, decode = first - min(r.t_start or r.t_end for r in requests), max(r.t_end for r in requests) - first
+    results = [r.result for r in requests]
+    total = sum(r.usage.energy["joules"] for r in results) if results[0].usage.energy else None
+    for r in results:
+        r.usage.prefill_seconds, r.usage.decode_seconds = prefill, decode
+        if total is not None:
+            r.usage.energy["batch_joules"] = total
+
+
+def _check_text(text: str, what: str):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what}: not valid Unicode text ({e.reason} at index {e.start}: "
+                         f"{text[e.start]!r})") from None
 
 
 def _check_int8_options(backend_name, int8_weights, int8_method):
@@ -415,16 +429,18 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def load(model="default", *, backend: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-         int8_weights: str | Path | None = None, int8_method: str | None = None, progress: bool = True) -> Engine:
+         int8_weights: str | Path | None = None, int8_method: str | None = None, progress: bool = True,
+         **serving) -> Engine:
     """Load a model folder (or 'default', SmolLM2-135M-Instruct) for generation.
 
     backend: 'torch' (reference), 'fused' (our fp32 kernels) or 'fused-int8'; default: the fastest
     exact one here. int8_weights: a file from Engine.save_int8, reused instead of quantizing again.
     int8_method ('fused-int8'): 'absmax' (default: each weight rounded alone, instant) or 'gptq'
     (rounding errors compensated over text the model samples itself: closer to fp32; about two
-    minutes of CPU for the default model the first time, then read from the cache; see pyengine.gptq)."""
+    minutes of CPU for the default model the first time, then read from the cache; see pyengine.gptq).
+    serving: max_batch, kv_budget, queue_limit, prefill_chunk (see Engine)."""
     return Engine(model, backend=backend, device=device, dtype=dtype, int8_weights=int8_weights,
-                  int8_method=int8_method, progress=progress)
+                  int8_method=int8_method, progress=progress, **serving)
 
 
 def generate(prompt, model="default", *, backend: str | None = None, device: str = "cpu", dtype=None, **kwargs):

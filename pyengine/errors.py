@@ -15,3 +15,8 @@ class CheckpointError(ValueError):
 
 class HubUnavailableError(ValueError):
     """The name given looks like a Hugging Face hub id; the hub cannot be reached from here."""
+
+
+class Overloaded(RuntimeError):
+    """The engine's queue of waiting requests is full: the request was refused, nothing else was
+    affected. Retry later (the server answers HTTP 429)."""

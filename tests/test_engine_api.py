@@ -188,22 +188,23 @@ def test_usage_energy_names_its_method_constants_and_windows(engine):
     assert e["constants"]["watts_per_core"] == 7.5 and "set by the caller" in e["constants"]["watts_per_core_origin"]
     assert "estimate, not a measurement" in e["confidence_reason"]
     assert e["sources"]["cpu"].startswith("estimate: process CPU seconds")
-    # a counter: the updates seen in each window and the windows' seconds (scripted clock: 2 s + 3 s)
-    meter = ReplayMeter({"gpu": [0, 10, 10, 40]}, times=[0.0, 2.0, 2.0, 5.0])
+    # a counter that moves 10 J on every read: the updates the request's prefill and decode steps saw,
+    # its seconds, and the meter's labels for them
+    meter = ReplayMeter({"gpu": [10.0 * i for i in range(10_000)]})
     e = engine.generate("fox", max_new_tokens=3, ignore_eos=True, measure_energy=meter).usage.energy
-    assert e["counter_updates"] == {"prefill": 1, "decode": 1}
-    assert e["seconds"] == 5.0 and e["prefill_window_seconds"] == 2.0 and e["decode_window_seconds"] == 3.0
-    assert e["joules"] == pytest.approx(40.0) and e["confidence"] == "high" and e["confidence_reason"]
+    assert e["counter_updates"]["prefill"] >= 1 and e["counter_updates"]["decode"] >= 1
+    assert e["joules"] == 10.0 * (e["counter_updates"]["prefill"] + e["counter_updates"]["decode"])
+    assert e["seconds"] == pytest.approx(e["prefill_window_seconds"] + e["decode_window_seconds"])
+    assert e["source"] == "replay" and e["sources"]["gpu"] == "replay:gpu"
+    assert e["confidence"] == "high" and e["confidence_reason"].startswith("hardware counter")
 
 
 def test_batch_energy_shares_add_up(engine):
     results = engine.generate(["The capital of France", "fox"], max_new_tokens=5, ignore_eos=True, measure_energy=True)
     shares = [r.usage.energy["joules"] for r in results]
     assert sum(shares) == pytest.approx(results[0].usage.energy["batch_joules"])
-    # prefill is split by prompt tokens
-    p = [r.usage.energy["prefill_joules"] for r in results]
-    n = [r.usage.prompt_tokens for r in results]
-    assert p[0] / p[1] == pytest.approx(n[0] / n[1])
+    # each prompt's prefill is its own, each decode step split among its rows (exactly: tests/test_scheduler.py)
+    assert all(r.usage.energy["prefill_joules"] > 0 and r.usage.energy["decode_joules"] > 0 for r in results)
 
 
 @pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.default_model)])

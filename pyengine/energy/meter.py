@@ -210,6 +210,29 @@ class EnergyMeter:
             t, snap = self._sample()
             w.segments.append((phase, t, snap))
 
+    def reading(self) -> tuple[float, tuple[int, ...]]:
+        """(joules of every channel, each channel's counter updates) since the meter was created, read
+        now (one read). For a caller that splits a long open window into many short steps (the
+        scheduler) without a window per step: successive reads share their end points, so the steps
+        add up to the window exactly."""
+        self._sync()
+        snap = self._sample()[1]
+        return math.fsum(j for j, _, _ in snap), tuple(u for _, u, _ in snap)
+
+    def total_joules(self) -> float:
+        """reading()'s joules."""
+        return self.reading()[0]
+
+    def labels(self, seconds: float, updates: int) -> dict:
+        """What a number this meter counted over `seconds`, while its counters updated `updates` times
+        (the fewest of any channel), says of itself: source, method and constants, per-domain
+        sources, confidence and its reason, fallback."""
+        conf, reason = self._confidence(seconds, {d: updates for d in self.domains}, ())
+        return {"source": self.name, "estimated": self.estimated, "method": self.method,
+                "constants": dict(self.constants),
+                "sources": {d: " + ".join(c.label for c in self.channels if c.domain == d) for d in self.domains},
+                "confidence": conf, "confidence_reason": reason, "fallback_reason": self.fallback_reason}
+
     @contextlib.contextmanager
     def phase(self, name: str, window: Window | None = None):
         """``with meter.phase("decode"):`` marks ``name`` inside the open window, then back."""
@@ -311,6 +334,20 @@ class EnergyMeter:
                 joules[c.domain] += jb - ja
                 sources[c.domain].append(c.label)
             updates[c.domain] += ub - ua
+        conf, reason = self._confidence(seconds, updates, from_power)
+        timeline = None
+        if timeline_pts is not None:
+            timeline = {d: [(tt - t_a, ws[d]) for tt, ws in timeline_pts if d in ws] for d in self.domains}
+        return EnergyMeasurement(
+            joules=joules, seconds=seconds, sources={d: " + ".join(v) for d, v in sources.items()},
+            source=self.name, estimated=self.estimated, counter_updates=min(updates.values()),
+            confidence=conf, confidence_reason=reason, samples=n_samples, timeline=timeline,
+            fallback_reason=self.fallback_reason, min_window_s=self.min_window_s, method=self.method,
+            constants=dict(self.constants), power_estimated=sorted(set(from_power)))
+
+    def _confidence(self, seconds: float, updates: dict, from_power) -> tuple[str, str]:
+        """(confidence, reason) of a window of `seconds` whose counters updated `updates[domain]` times;
+        `from_power`: the domains whose joules came from power readings instead of the counter."""
         reasons = []
         if self.estimated:
             reasons.append(f"estimate, not a measurement: {self.estimate_note}".rstrip(": "))
@@ -328,15 +365,7 @@ class EnergyMeter:
         conf = LOW if reasons else HIGH
         reason = "; ".join(reasons) if reasons else (
             f"hardware counter, window {seconds:.3f} s >= {self.low_confidence_below_s:g} s")
-        timeline = None
-        if timeline_pts is not None:
-            timeline = {d: [(tt - t_a, ws[d]) for tt, ws in timeline_pts if d in ws] for d in self.domains}
-        return EnergyMeasurement(
-            joules=joules, seconds=seconds, sources={d: " + ".join(v) for d, v in sources.items()},
-            source=self.name, estimated=self.estimated, counter_updates=min(updates.values()),
-            confidence=conf, confidence_reason=reason, samples=n_samples, timeline=timeline,
-            fallback_reason=self.fallback_reason, min_window_s=self.min_window_s, method=self.method,
-            constants=dict(self.constants), power_estimated=sorted(set(from_power)))
+        return conf, reason
 
     # ---- helpers -------------------------------------------------------------------------------
 
