@@ -7,7 +7,7 @@ The checkpoint is generated once (random bf16 weights, sharded safetensors, a by
 into --folder. Each backend loads it in a fresh subprocess, which reports:
 
   rss_after_import   resident memory after `import pyengine` (VmRSS)
-  peak_rss           the process's peak resident memory at the end of the load (ru_maxrss)
+  peak_rss           the process's peak resident memory at the end of the load (VmHWM)
   kept_bytes         the bytes of every tensor the loaded model keeps (weights as the backend stores
                      them, embedding and norms included; shared storage counted once)
   load_seconds       pyengine.load() wall time
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -122,11 +121,21 @@ def kept_bytes(engine) -> int:
     return total
 
 
-def _vm_rss() -> int:
+def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _vm_rss() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _peak_rss() -> int:
+    # VmHWM, this process image's peak resident memory: ru_maxrss would do, but Linux carries it over
+    # exec from the parent, so a subprocess of a large process (a test run) would report the parent's.
+    return _status_bytes("VmHWM")
 
 
 def measure_in_this_process(folder: str, backend: str, threads: int | None = None) -> dict:
@@ -140,7 +149,7 @@ def measure_in_this_process(folder: str, backend: str, threads: int | None = Non
     t0 = time.perf_counter()
     engine = pyengine.load(folder, backend=backend, progress=False)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return dict(backend=backend, pyengine=str(Path(pyengine.__file__).parent), rss_after_import=after_import, peak_rss=peak, rss_after_load=_vm_rss(),
                 kept_bytes=kept_bytes(engine), load_seconds=seconds)
 

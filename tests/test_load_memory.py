@@ -1,7 +1,7 @@
 """Loading holds one tensor at a time on its way to the backend's form, never the whole model in fp32.
 
 A generated bf16 Llama checkpoint of ~240 MB (benchmarks/load_memory.py's "small" shape) is loaded in a
-fresh process per backend; its peak resident memory (ru_maxrss) beyond what it had after `import
+fresh process per backend; its peak resident memory (VmHWM) beyond what it had after `import
 pyengine` must stay within the bytes the loaded model keeps plus a margin well below the fp32 copy
 of the whole model (0.43 GiB here) that a load converting everything up front would hold.
 """
