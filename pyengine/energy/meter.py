@@ -272,10 +272,20 @@ class EnergyMeter:
             m = self._build(w.start_snap, snap, w.t0, t, n_samples, timeline)
             phases: dict[str, EnergyMeasurement] = {}
             bounds = w.segments + [(None, t, snap)]
+            # Joules a phase was charged from power because its counter had not moved yet: the counter's
+            # next jump includes them, so they come off the phase that sees it (phases add up to the window).
+            carried = {d: 0.0 for d in self.domains}
             for (name, t_a, s_a), (_, t_b, s_b) in zip(bounds[:-1], bounds[1:]):
+                pm = self._build(s_a, s_b, t_a, t_b, 2, None)
+                for d in self.domains:
+                    if d in pm.power_estimated:
+                        carried[d] += pm.joules[d]
+                    elif carried[d] and pm.joules[d] > 0:
+                        taken = min(carried[d], pm.joules[d])
+                        pm.joules[d] -= taken
+                        carried[d] -= taken
                 if name is None:
                     continue
-                pm = self._build(s_a, s_b, t_a, t_b, 2, None)
                 phases[name] = phases[name] + pm if name in phases else pm
             m.phases = phases
             w.measurement = m
