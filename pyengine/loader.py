@@ -116,11 +116,11 @@ class _StoredTensor:
 class CheckpointWeights(Mapping):
     """A checkpoint's tensors by name, each read from its file only when asked for, in the dtype it is
     stored in, so that loading holds one tensor at a time on its way to the backend's own form (which
-    converts it: bf16 -> fp32 in place, or rounded to int8 a block of rows at a time), never the
-    whole model.
+    converts it as it copies it into place, or rounds it to int8 a block of rows at a time), never
+    the whole model.
 
-    safetensors tensors are read with ``readinto`` into a buffer of their own, not mapped: mapped
-    pages that were touched count in the process's resident memory until the map is closed.
+    safetensors tensors are read with ``readinto`` into a buffer of their own, not through a map of
+    the file: its touched pages would count in the process's resident memory until the map closed.
     Headers are checked (and names made unique across shards) when the mapping is built.
     """
 
@@ -145,10 +145,6 @@ class CheckpointWeights(Mapping):
 
     def __contains__(self, name):
         return name in self._stored
-
-    def stored_dtype(self, name: str) -> torch.dtype:
-        """The dtype the tensor has in its file."""
-        return self._stored[name].dtype
 
     def matrix_dtype(self) -> torch.dtype | None:
         """The floating dtype most of the checkpoint's matrices (2-D tensors) are stored in."""

@@ -41,6 +41,22 @@ const float* check_linear(const Tensor& x, const Tensor& w, DType w_dtype, const
   return bias.data<float>();
 }
 
+// The Linears with float weights (fp32, or bf16 kept as 16-bit patterns): one signature, one set of
+// checks; the weight's element type and the kernel differ.
+template <typename W, DType WDType, void (*Kernel)(const float*, const W*, const float*, float*, int64_t, int64_t,
+                                                   int64_t)>
+void def_float_linear(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](py::handle x_obj, py::handle w_obj, py::handle out_obj, py::handle bias_obj) {
+        Tensor x(x_obj, "x"), w(w_obj, "w"), out(out_obj, "out");
+        const float* bias = check_linear(x, w, WDType, nullptr, out, bias_obj);
+        py::gil_scoped_release release;
+        Kernel(x.data<float>(), w.data<W>(), bias, out.data<float>(), x.size(0), w.size(0), x.size(1));
+      },
+      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bias") = py::none(), doc);
+}
+
 // The int8-weight Linears share one signature and one set of checks; only the kernel differs.
 using Int8LinearFn = void (*)(const float*, const int8_t*, const float*, const float*, float*, int64_t, int64_t,
                               int64_t);
@@ -119,26 +135,10 @@ void bind_int8_matmul(py::module_& m) {
       "w_scale[n]) + bias[n]. x [M, K] fp32, w_q [N, K] int8 (any value; -128 too is "
       "exact), w_scale [N], out [M, N], bias None or [N].");
 
-  m.def(
-      "linear_f32",
-      [](py::handle x_obj, py::handle w_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::F32, nullptr, out, bias_obj);
-        py::gil_scoped_release release;
-        linear_f32(x.data<float>(), w.data<float>(), bias, out.data<float>(), x.size(0), w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bias") = py::none(),
-      "fp32 Linear: out = x @ w^T + bias. x [M, K], w [N, K], out [M, N], bias None or [N].");
-
-  m.def(
-      "linear_bf16",
-      [](py::handle x_obj, py::handle w_obj, py::handle out_obj, py::handle bias_obj) {
-        Tensor x(x_obj, "x"), w(w_obj, "w"), out(out_obj, "out");
-        const float* bias = check_linear(x, w, DType::BF16, nullptr, out, bias_obj);
-        py::gil_scoped_release release;
-        linear_bf16(x.data<float>(), w.data<uint16_t>(), bias, out.data<float>(), x.size(0), w.size(0), x.size(1));
-      },
-      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bias") = py::none(),
+  def_float_linear<float, DType::F32, linear_f32>(
+      m, "linear_f32", "fp32 Linear: out = x @ w^T + bias. x [M, K], w [N, K], out [M, N], bias None or [N].");
+  def_float_linear<uint16_t, DType::BF16, linear_bf16>(
+      m, "linear_bf16",
       "bf16-weight Linear: out = x @ float(w)^T + bias, fp32 sums. x [M, K] float32, w [N, K] bfloat16, "
       "out [M, N] float32, bias None or [N] float32.");
 }
