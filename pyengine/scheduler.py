@@ -22,7 +22,10 @@ joins. Nothing grows with the number of requests served.
 Energy (when a request asks for it): one meter window stays open; each prefill chunk's joules go to
 its request and each decode step's are split equally among the step's rows, the reads shared by
 consecutive steps, so the requests' joules add up to the meter's total (what the meter counts while
-no request runs is kept apart as `idle_joules`).
+no request runs is kept apart as `idle_joules`). A step too short for the counter to resolve (a GPU
+prefill chunk of a few ms, which the NVML counter updated every 100 ms reads as 0 J) is charged the
+power read at its ends x its seconds, labelled so, and that amount comes off the step whose counter
+jump includes it: the ledger runs ahead of the counter by at most the estimates since its last update.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ class Request:
         self.cancelled = False
         self.prefill_joules = self.decode_joules = self.shared_joules = 0.0  # shared: the whole steps it was in
         self.prefill_updates = self.decode_updates = 0  # energy counter updates seen in its steps
+        # per domain: (steps, joules) of its share of the steps too short for the counter, charged from power
+        self.from_power: dict[str, tuple[int, float]] = {}
         self.result = None  # set by the engine when done
         self._loop = loop
         self._out = asyncio.Queue() if loop is not None else queue.SimpleQueue()
@@ -179,7 +184,8 @@ class Scheduler:
         self._closing = False
         # energy: the meter whose window is open, its last reading, and the ledger
         self._meter = self._window = None
-        self._last_joules = 0.0
+        self._last_reading = None
+        self._carried: dict[str, float] = {}  # joules charged from power that no counter jump has included yet
         self.attributed_joules = self.idle_joules = 0.0
         self.on_step = None  # optional callback(kind, seconds, requests) after each step (metrics, tests)
         self._prefill_rate = 0.0  # prompt tokens/s of the chunks prefilled between decode steps
@@ -223,7 +229,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
         if self._window is not None:
-            self.idle_joules += self._lap()[0]
+            self.idle_joules += self._lap().total_joules
             self._meter.stop(self._window)
             self._window = None
 
@@ -242,7 +248,7 @@ class Scheduler:
                     self._fail_all(None)
                     return
             if self._window is not None and not (self._prefilling or self._running):
-                self.idle_joules += self._lap()[0]  # what the meter counted while nothing ran
+                self.idle_joules += self._lap().total_joules  # what the meter counted while nothing ran
             try:
                 with self.engine._lock, torch.inference_mode():
                     self._iteration()
@@ -332,11 +338,7 @@ class Scheduler:
             rate = n / max(time.perf_counter() - t0, 1e-6)
             self._prefill_rate = rate if not self._prefill_rate else 0.5 * (self._prefill_rate + rate)
         if self._window is not None:
-            j, updates = self._lap()
-            r.prefill_joules += j
-            r.prefill_updates += updates
-            r.shared_joules += j
-            self.attributed_joules += j
+            self._charge([r], "prefill")
         if last:
             r.accept(int(sample(logits, r.params, r.generator)[0]))
             if r.finish_reason is not None:
@@ -378,12 +380,7 @@ class Scheduler:
                 if not r.params.greedy:
                     next_ids[i] = sample(logits[i:i + 1], r.params, r.generator)[0]
         if self._window is not None:
-            j, updates = self._lap()
-            self.attributed_joules += j
-            for r in rows:
-                r.decode_joules += j / len(rows)
-                r.decode_updates += updates
-                r.shared_joules += j
+            self._charge(rows, "decode")
         for r, token in zip(rows, next_ids.tolist()):
             r.accept(token)
             if r.finish_reason is not None:
@@ -420,17 +417,38 @@ class Scheduler:
 
     def _use_meter(self, meter):
         if self._window is not None:
-            self.idle_joules += self._lap()[0]
+            self.idle_joules += self._lap().total_joules
             self._meter.stop(self._window)
         self._meter, self._window = meter, meter.start()
-        self._last_reading = meter.reading()
+        self._last_reading, self._carried = meter.reading(), {}
 
-    def _lap(self) -> tuple[float, int]:
-        """Joules since the previous lap (consecutive laps share their reading), and the counter
-        updates seen in it (the fewest of any channel)."""
+    def _lap(self):
+        """The energy since the previous lap (consecutive laps share their reading) as a measurement of
+        its own. A lap too short for the counter (no update, under two update periods: a GPU prefill
+        chunk of a few ms) is charged the power read at its ends x its seconds, and that amount comes
+        off the next lap whose counter jump includes it (EnergyMeter.between), so the laps add up to
+        the counter once it has caught up."""
         now = self._meter.reading()
-        (j0, u0), self._last_reading = self._last_reading, now
-        return now[0] - j0, min((b - a for a, b in zip(u0, now[1])), default=0)
+        m = self._meter.between(self._last_reading, now, self._carried)
+        self._last_reading = now
+        return m
+
+    def _charge(self, rows: list[Request], phase: str):
+        """Split the joules of the step just run equally among its rows (a prefill chunk has one)."""
+        m = self._lap()
+        j = m.total_joules
+        self.attributed_joules += j
+        for r in rows:
+            if phase == "prefill":
+                r.prefill_joules += j / len(rows)
+                r.prefill_updates += m.counter_updates
+            else:
+                r.decode_joules += j / len(rows)
+                r.decode_updates += m.counter_updates
+            r.shared_joules += j
+            for d in m.power_estimated:
+                steps, joules = r.from_power.get(d, (0, 0.0))
+                r.from_power[d] = (steps + 1, joules + m.joules[d] / len(rows))
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

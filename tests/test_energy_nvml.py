@@ -1,8 +1,11 @@
 """NVML through a stand-in module with the few pynvml functions the meter uses."""
+import math
+import threading
 import time
 
 import pytest
 
+import pyengine
 from pyengine.energy import EnergySourceError, EnergySourceUnavailable, NvmlMeter, make_meter
 from pyengine.energy.nvml import NVML_MIN_WINDOW_S, nvml_status
 
@@ -315,3 +318,146 @@ def test_real_nvml():
         m = w.measurement
     assert m.joules["gpu"] > 0 and 1.0 < m.seconds < 5.0
     assert m.source == "nvml" and not m.estimated
+
+
+# ---- the scheduler's per-request joules with a counter too coarse for short steps ---------------------
+
+COUNTER_PERIOD_S = 0.1
+
+
+class FakeGpuTime:
+    """GPU time for a CPU engine: each prefill chunk takes `per_prompt_token_s` x its tokens and each
+    decode step `decode_step_s`, on a clock the meter reads. The model's work advances it (the outermost
+    of forward / hidden_states / decode_greedy), so step lengths are the same on any host."""
+
+    def __init__(self, engine, monkeypatch, *, per_prompt_token_s, decode_step_s, t0=0.0005):
+        self.t = t0
+        self.depth = 0
+        model = engine.model
+        for name in ("forward", "hidden_states", "decode_greedy"):
+            monkeypatch.setattr(model, name, self._timed(getattr(model, name), engine, per_prompt_token_s,
+                                                         decode_step_s))
+
+    def _timed(self, fn, engine, per_prompt_token_s, decode_step_s):
+        def run(tokens, cache, *args, **kwargs):
+            self.depth += 1
+            try:
+                return fn(tokens, cache, *args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    decoding = cache is engine.scheduler._batch
+                    self.t += decode_step_s if decoding else per_prompt_token_s * tokens.shape[-1]
+        return run
+
+    def __call__(self):
+        return self.t
+
+
+class SteppedCounterNvml(FakeNvml):
+    """A GPU drawing `watts` whose energy counter shows it, like NVML's, only every 100 ms: the counter
+    reads watts x the last 100 ms boundary of the fake GPU clock."""
+
+    def __init__(self, watts, clock):
+        super().__init__(energy_mj=0, power_mw=watts * 1000)
+        self.watts, self.clock = watts, clock
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        return round(self.watts * 1000 * COUNTER_PERIOD_S * math.floor(self.clock() / COUNTER_PERIOD_S))
+
+
+def _gpu_engine(tiny_models, monkeypatch, **gpu_time):
+    engine = pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False)
+    clock = FakeGpuTime(engine, monkeypatch, **gpu_time)
+    nv = SteppedCounterNvml(300, clock)
+    meter = NvmlMeter(0, nvml=nv, sync=lambda: None, clock=clock, identity={})
+    assert meter.update_period_s == COUNTER_PERIOD_S
+    return engine, clock, nv, meter
+
+
+def _idle_until_the_counter_has_caught_up(engine, clock):
+    """The GPU idles (at the same 300 W) past the next counter updates; closing the engine reads that
+    idle lap, whose counter jump settles what earlier short steps were charged from power."""
+    clock.t += 3 * COUNTER_PERIOD_S
+    scheduler = engine.scheduler
+    engine.close()
+    return scheduler
+
+
+def test_a_short_prefill_is_charged_from_power_and_a_long_one_from_the_counter(tiny_models, monkeypatch):
+    # Prefill 8 ms a prompt token, a decode step 30 ms; the counter updates every 100 ms.
+    engine, clock, nv, meter = _gpu_engine(tiny_models, monkeypatch, per_prompt_token_s=0.008, decode_step_s=0.03)
+    outer = meter.start()  # the meter's own total over everything the engine runs
+    try:
+        long_prompt = "The quick brown fox jumps over the lazy dog " * 4
+        t0, c0 = clock.t, nv.nvmlDeviceGetTotalEnergyConsumption(None) / 1000
+        long = engine.generate(long_prompt, max_new_tokens=6, ignore_eos=True, measure_energy=meter)
+        prefill_s = 0.008 * long.usage.prompt_tokens
+        assert prefill_s > 2 * COUNTER_PERIOD_S  # long enough for the counter: it moved, and counts
+        counter_jump = 300 * COUNTER_PERIOD_S * math.floor((t0 + prefill_s) / COUNTER_PERIOD_S) - c0
+        e = long.usage.energy
+        assert e["prefill_joules"] == pytest.approx(counter_jump)
+        assert e["prefill_joules"] != pytest.approx(300 * prefill_s)  # the counter's, not a power estimate
+        assert e["counter_updates"]["prefill"] == 1
+
+        # Idle to just past a counter update, once the scheduler has let the long request go (else the
+        # idle time could land in the short prefill's step).
+        deadline = time.monotonic() + 30
+        while engine.scheduler._running and time.monotonic() < deadline:
+            time.sleep(0.001)
+        clock.t = math.ceil(clock.t / COUNTER_PERIOD_S) * COUNTER_PERIOD_S + 0.0005
+        short = engine.generate("fox", max_new_tokens=8, ignore_eos=True, measure_energy=meter)
+        e = short.usage.energy
+        prefill_s = 0.008 * short.usage.prompt_tokens
+        assert prefill_s < COUNTER_PERIOD_S / 2
+        assert e["counter_updates"]["prefill"] == 0
+        assert e["prefill_joules"] == pytest.approx(300 * prefill_s) and e["prefill_joules"] > 0  # not 0 J
+        assert e["power_estimated"] == ["gpu"] and e["confidence"] == "low"
+        assert "ESTIMATED from the power read" in e["confidence_reason"]
+        assert e["power_estimated_joules"]["gpu"] >= e["prefill_joules"]  # the prefill and the short decode steps
+        assert e["joules"] == pytest.approx(e["prefill_joules"] + e["decode_joules"])
+    finally:
+        scheduler = _idle_until_the_counter_has_caught_up(engine, clock)
+        total = meter.stop(outer)
+        meter.close()
+    # what was charged from power came off later counter jumps: nothing counted twice or lost
+    requests = long.usage.energy["joules"] + short.usage.energy["joules"]
+    assert requests == pytest.approx(scheduler.attributed_joules)
+    assert scheduler.attributed_joules + scheduler.idle_joules == pytest.approx(total.joules["gpu"])
+    assert total.power_estimated == [] and total.joules["gpu"] > 0
+
+
+def test_concurrent_requests_short_steps_from_power_add_up_to_the_counter(tiny_models, monkeypatch):
+    # A decode step 50 ms, prompt tokens 0.5 ms: every decode step and every prefill chunk is shorter
+    # than the counter can resolve; a request joins while another decodes.
+    engine, clock, nv, meter = _gpu_engine(tiny_models, monkeypatch, per_prompt_token_s=0.0005, decode_step_s=0.05)
+    outer = meter.start()
+    steps = []
+    engine.scheduler.on_step = lambda kind, seconds, reqs: steps.append((kind, list(reqs)))
+    joined = []
+    try:
+        driver = engine.stream("The quick brown fox", max_new_tokens=24, ignore_eos=True, measure_energy=meter)
+        for n, _ in enumerate(driver):
+            if n == 3:
+                worker = threading.Thread(target=lambda: joined.append(engine.generate(
+                    "fox", max_new_tokens=10, ignore_eos=True, measure_energy=meter)))
+                worker.start()
+        worker.join(timeout=120)
+        driver_result = steps[0][1][0].result
+        results = [driver_result, joined[0]]
+        assert any(kind == "decode" and len(reqs) == 2 for kind, reqs in steps)  # they shared steps
+        for r in results:
+            e = r.usage.energy
+            assert e["counter_updates"]["prefill"] == 0
+            assert e["prefill_joules"] == pytest.approx(300 * 0.0005 * r.usage.prompt_tokens)
+            assert e["power_estimated"] == ["gpu"] and "ESTIMATED" in e["confidence_reason"]
+            assert e["decode_joules"] > 0
+    finally:
+        scheduler = _idle_until_the_counter_has_caught_up(engine, clock)
+        total = meter.stop(outer)
+        meter.close()
+    assert sum(r.usage.energy["joules"] for r in results) == pytest.approx(scheduler.attributed_joules)
+    assert scheduler.attributed_joules + scheduler.idle_joules == pytest.approx(total.joules["gpu"])
+    # the GPU drew 300 W the whole time: the requests' joules are its active seconds' worth, within a period
+    active_s = 0.0005 * sum(r.usage.prompt_tokens for r in results) + 0.05 * sum(k == "decode" for k, _ in steps)
+    assert abs(scheduler.attributed_joules - 300 * active_s) <= 300 * COUNTER_PERIOD_S

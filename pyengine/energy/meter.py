@@ -63,6 +63,19 @@ class _ChannelState:
         self.watts = None  # the channel's power at the last read, where it has a power reading
 
 
+@dataclass(frozen=True)
+class Reading:
+    """Every channel of a meter read once: the clock, and per channel (joules since the meter was
+    created, counter updates, watts or None)."""
+
+    t: float
+    snap: list[tuple[float, int, float | None]]
+
+    @property
+    def joules(self) -> float:
+        return math.fsum(j for j, _, _ in self.snap)
+
+
 class Window:
     """One open measurement window; ``measurement`` is set when it is stopped."""
 
@@ -210,28 +223,56 @@ class EnergyMeter:
             t, snap = self._sample()
             w.segments.append((phase, t, snap))
 
-    def reading(self) -> tuple[float, tuple[int, ...]]:
-        """(joules of every channel, each channel's counter updates) since the meter was created, read
-        now (one read). For a caller that splits a long open window into many short steps (the
-        scheduler) without a window per step: successive reads share their end points, so the steps
-        add up to the window exactly."""
+    def reading(self) -> Reading:
+        """Every channel read now (one read): its joules and counter updates since the meter was created,
+        and its watts where it has a power reading. For a caller that splits a long open window into many
+        short steps (the scheduler) without a window per step: ``between()`` two successive readings,
+        which share their end points, so the steps add up to the window."""
         self._sync()
-        snap = self._sample()[1]
-        return math.fsum(j for j, _, _ in snap), tuple(u for _, u, _ in snap)
+        return Reading(*self._sample())
 
     def total_joules(self) -> float:
         """reading()'s joules."""
-        return self.reading()[0]
+        return self.reading().joules
 
-    def labels(self, seconds: float, updates: int) -> dict:
+    def between(self, a: Reading, b: Reading, carried: dict[str, float] | None = None) -> EnergyMeasurement:
+        """The measurement from reading ``a`` to reading ``b``, as a window of its own (a counter that did
+        not update in it, if it is shorter than two update periods, is charged power x seconds).
+        ``carried``: per domain, the joules earlier steps were charged from power that no counter jump
+        has included yet; updated here, so that the steps add up to the counter (see ``_settle``)."""
+        m = self._build(a.snap, b.snap, a.t, b.t, 2, None)
+        if carried is not None:
+            self._settle(m, carried)
+        return m
+
+    def _settle(self, m: EnergyMeasurement, carried: dict[str, float]):
+        """Joules charged from power to a step whose counter had not moved yet: the counter's next jump
+        includes them, so they come off the step that sees it (the steps add up to the window)."""
+        for d in self.domains:
+            if d in m.power_estimated:
+                carried[d] = carried.get(d, 0.0) + m.joules[d]
+            elif carried.get(d) and m.joules[d] > 0:
+                taken = min(carried[d], m.joules[d])
+                m.joules[d] -= taken
+                carried[d] -= taken
+
+    def labels(self, seconds: float, updates: int, from_power: dict[str, tuple[int, float]] | None = None) -> dict:
         """What a number this meter counted over `seconds`, while its counters updated `updates` times
         (the fewest of any channel), says of itself: source, method and constants, per-domain
-        sources, confidence and its reason, fallback."""
-        conf, reason = self._confidence(seconds, {d: updates for d in self.domains}, ())
+        sources, confidence and its reason, fallback. `from_power`: per domain, (steps, joules) of the
+        short steps its counter did not resolve, whose joules were estimated from power instead."""
+        from_power = from_power or {}
+        conf, reason = self._confidence(seconds, {d: updates for d in self.domains}, list(from_power), steps=True)
+        if from_power:
+            notes = [f"{d}: {n} step(s) the counter did not resolve (no update, shorter than two "
+                     f"{self.update_period_s:g} s update periods), {j:.4g} J of them ESTIMATED from the power read "
+                     "at each step's start and end" for d, (n, j) in from_power.items()]
+            conf, reason = LOW, "; ".join(notes + ([reason] if conf == LOW else []))
         return {"source": self.name, "estimated": self.estimated, "method": self.method,
                 "constants": dict(self.constants),
                 "sources": {d: " + ".join(c.label for c in self.channels if c.domain == d) for d in self.domains},
-                "confidence": conf, "confidence_reason": reason, "fallback_reason": self.fallback_reason}
+                "confidence": conf, "confidence_reason": reason, "fallback_reason": self.fallback_reason,
+                "power_estimated": sorted(from_power)}
 
     @contextlib.contextmanager
     def phase(self, name: str, window: Window | None = None):
@@ -272,18 +313,9 @@ class EnergyMeter:
             m = self._build(w.start_snap, snap, w.t0, t, n_samples, timeline)
             phases: dict[str, EnergyMeasurement] = {}
             bounds = w.segments + [(None, t, snap)]
-            # Joules a phase was charged from power because its counter had not moved yet: the counter's
-            # next jump includes them, so they come off the phase that sees it (phases add up to the window).
-            carried = {d: 0.0 for d in self.domains}
+            carried: dict[str, float] = {}  # joules phases were charged from power, not yet in a counter jump
             for (name, t_a, s_a), (_, t_b, s_b) in zip(bounds[:-1], bounds[1:]):
-                pm = self._build(s_a, s_b, t_a, t_b, 2, None)
-                for d in self.domains:
-                    if d in pm.power_estimated:
-                        carried[d] += pm.joules[d]
-                    elif carried[d] and pm.joules[d] > 0:
-                        taken = min(carried[d], pm.joules[d])
-                        pm.joules[d] -= taken
-                        carried[d] -= taken
+                pm = self.between(Reading(t_a, s_a), Reading(t_b, s_b), carried)
                 if name is None:
                     continue
                 phases[name] = phases[name] + pm if name in phases else pm
@@ -355,9 +387,10 @@ class EnergyMeter:
             fallback_reason=self.fallback_reason, min_window_s=self.min_window_s, method=self.method,
             constants=dict(self.constants), power_estimated=sorted(set(from_power)))
 
-    def _confidence(self, seconds: float, updates: dict, from_power) -> tuple[str, str]:
+    def _confidence(self, seconds: float, updates: dict, from_power, steps: bool = False) -> tuple[str, str]:
         """(confidence, reason) of a window of `seconds` whose counters updated `updates[domain]` times;
-        `from_power`: the domains whose joules came from power readings instead of the counter."""
+        `from_power`: the domains whose joules came from power readings instead of the counter (all of
+        them; with `steps`, only those of some steps, which the caller describes)."""
         reasons = []
         if self.estimated:
             reasons.append(f"estimate, not a measurement: {self.estimate_note}".rstrip(": "))
@@ -365,7 +398,7 @@ class EnergyMeter:
             reasons.append(f"window {seconds:.3f} s is shorter than {self.low_confidence_below_s:g} s"
                            + (f" ({self.resolution_note})" if self.resolution_note else ""))
         kinds = {c.domain: c.kind for c in self.channels}
-        for d in dict.fromkeys(from_power):
+        for d in dict.fromkeys(() if steps else from_power):
             reasons.append(f"the {d} counter did not update during this {seconds:.3f} s window: its joules are "
                            "ESTIMATED from the power read at the window's start and end")
         for d in self.domains:
