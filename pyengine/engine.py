@@ -42,8 +42,9 @@ class Engine:
 
     Serving settings: max_batch (rows decoded together), kv_budget (bytes of KV cache for the
     running batch; default room for max_batch requests at the full context, at most 2 GiB),
-    queue_limit (waiting requests before pyengine.Overloaded), prefill_chunk (the fewest prompt tokens
-    prefilled between two decode steps; about one decode step's worth are, see pyengine.scheduler)."""
+    queue_limit (waiting submissions before pyengine.Overloaded; a generate() list counts once),
+    prefill_chunk (the fewest prompt tokens prefilled between two decode steps; about one decode
+    step's worth are, see pyengine.scheduler)."""
 
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
                  dtype: torch.dtype | None = None, int8_weights: str | Path | None = None,

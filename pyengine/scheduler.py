@@ -15,9 +15,9 @@ the batch as soon as its prompt is in the cache, and leaves it the step it finis
 KV memory: the running batch is one [layers, rows, kv_heads, capacity, head_dim] tensor (the C++
 decode step takes one contiguous cache), capacity being the longest running request's
 prompt + max_new_tokens. A request is admitted only if rows x capacity x bytes per token stays
-within `kv_budget`; otherwise it waits in the queue, and beyond `queue_limit` waiting requests a
-new one is refused with `Overloaded`. A prompt being prefilled holds its own one-row tensor until it
-joins. Nothing grows with the number of requests served.
+within `kv_budget`; otherwise it waits in the queue, and beyond `queue_limit` waiting submissions
+(a generate() list counts once) a new one is refused with `Overloaded`. A prompt being prefilled
+holds its own one-row tensor until it joins. Nothing grows with the number of requests served.
 
 Energy (when a request asks for it): one meter window stays open; each prefill chunk's joules go to
 its request and each decode step's are split equally among the step's rows, the reads shared by
@@ -162,10 +162,10 @@ class Request:
 class Scheduler:
     def __init__(self, engine, *, max_batch: int = 16, kv_budget: int | None = None, queue_limit: int = 256,
                  prefill_chunk: int = 16):
+        # queue_limit 0 would refuse every submission, even on an idle engine: each passes through the queue
         for name, value in (("max_batch", max_batch), ("queue_limit", queue_limit), ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "queue_limit" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'queue_limit' else 'positive'} "
-                                 f"integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         c = engine.config
         self.engine, self.model = engine, engine.model
         self.bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * engine.dtype.itemsize
@@ -194,7 +194,9 @@ class Scheduler:
     # ---- submitting ---------------------------------------------------------------------------------
 
     def submit(self, requests: list[Request]):
-        """Queue requests (all or none): Overloaded when the queue would pass its limit."""
+        """Queue one caller's requests (all or none): Overloaded when `queue_limit` submissions are
+        already waiting. A list counts once, however long: its caller waits for all of it, and its
+        requests are admitted as the batch frees places (nothing is held for them before that)."""
         for r in requests:
             if r.need * self.bytes_per_token > self.kv_budget:
                 raise ValueError(f"the request needs {r.need} tokens of KV cache ({r.need * self.bytes_per_token} "
@@ -203,8 +205,9 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the engine is closed")
-            if len(self._waiting) + len(requests) > self.queue_limit:
-                raise Overloaded(f"the engine is overloaded: {len(self._waiting)} requests are waiting and the "
+            waiting = len({id(r.group[0] if r.group else r) for r in self._waiting})  # a list: its first request
+            if waiting >= self.queue_limit:
+                raise Overloaded(f"the engine is overloaded: {waiting} submissions are waiting and the "
                                  f"queue limit is {self.queue_limit}; retry later")
             self._waiting.extend(requests)
             if self._thread is None:

@@ -199,9 +199,35 @@ def test_overload_refuses_new_requests_and_hurts_nothing_running(tiny_models):
             engine.generate("one too many", max_new_tokens=3)
         assert first + "".join(running) == expected
         assert all(len("".join(w)) > 0 for w in waiting)
-        with pytest.raises(pyengine.Overloaded):  # a list goes in whole or not at all
-            engine.generate(["a", "b", "c"], max_new_tokens=2)
         assert engine.scheduler.stats()["waiting"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_list_longer_than_the_queue_limit_is_one_submission_fed_as_places_free(tiny_models):
+    engine = pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False, max_batch=2, queue_limit=1)
+    try:
+        steps = _record_steps(engine)
+        prompts = LONG_PROMPTS[:6]
+        alone = [engine.generate(p, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+        steps.clear()
+        results = engine.generate(prompts, max_new_tokens=6, ignore_eos=True)  # 6 > queue_limit, idle engine
+        assert [r.token_ids for r in results] == alone
+        assert max(len(reqs) for kind, reqs in steps if kind == "decode") == 2  # two places, fed in turn
+        # while that list waits it is one submission: the next caller is refused, not a seventh prompt
+        running = engine.stream("The quick brown fox", max_new_tokens=40, ignore_eos=True)
+        next(running)
+        waiting = threading.Thread(target=engine.generate, args=(prompts,), kwargs=dict(max_new_tokens=2))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while engine.scheduler.stats()["waiting"] < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with pytest.raises(pyengine.Overloaded, match="1 submissions are waiting and the queue limit is 1"):
+            engine.generate("fox", max_new_tokens=2)
+        running.close()
+        waiting.join(timeout=60)
+        with pytest.raises(ValueError, match="queue_limit must be a positive integer"):
+            pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False, queue_limit=0).scheduler
     finally:
         engine.close()
 
