@@ -290,6 +290,8 @@ class Engine:
         min_tokens = get("min_tokens") or 0
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_new_tokens:
             raise ValueError(f"min_tokens must be an integer from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens!r}")
+        if seed is not None and not (-2**63 <= seed and seed + len(texts) - 1 < 2**64):  # the generator's range
+            raise ValueError(f"seed must be from -2**63 to 2**64 - 1 (a list's prompt i takes seed + i), got {seed!r}")
         timeout = get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):

@@ -7,6 +7,13 @@ Every request is a request to the engine's scheduler, so concurrent HTTP request
 batch. `usage` carries the request's energy (joules, J/token, prefill/decode split, source, estimate
 or not, gCO2e). Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for
 bad requests, 429 when the queue is full.
+
+A request may carry `timeout` (seconds, an extension like vLLM's `ignore_eos`; with the openai client,
+`extra_body={"timeout": 30}`): past it the request ends within one engine step and frees its place, and
+the answer so far comes back with finish_reason "timeout" (a final event when streaming). A 200, not an
+error status: the openai client retries 408 and 5xx replies, which would run the request again.
+finish_reason is the engine's: "stop", "length", "timeout" (never folded into "length", which would
+pass a cut answer off as a whole one), "cancelled" (the server was stopped).
 """
 from __future__ import annotations
 
@@ -51,11 +58,17 @@ class _Sampling(BaseModel):
     logprobs: Optional[Union[bool, int]] = None
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: Optional[dict[str, float]] = None  # refused unless empty: it would change the tokens
+    timeout: Optional[float] = Field(None, gt=0.0, allow_inf_nan=False)  # seconds, see the module docstring
 
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    # refused unless at their defaults: they would change the answer, not just how it is made
+    echo: bool = False
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
@@ -66,6 +79,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[dict] = None  # only {"type": "text"}: no JSON mode here
 
 
 class Metrics:
@@ -138,16 +152,32 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "pyengine", "max_model_len": engine.config.max_context}]}
 
+    def refused(param: str, message: str):
+        metrics.requests.labels(outcome="bad_request").inc()
+        return _error(400, f"{param}: {message}", param=param)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
+        for param, unsupported in (("echo", body.echo), ("best_of", (body.best_of or 1) > 1),
+                                   ("suffix", bool(body.suffix))):
+            if unsupported:
+                return refused(param, "is not supported by this server")
         return await _serve(http, body, dict(prompt=body.prompt), "text_completion", body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
+        if body.response_format not in (None, {"type": "text"}):
+            return refused("response_format", "only {\"type\": \"text\"} is supported by this server")
         messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(
-                part.get("text", "") for part in m.content if part.get("type") == "text")
+        for i, m in enumerate(body.messages):
+            if isinstance(m.content, str):
+                content = m.content
+            else:
+                kinds = [part.get("type") for part in m.content]
+                if any(kind != "text" for kind in kinds):
+                    other = next(kind for kind in kinds if kind != "text")
+                    return refused(f"messages.{i}.content", f"only text parts are supported, got {other!r}")
+                content = "".join(part.get("text", "") for part in m.content)
             messages.append({"role": m.role, "content": content})
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         return await _serve(http, body, dict(messages=messages), "chat.completion", max_tokens)
@@ -157,13 +187,15 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
             metrics.requests.labels(outcome="bad_request").inc()
             return _error(404, f"model {body.model!r} is not served here; this server has {model_name!r}",
                           "not_found_error", "model")
-        if body.logprobs:
-            metrics.requests.labels(outcome="bad_request").inc()
-            return _error(400, "logprobs are not supported", param="logprobs")
+        # logprobs 0 asks for the chosen tokens' logprobs (completions); false and null ask for none
+        if body.logprobs is not None and body.logprobs is not False:
+            return refused("logprobs", "logprobs are not supported")
+        if body.logit_bias:
+            return refused("logit_bias", "is not supported by this server")
         settings = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                         top_k=None if body.top_k in (None, -1, 0) else body.top_k, seed=body.seed, stop=body.stop,
                         stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-                        min_tokens=min(body.min_tokens, max_tokens), measure_energy=True)
+                        min_tokens=min(body.min_tokens, max_tokens), measure_energy=True, timeout=body.timeout)
         try:
             request = engine.astream_request(**prompt, **settings)
         except Overloaded as e:
@@ -186,7 +218,7 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
         pieces.result()
         result = request.result
         metrics.finished(result, request)
-        choice = {"index": 0, "finish_reason": _finish(result), "logprobs": None}
+        choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
         if kind == "text_completion":
             choice["text"] = result.text
         else:
@@ -216,7 +248,7 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
                 yield event([choice(piece)])
             result = request.result
             metrics.finished(result, request)
-            yield event([choice("", _finish(result))])
+            yield event([choice("", result.finish_reason)])
             if include_usage:
                 yield event([], _usage(result))
             yield "data: [DONE]\n\n"
@@ -231,10 +263,6 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
 async def _drain(request):
     async for _ in request.apieces():
         pass
-
-
-def _finish(result) -> str:
-    return "stop" if result.finish_reason == "stop" else "length"
 
 
 def _usage(result) -> dict:

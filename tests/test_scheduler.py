@@ -308,6 +308,8 @@ def test_async_forms_share_the_batch(engine):
     (lambda e: e.generate("hi", temperature=float("inf")), ValueError, "temperature"),
     (lambda e: e.generate("hi", temperature=float("nan")), ValueError, "temperature"),
     (lambda e: e.generate("hi", seed="7"), TypeError, "seed"),
+    (lambda e: e.generate("hi", seed=2**64), ValueError, "seed must be from"),
+    (lambda e: e.generate(["hi", "fox"], seed=2**64 - 1), ValueError, "seed must be from"),
     (lambda e: e.generate("hi", stop=5), ValueError, "stop"),
     (lambda e: e.generate("hi", timeout=-1), ValueError, "timeout"),
     (lambda e: e.generate("hi", top_k=True), ValueError, "top_k"),

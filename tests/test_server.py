@@ -130,6 +130,21 @@ def test_concurrent_clients_share_the_batch(engine, url):
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ("/v1/completions", b'{"prompt": "a \\ud800 b"}', 400, "Unicode"),  # a lone surrogate
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "not served"),
+    ("/v1/completions", {"prompt": "hi", "timeout": 0}, 400, "timeout"),
+    ("/v1/completions", {"prompt": "hi", "timeout": "soon"}, 400, "timeout"),
+    ("/v1/completions", b'{"prompt": "hi", "timeout": Infinity}', 400, "timeout"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed must be from"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs"),  # 0: the chosen tokens' logprobs
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "the end"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "timeout": -1}, 400, "timeout"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "only text parts"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
 ])
@@ -159,6 +174,51 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_place(engine, url):
         assert httpx.get(url + "/health").json()["running"] == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'pyengine_requests_total{outcome="disconnected"}' in metrics
+    finally:
+        engine.scheduler.on_step = None
+
+
+def _record_steps_slowly(engine, seconds):
+    """slow_steps(), recording (time the step ended, its requests)."""
+    steps = []
+
+    def on_step(kind, s, reqs):
+        steps.append((time.perf_counter(), list(reqs)))
+        time.sleep(seconds)
+
+    engine.scheduler.on_step = on_step
+    return steps
+
+
+def test_a_request_past_its_timeout_ends_within_a_step_and_says_so(engine, url, client):
+    steps = _record_steps_slowly(engine, 0.02)
+    try:
+        t0 = time.perf_counter()
+        r = client.completions.create(model="llama", prompt="The quick brown fox", max_tokens=240, temperature=0,
+                                      extra_body={"ignore_eos": True, "timeout": 0.3})
+        assert r.choices[0].finish_reason == "timeout" and 0 < r.usage.completion_tokens < 240
+        assert time.perf_counter() - t0 < 0.3 + 5.0
+        request = steps[0][1][0]
+        after = [t for t, reqs in steps if request in reqs and t > request.deadline]
+        assert len(after) <= 1  # the step under way when the deadline passed, then its place is free
+        health = httpx.get(url + "/health").json()
+        assert health["running"] == health["prefilling"] == 0 and health["kv_bytes"] == 0
+        assert r.choices[0].text == engine.generate("The quick brown fox", max_new_tokens=r.usage.completion_tokens,
+                                                    ignore_eos=True).text  # what it had, not cut further
+
+        # streaming, chat: the final event says timeout; raw HTTP sees the same
+        stream = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Tell a story"}],
+                                                max_tokens=240, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True, "timeout": 0.3})
+        finishes = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["timeout"]
+        body = {"prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True, "timeout": 0.2, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as reply:
+            events = [json.loads(line[5:]) for line in reply.iter_lines()
+                      if line.startswith("data:") and line != "data: [DONE]"]
+        assert events[-1]["choices"][0]["finish_reason"] == "timeout"
+        metrics = httpx.get(url + "/metrics").text
+        assert 'pyengine_requests_total{outcome="timeout"}' in metrics
     finally:
         engine.scheduler.on_step = None
 
