@@ -307,6 +307,9 @@ class Engine:
         # measure_energy: True for this engine's meter, or a meter object (e.g. the bench's, so that
         # every backend is measured by the source its idle baseline came from).
         measure = get("measure_energy")
+        if not (measure is None or isinstance(measure, bool) or hasattr(measure, "start")):
+            raise TypeError(f"measure_energy must be True, False or a pyengine.energy meter "
+                            f"(make_meter(source) for a source by name), got {measure!r}")
         meter = measure if hasattr(measure, "start") else self.energy_meter() if measure else None
         requests = []
         for i, ids in enumerate(prompt_ids):

@@ -313,6 +313,7 @@ def test_async_forms_share_the_batch(engine):
     (lambda e: e.generate("hi", stop=5), ValueError, "stop"),
     (lambda e: e.generate("hi", timeout=-1), ValueError, "timeout"),
     (lambda e: e.generate("hi", top_k=True), ValueError, "top_k"),
+    (lambda e: e.generate("hi", measure_energy="rapl"), TypeError, "measure_energy must be True, False or a"),
 ])
 def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, call, error, message):
     with pytest.raises(error, match=message):
