@@ -118,8 +118,12 @@ class Metrics:
             self.co2.labels(source=e["source"]).inc(grams_co2e(e["joules"]))
 
 
+def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    return JSONResponse(_error_body(message, kind, param), status)
 
 
 def create_app(engine, model_name: str | None = None) -> FastAPI:
@@ -215,7 +219,11 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
                 request.cancel()
                 metrics.requests.labels(outcome="disconnected").inc()
                 return Response(status_code=499)
-        pieces.result()
+        try:
+            pieces.result()
+        except Exception as e:  # the engine failed the step (a kernel error): OpenAI's shape, and keep serving
+            metrics.requests.labels(outcome="error").inc()
+            return _error(500, f"the engine failed while generating: {e}", "server_error")
         result = request.result
         metrics.finished(result, request)
         choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
@@ -244,8 +252,13 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
         try:
             if kind != "text_completion":
                 yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for piece in request.apieces():
-                yield event([choice(piece)])
+            try:
+                async for piece in request.apieces():
+                    yield event([choice(piece)])
+            except Exception as e:  # the engine failed the step: an error event (the openai client raises it)
+                metrics.requests.labels(outcome="error").inc()
+                yield f"data: {json.dumps(_error_body(f'the engine failed while generating: {e}', 'server_error'))}\n\n"
+                return
             result = request.result
             metrics.finished(result, request)
             yield event([choice("", result.finish_reason)])
@@ -253,7 +266,7 @@ def create_app(engine, model_name: str | None = None) -> FastAPI:
                 yield event([], _usage(result))
             yield "data: [DONE]\n\n"
         finally:
-            if request.result is None or request.finish_reason == "cancelled":
+            if request.finish_reason != "error" and (request.result is None or request.finish_reason == "cancelled"):
                 request.cancel()
                 metrics.requests.labels(outcome="disconnected").inc()
 

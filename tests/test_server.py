@@ -223,6 +223,25 @@ def test_a_request_past_its_timeout_ends_within_a_step_and_says_so(engine, url, 
         engine.scheduler.on_step = None
 
 
+def test_an_engine_failure_is_an_openai_error_and_the_server_keeps_serving(engine, url, client, monkeypatch):
+    def failing_step(*args, **kwargs):
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(engine.model, "decode_greedy", failing_step)
+    with pytest.raises(openai.InternalServerError, match="injected kernel failure"):
+        client.completions.create(model="llama", prompt="fox", max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    with pytest.raises(openai.APIError, match="injected kernel failure"):
+        list(stream)
+    monkeypatch.undo()
+    ok = client.completions.create(model="llama", prompt="fox", max_tokens=4, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert ok.usage.completion_tokens == 4
+    metrics = httpx.get(url + "/metrics").text
+    assert 'pyengine_requests_total{outcome="error"} 2.0' in metrics
+
+
 def test_overload_is_refused_with_429_and_answers_the_rest(tiny_models):
     engine = pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False, max_batch=2, queue_limit=3)
     slow_steps(engine, 0.005)
