@@ -433,18 +433,26 @@ def test_concurrent_requests_short_steps_from_power_add_up_to_the_counter(tiny_m
     engine, clock, nv, meter = _gpu_engine(tiny_models, monkeypatch, per_prompt_token_s=0.0005, decode_step_s=0.05)
     outer = meter.start()
     steps = []
-    engine.scheduler.on_step = lambda kind, seconds, reqs: steps.append((kind, list(reqs)))
-    joined = []
+    joiner_submitted = threading.Event()
+
+    def on_step(kind, seconds, reqs):
+        steps.append((kind, list(reqs)))
+        if sum(k == "decode" for k, _ in steps) == 3:  # the driver decodes on only once the joiner is queued
+            joiner_submitted.wait(60)
+
+    engine.scheduler.on_step = on_step
     try:
         driver = engine.stream("The quick brown fox", max_new_tokens=24, ignore_eos=True, measure_energy=meter)
-        for n, _ in enumerate(driver):
-            if n == 3:
-                worker = threading.Thread(target=lambda: joined.append(engine.generate(
-                    "fox", max_new_tokens=10, ignore_eos=True, measure_energy=meter)))
-                worker.start()
-        worker.join(timeout=120)
-        driver_result = steps[0][1][0].result
-        results = [driver_result, joined[0]]
+        next(driver)  # prefilled: it decodes from now on
+        joiner = engine.stream("fox", max_new_tokens=10, ignore_eos=True, measure_energy=meter)
+        joiner_submitted.set()
+        for stream in (driver, joiner):
+            for _ in stream:
+                pass
+        requests = list(dict.fromkeys(r for _, reqs in steps for r in reqs))
+        results = [r.result for r in requests]
+        assert len(results) == 2 and all(r.finish_reason == "length" for r in results)
+        assert steps[1][0] == "decode" and any(kind == "prefill" and reqs == [requests[1]] for kind, reqs in steps[2:])
         assert any(kind == "decode" and len(reqs) == 2 for kind, reqs in steps)  # they shared steps
         for r in results:
             e = r.usage.energy
