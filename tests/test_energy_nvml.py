@@ -443,7 +443,9 @@ def test_concurrent_requests_short_steps_from_power_add_up_to_the_counter(tiny_m
     engine.scheduler.on_step = on_step
     try:
         driver = engine.stream("The quick brown fox", max_new_tokens=24, ignore_eos=True, measure_energy=meter)
-        next(driver)  # prefilled: it decodes from now on
+        deadline = time.monotonic() + 60
+        while not engine.scheduler.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the driver is prefilled: it decodes from now on
         joiner = engine.stream("fox", max_new_tokens=10, ignore_eos=True, measure_energy=meter)
         joiner_submitted.set()
         for stream in (driver, joiner):

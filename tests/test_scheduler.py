@@ -215,16 +215,23 @@ def test_a_list_longer_than_the_queue_limit_is_one_submission_fed_as_places_free
         assert [r.token_ids for r in results] == alone
         assert max(len(reqs) for kind, reqs in steps if kind == "decode") == 2  # two places, fed in turn
         # while that list waits it is one submission: the next caller is refused, not a seventh prompt
+        # (the scheduler is held at a decode step meanwhile, so the list is all still waiting)
+        gate = threading.Event()
+        engine.scheduler.on_step = lambda kind, seconds, reqs: gate.wait(60)
         running = engine.stream("The quick brown fox", max_new_tokens=40, ignore_eos=True)
-        next(running)
         waiting = threading.Thread(target=engine.generate, args=(prompts,), kwargs=dict(max_new_tokens=2))
-        waiting.start()
         deadline = time.monotonic() + 30
+        while not engine.scheduler.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the stream is prefilled (its first piece may be held: partial UTF-8)
+        waiting.start()
         while engine.scheduler.stats()["waiting"] < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.001)
-        with pytest.raises(pyengine.Overloaded, match="1 submissions are waiting and the queue limit is 1"):
-            engine.generate("fox", max_new_tokens=2)
-        running.close()
+        try:
+            with pytest.raises(pyengine.Overloaded, match="1 submissions are waiting and the queue limit is 1"):
+                engine.generate("fox", max_new_tokens=2)
+        finally:
+            gate.set()
+        "".join(running)
         waiting.join(timeout=60)
         with pytest.raises(ValueError, match="queue_limit must be a positive integer"):
             pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False, queue_limit=0).scheduler
