@@ -15,7 +15,7 @@ void bind_rms_norm(py::module_& m) {
         check_on_device_of(x, {&weight, &out});
         check_operand(weight, 1);
         check_operand(out, x.dim());
-        check_same_shape(out, x);
+        for (int64_t d = 0; d < x.dim(); ++d) check_size(out, d, x.size(d), "the shape of x");
         const int64_t dim = x.size(x.dim() - 1), rows = x.numel() / dim;
         check_size(weight, 0, dim, "the last dimension of x");
         check_alias_or_disjoint(out, x);
@@ -49,8 +49,10 @@ void bind_rms_norm(py::module_& m) {
         check_operand(delta, residual.dim());
         check_operand(weight, 1);
         check_operand(out, residual.dim());
-        check_same_shape(delta, residual);
-        check_same_shape(out, residual);
+        for (int64_t d = 0; d < residual.dim(); ++d) {
+          check_size(delta, d, residual.size(d), "the shape of residual");
+          check_size(out, d, residual.size(d), "the shape of residual");
+        }
         const int64_t dim = residual.size(residual.dim() - 1), rows = residual.numel() / dim;
         check_size(weight, 0, dim, "the last dimension of residual");
         check_no_overlap(out, residual);
