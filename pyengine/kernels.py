@@ -12,13 +12,14 @@ An entry (`Op`) holds every face of one op under one name:
   samples     inputs for the shared harness (tests/test_backend_ops.py), with the tolerance per dtype
 
 `reference` and `fast` take the same arguments, mutate the same ones (`mutates`) and return the same.
-References compute in float32 and round to the input's dtype once, at the end (the kernels' rule).
+References compute in at least float32 and round to the input's dtype once, at the end (the kernels' rule).
 
 Adding an op: its C++ kernel and binding (`_C.<name>`), then one `register(Op(...))` here; the
 harness then runs it on every ISA and device present.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -63,6 +64,11 @@ class Op:
     tolerance: dict[torch.dtype, Tolerance] = field(default_factory=lambda: dict(FLOAT_TOLERANCE))
     op: object = None  # the torch.library custom op, set by register()
 
+    @property
+    def arg_names(self) -> list[str]:
+        """The op's parameters, in order (the fast call's, which the reference shares)."""
+        return list(inspect.signature(self.fast).parameters)
+
 
 REGISTRY: dict[str, Op] = {}
 
@@ -71,6 +77,12 @@ def register(entry: Op) -> Op:
     """Adds an entry and generates its torch.library custom op from `fast` (schema from its annotations)."""
     if entry.name in REGISTRY:
         raise ValueError(f"op {entry.name!r} is registered twice")
+    reference_args = list(inspect.signature(entry.reference).parameters)
+    if reference_args != entry.arg_names:
+        raise TypeError(f"op {entry.name!r}: the reference takes {reference_args}, the fast call {entry.arg_names}")
+    unknown = set(entry.mutates) - set(entry.arg_names)
+    if unknown:
+        raise ValueError(f"op {entry.name!r}: mutates names no parameter: {sorted(unknown)}")
     entry.op = torch.library.custom_op(f"pyengine::{entry.name}", entry.fast, mutates_args=entry.mutates)
     entry.op.register_fake(entry.fake)
     REGISTRY[entry.name] = entry
@@ -124,11 +136,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
-    _C.rms_norm(x, weight, out, eps, stream=_stream(x))
+    _C.rms_norm(x, weight, out, eps, _stream(x))
     return out
 
 
-def add_rms_norm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rms_norm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> torch.Tensor:
     """residual += delta in place; returns rms_norm(residual)."""
     residual.add_(delta)
     return rms_norm_reference(residual, weight, eps)
@@ -137,7 +150,7 @@ def add_rms_norm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """residual += delta (in place); returns rms_norm(residual)."""
     out = torch.empty_like(residual)
-    _C.add_rms_norm(residual, delta.contiguous(), weight, out, eps, stream=_stream(residual))
+    _C.add_rms_norm(residual, delta.contiguous(), weight, out, eps, _stream(residual))
     return out
 
 
@@ -215,7 +228,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     else:
         gate_rows, up_rows = _as_rows(gate), _as_rows(up)
     out = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
-    _C.silu_mul(gate_rows, up_rows, out, stream=_stream(gate))
+    _C.silu_mul(gate_rows, up_rows, out, _stream(gate))
     return out.view(gate.shape)
 
 
@@ -278,7 +291,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
          interleaved: bool = False) -> None:
     """Rotates x [B, T, H, D] in place; cos/sin [P, D/2] float32, positions [B, T] int32."""
-    _C.rope(x, cos, sin, positions, interleaved, stream=_stream(x))
+    _C.rope(x, cos, sin, positions, interleaved, _stream(x))
 
 
 def _rope_samples(device, dtype):
@@ -370,7 +383,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_s
     """Causal GQA attention of q [B, T, Hq, D] over a KV cache [B, Hkv, S, D], with a sliding window
     of `window` positions if > 0; see _C.attention."""
     out = torch.empty_like(q)
-    _C.attention(q, k_cache, v_cache, out, q_start, kv_len, scale, window, stream=_stream(q))
+    _C.attention(q, k_cache, v_cache, out, q_start, kv_len, scale, window, _stream(q))
     return out
 
 
@@ -476,7 +489,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _rows(x)
     q = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-    _C.quantize_rows(rows, q, scale, stream=_stream(x))
+    _C.quantize_rows(rows, q, scale, _stream(x))
     return q.view(x.shape), scale.view(x.shape[:-1])
 
 
@@ -489,7 +502,7 @@ def int8_matmul_i32(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 a_q @ b_q^T for int8 [M, K] x [N, K]; on the CPU b_q in [-127, 127], on CUDA K a
     multiple of 32."""
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=torch.int32, device=a_q.device)
-    _C.int8_matmul_i32(a_q, b_q, out, stream=_stream(a_q))
+    _C.int8_matmul_i32(a_q, b_q, out, _stream(a_q))
     return out
 
 
@@ -537,7 +550,7 @@ def int8_linear_wo(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     """Weight-only int8 Linear: x [..., K] -> [..., N] in x's dtype."""
     rows = _rows(x)
     out = torch.empty(rows.shape[0], w_q.shape[0], dtype=x.dtype, device=x.device)
-    _C.int8_linear_wo(rows, w_q, w_scale, out, bias, stream=_stream(x))
+    _C.int8_linear_wo(rows, w_q, w_scale, out, bias, _stream(x))
     return out.view(*x.shape[:-1], w_q.shape[0])
 
 

@@ -46,7 +46,7 @@ def _targets():
 def _clone_mutated(entry: kernels.Op, args: tuple) -> tuple:
     """args with fresh copies of the tensors the op changes in place; inputs it only reads are shared,
     so their layout (strided rows) reaches the kernel as the case built it."""
-    names = list(entry.reference.__code__.co_varnames[: entry.reference.__code__.co_argcount])
+    names = entry.arg_names
     return tuple(a.clone() if names[i] in entry.mutates else a for i, a in enumerate(args))
 
 
@@ -63,7 +63,8 @@ def _compare(got, expected, tolerance: kernels.Tolerance, what: str):
         f"{what}: {got.dtype} {tuple(got.shape)} {got.device} vs {expected.dtype} {tuple(expected.shape)} " \
         f"{expected.device}"
     if got.is_floating_point():
-        torch.testing.assert_close(got, expected, atol=tolerance.atol, rtol=tolerance.rtol, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(got, expected, atol=tolerance.atol, rtol=tolerance.rtol,
+                                   msg=lambda m: f"{what}: {m}")
     else:
         assert torch.equal(got, expected), f"{what}: differs at {(got != expected).nonzero()[:5].tolist()}"
 
@@ -74,7 +75,7 @@ def test_op_matches_reference(name, device, dtype, isa):
     cases = entry.samples(torch.device(device), dtype)
     assert cases, f"{name} has no sample inputs on {device} {dtype}"
     tolerance = entry.tolerance[dtype]
-    names = list(entry.reference.__code__.co_varnames[: entry.reference.__code__.co_argcount])
+    names = entry.arg_names
     for case in cases:
         ref_args, fast_args = _clone_mutated(entry, case.args), _clone_mutated(entry, case.args)
         expected = entry.reference(*ref_args)

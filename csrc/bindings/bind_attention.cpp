@@ -36,7 +36,9 @@ void bind_attention(py::module_& m) {
                                 std::to_string(num_kv_heads) + ")");
         }
         if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
-        if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window), got " + std::to_string(window));
+        if (window < 0) {
+          throw py::value_error("window must be >= 0 (0: no sliding window), got " + std::to_string(window));
+        }
         for (const Tensor* input : {&q, &k_cache, &v_cache, &q_start, &kv_len}) check_no_overlap(out, *input);
         const AttentionShape shape{batch, q_len, num_q_heads, num_kv_heads, cache_len, head_dim, window};
         if (q.is_cuda()) {
@@ -70,7 +72,7 @@ void bind_attention(py::module_& m) {
                   shape, static_cast<float>(scale));
       },
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("q_start"), py::arg("kv_len"),
-      py::arg("scale"), py::arg("window") = 0, py::kw_only(), py::arg("stream") = 0,
+      py::arg("scale"), py::arg("window") = 0, py::arg("stream") = 0,
       "Causal attention over a KV cache, written to out. q, out: [B, T, Hq, D]; k_cache, v_cache: [B, Hkv, S, D] "
       "(Hq % Hkv == 0), one dtype: float32 (on CUDA also float16, bfloat16; D 64 or 128, 16-byte aligned); "
       "q_start, kv_len: [B] int32. Query t of sequence b sits at position q_start[b] + t and sees cache entries "

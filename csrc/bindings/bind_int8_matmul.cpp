@@ -107,7 +107,7 @@ void bind_int8_matmul(py::module_& m) {
         py::gil_scoped_release release;
         quantize_rows(x.data<float>(), q.data<int8_t>(), scale.data<float>(), x.size(0), x.size(1));
       },
-      py::arg("x"), py::arg("q_out"), py::arg("scale_out"), py::kw_only(), py::arg("stream") = 0,
+      py::arg("x"), py::arg("q_out"), py::arg("scale_out"), py::arg("stream") = 0,
       "Symmetric per-row int8: scale_out = max|x_row| / 127, q_out = clamp(round_half_even(x / scale), "
       "-127, 127); an all-zero row gets scale 0 and q 0, a row holding a NaN or an infinity scale NaN and "
       "q 0 (so what is computed from it is NaN). x [M, K] float32 (on CUDA also float16, bfloat16), "
@@ -146,7 +146,7 @@ void bind_int8_matmul(py::module_& m) {
         py::gil_scoped_release release;
         int8_matmul_i32(a.data<int8_t>(), b.data<int8_t>(), out.data<int32_t>(), a.size(0), b.size(0), a.size(1));
       },
-      py::arg("a_q"), py::arg("b_q"), py::arg("out_i32"), py::kw_only(), py::arg("stream") = 0,
+      py::arg("a_q"), py::arg("b_q"), py::arg("out_i32"), py::arg("stream") = 0,
       "out_i32 = a_q @ b_q^T exactly in int32. a_q [M, K] int8, b_q [N, K] int8. On the CPU b_q's values must "
       "be in [-127, 127] (-128 raises ValueError: AVX2's sign trick cannot negate it); on CUDA (tensor cores, "
       "sm_80+) K must be a multiple of 32 and a_q, b_q 16-byte aligned, launched on `stream`.");
@@ -193,7 +193,7 @@ void bind_int8_matmul(py::module_& m) {
                                N, K, float_type(x), as_stream(stream));
         });
       },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(), py::kw_only(),
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("bias") = py::none(),
       py::arg("stream") = 0,
       "Weight-only int8 Linear: out = x @ (w_q * w_scale[:, None])^T + bias, fp32 accumulation. x [M, K], "
       "out [M, N], bias None or [N]: float32 (on CUDA one of float16, bfloat16, float32); w_q [N, K] int8; "

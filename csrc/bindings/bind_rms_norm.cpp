@@ -31,7 +31,7 @@ void bind_rms_norm(py::module_& m) {
         py::gil_scoped_release release;
         rms_norm(x.data<float>(), weight.data<float>(), out.data<float>(), rows, dim, static_cast<float>(eps));
       },
-      py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::kw_only(), py::arg("stream") = 0,
+      py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream") = 0,
       "out = x / sqrt(mean(x^2, -1) + eps) * weight, sums in fp32. x, weight, out: one dtype (float32; on CUDA "
       "also float16, bfloat16), contiguous, one device; out may be x. CUDA: launched on `stream` "
       "(torch.cuda.current_stream().cuda_stream), not synchronized.");
@@ -72,8 +72,7 @@ void bind_rms_norm(py::module_& m) {
         add_rms_norm(residual.data<float>(), delta.data<float>(), weight.data<float>(), out.data<float>(), rows, dim,
                      static_cast<float>(eps));
       },
-      py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::kw_only(),
-      py::arg("stream") = 0,
+      py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream") = 0,
       "residual += delta (in place, rounded to its dtype), then out = rms_norm(residual). Devices and dtypes as "
       "rms_norm; out overlaps nothing.");
 }

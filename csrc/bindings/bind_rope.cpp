@@ -42,8 +42,7 @@ void bind_rope(py::module_& m) {
                head_dim, cos.size(0), interleaved);
         });
       },
-      py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("interleaved"), py::kw_only(),
-      py::arg("stream") = 0,
+      py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("interleaved"), py::arg("stream") = 0,
       "Rotates x [B, T, H, D] in place by the angles at each token's position. cos, sin: [P, D/2] fp32 tables; "
       "positions: [B, T] int32 in [0, P). interleaved=False pairs (i, i + D/2) (Llama, NeoX), True pairs "
       "(2i, 2i + 1) (GPT-J). x: float32 (on CUDA also float16, bfloat16). On the CPU a position outside [0, P) "

@@ -50,7 +50,7 @@ void bind_silu_mul(py::module_& m) {
         py::gil_scoped_release release;
         silu_mul(gate.data<float>(), gate_stride, up.data<float>(), up_stride, out.data<float>(), rows, cols);
       },
-      py::arg("gate"), py::arg("up"), py::arg("out"), py::kw_only(), py::arg("stream") = 0,
+      py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("stream") = 0,
       "out = silu(gate) * up, elementwise. One dtype: float32 (on CUDA also float16, bfloat16). out: contiguous; "
       "gate and up: its shape, and on the CPU contiguous or 2-D with contiguous rows at any row stride (the two "
       "halves of a fused [rows, 2 * I] gate_up projection need no copy), on CUDA contiguous. out may be gate or "

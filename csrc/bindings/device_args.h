@@ -55,7 +55,9 @@ inline void check_dtype_as(const Tensor& t, const Tensor& ref) {
 
 // Every tensor on ref's device: the CPU, or one CUDA device.
 inline void check_on_device_of(const Tensor& ref, std::initializer_list<const Tensor*> others) {
-  auto where = [](const Tensor& t) { return t.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(t.device_index()); };
+  auto where = [](const Tensor& t) {
+    return t.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(t.device_index());
+  };
   for (const Tensor* t : others) {
     if (t->device_index() != ref.device_index()) {
       throw py::value_error(std::string(t->name()) + ": is on " + where(*t) + " but " + ref.name() + " is on " +

@@ -52,8 +52,9 @@ void rope(void* x, const float* cos, const float* sin, const int32_t* positions,
 void silu_mul(const void* gate, const void* up, void* out, int64_t n, FloatType t, void* stream);
 
 // Causal GQA attention, same semantics as pyengine::attention (attention.h), sliding window
-// included, for q, caches and out of type t and head_dim 64 or 128; fp32 accumulation. Data pointers 16-byte aligned. kv_len[b]
-// is clamped to [0, S]; a query that sees no key (kv_len[b] < 1, or q_start[b] + t < 0) gets zeros.
+// included, for q, caches and out of type t and head_dim 64 or 128; fp32 accumulation. Data pointers
+// 16-byte aligned. kv_len[b] is clamped to [0, S]; a query that sees no key (kv_len[b] < 1, or
+// q_start[b] + t < 0) gets zeros.
 // May allocate a stream-ordered workspace (cudaMallocAsync) for the decode split.
 void attention(const void* q, const void* k_cache, const void* v_cache, void* out, const int32_t* q_start,
                const int32_t* kv_len, const AttentionShape& shape, float scale, FloatType t, void* stream);
