@@ -13,8 +13,7 @@ import statistics
 import pytest
 import torch
 
-from pyengine import _C
-from pyengine import cuda as pcuda
+from pyengine import _C, kernels
 
 pytestmark = [
     pytest.mark.cuda,
@@ -58,7 +57,7 @@ def test_attention_prefill(benchmark, q_len, impl):
     kv_len = torch.full((1,), q_len, dtype=torch.int32, device="cuda")
     scale = 1 / math.sqrt(D)
     if impl == "pyengine":
-        fn = lambda: pcuda.attention(q, k, v, q_start, kv_len, scale)  # noqa: E731
+        fn = lambda: kernels.attention(q, k, v, q_start, kv_len, scale)  # noqa: E731
     else:
         q_t = q.transpose(1, 2).contiguous()
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
@@ -78,7 +77,7 @@ def test_attention_decode(benchmark, cache_len, impl):
     kv_len = torch.full((batch,), cache_len, dtype=torch.int32, device="cuda")
     scale = 1 / math.sqrt(D)
     if impl == "pyengine":
-        fn = lambda: pcuda.attention(q, k, v, q_start, kv_len, scale)  # noqa: E731
+        fn = lambda: kernels.attention(q, k, v, q_start, kv_len, scale)  # noqa: E731
     else:
         q_t = q.transpose(1, 2).contiguous()
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
@@ -97,7 +96,7 @@ def test_int8_gemv(benchmark, shape, impl):
     if impl == "pyengine_int8":
         w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
         w_scale = torch.full((n,), 0.01, device="cuda")
-        fn = lambda: pcuda.int8_linear_wo(x, w_q, w_scale)  # noqa: E731
+        fn = lambda: kernels.int8_linear_wo(x, w_q, w_scale)  # noqa: E731
         weight_bytes = n * k + 4 * n
     else:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16)
@@ -113,7 +112,7 @@ def test_int8_gemm(benchmark, m, impl):
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     if impl == "pyengine":
-        fn = lambda: pcuda.int8_matmul_i32(a, b)  # noqa: E731
+        fn = lambda: kernels.int8_matmul_i32(a, b)  # noqa: E731
     else:
         b_t = b.t()
         fn = lambda: torch._int_mm(a, b_t)  # noqa: E731

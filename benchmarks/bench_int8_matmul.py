@@ -34,7 +34,7 @@ SHAPES = {  # name: (N, K), torch Linear weight layout
 POOL_BYTES = 192 << 20  # >> 32 MiB L3
 # int8_w8a16 is the fused-int8 engine's Linear (GEMV for decode, the int16-pair GEMM for prefill).
 IMPLS = ["int8_w8a16", "int8_w8a8", "int8_weight_only", "pyengine_f32", "torch_f32", "torch_dynamic_qint8"]
-INT8_KERNELS = {"int8_w8a8": "int8_linear", "int8_weight_only": "int8_linear_wo", "int8_w8a16": "int8_linear_a16"}
+INT8_KERNELS = {"int8_w8a8": "int8_linear_w8a8", "int8_weight_only": "int8_linear_wo", "int8_w8a16": "int8_linear_a16"}
 RESULTS = {"gemv": {}, "gemm": {}}
 
 
@@ -170,7 +170,7 @@ def _errors():
     w_q, w_scale = ops.quantize_rows(w)
     rel = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
     qlin = _torch_dynamic([w])[0]
-    return {"int8_w8a8": rel(ops.int8_linear(x, w_q, w_scale)),
+    return {"int8_w8a8": rel(ops.int8_linear_w8a8(x, w_q, w_scale)),
             "int8_weight_only": rel(ops.int8_linear_wo(x, w_q, w_scale)),
             "int8_w8a16": rel(ops.int8_linear_a16(x, w_q, w_scale)),
             "torch_dynamic_qint8": rel(qlin(x))}

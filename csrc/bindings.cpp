@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "cpu/isa_levels.h"
 #include "pyengine/cpu_features.h"
+#include "pyengine/cuda_ops.h"
 
 namespace py = pybind11;
 using namespace pyengine;
@@ -40,6 +42,20 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(p.granted, std::string(p.reason));
   }, "(granted, reason): whether the OS let this process use AMX tiles (asked once, on the first call).");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("isa_levels", [] {
+    std::vector<std::string> names;
+    for (const cpu::IsaLevel& level : cpu::kIsaLevels) names.emplace_back(level.name);
+    return names;
+  }, "Every ISA level the kernels dispatch to, lowest first (the C++ table, csrc/cpu/isa_levels.h).");
+  m.def("supported_isas", [] {
+    std::vector<std::string> names;
+    for (const cpu::IsaLevel& level : cpu::kIsaLevels) {
+      if (isa_includes(detected_isa(), level.isa)) names.emplace_back(level.name);
+    }
+    return names;
+  }, "The ISA levels this CPU runs (set_isa accepts them), lowest first.");
+  m.def("cuda_device_count", &cuda::device_count,
+        "Number of CUDA devices the kernels can use; 0 without a GPU, a driver, or a CUDA build.");
   m.def("num_threads", &num_threads);
 #ifdef PYENGINE_WITH_CUDA
   m.attr("cuda_built") = true;
@@ -54,5 +70,4 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_llama_decoder(m);
   bind::bind_gpt2_decoder(m);
   bind::bind_memory_read(m);
-  bind::bind_cuda(m);
 }

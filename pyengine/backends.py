@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pyengine import kernels
+
 
 @dataclass
 class Step:
@@ -66,28 +68,26 @@ class TorchBackend:
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         return F.linear(x, w.weight, w.bias)
 
+    # The ops are the registry's references (pyengine.kernels): the maths every kernel is tested against.
+
     def rms_norm(self, x, weight, eps):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        return kernels.rms_norm_reference(x, weight, eps)
 
     def add_rms_norm(self, residual, delta, weight, eps):
         """residual += delta in place; returns the normalized sum."""
-        residual.add_(delta)
-        return self.rms_norm(residual, weight, eps)
+        return kernels.add_rms_norm_reference(residual, delta, weight, eps)
 
     def layer_norm(self, x, weight, bias, eps):
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return kernels.layer_norm_reference(x, weight, bias, eps)
 
     def add_layer_norm(self, residual, delta, weight, bias, eps):
-        residual.add_(delta)
-        return self.layer_norm(residual, weight, bias, eps)
+        return kernels.add_layer_norm_reference(residual, delta, weight, bias, eps)
 
     def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split)."""
-        cos, sin = step.cached("rope", lambda: (step.rope_cos[step.positions][:, :, None, :].to(x.dtype),
-                                               step.rope_sin[step.positions][:, :, None, :].to(x.dtype)))
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        cos, sin = step.cached("rope", lambda: (step.rope_cos[step.positions][:, :, None, :],
+                                               step.rope_sin[step.positions][:, :, None, :]))
+        return kernels.rotate(x, cos, sin, interleaved=False)
 
     def attention(self, q, k_cache, v_cache, step: Step, scale: float, window: int = 0) -> torch.Tensor:
         """q: [B, T, Hq, D]; caches: [B, Hkv, S, D]. Query t of sequence b sees keys
@@ -95,31 +95,19 @@ class TorchBackend:
         window, window > 0). Returns [B, T, Hq, D]."""
         longest = int(step.kv_len.max())
         keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
-
-        def visible():
-            j = torch.arange(longest, device=q.device)
-            query_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
-            seen = (j <= query_pos) & (j < step.kv_len[:, None, None, None])
-            if window:
-                # As the C++ kernel: a padding query past kv_len + window keeps key kv_len - 1 (its
-                # output is unused, but must not be NaN).
-                back = torch.minimum(query_pos - window, step.kv_len[:, None, None, None] - 2)
-                seen &= j > back
-            return seen
-
-        mask = step.cached(("mask", window), visible)  # once per step and window, shared by the layers
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                             enable_gqa=q.shape[2] != keys.shape[1])
-        return out.transpose(1, 2)
+        # Once per step and window, shared by the layers.
+        mask = step.cached(("mask", window),
+                           lambda: kernels.attention_mask(step.positions, step.kv_len, longest, window))
+        return kernels.attend(q, keys, values, mask, scale)
 
     def silu_mul(self, gate, up):
-        return F.silu(gate) * up
+        return kernels.silu_mul_reference(gate, up)
 
     def gelu(self, x):
-        return F.gelu(x, approximate="tanh")
+        return kernels.gelu_reference(x)
 
     def embedding(self, ids, table):
-        return F.embedding(ids, table)
+        return kernels.embedding_reference(ids, table)
 
     def make_llama_decoder(self, model):
         """An object whose step() runs a whole Llama decode step in one call, or None: this backend
@@ -131,20 +119,13 @@ class TorchBackend:
         return None
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, last dim] with contiguous rows: a view where the layout allows, else a copy."""
-    rows = t.reshape(-1, t.shape[-1])
-    rows_ok = rows.is_contiguous() or (rows.stride(1) == 1 and rows.stride(0) >= rows.shape[1])
-    return rows if rows_ok else rows.contiguous()
-
-
 class FusedBackend(TorchBackend):
     """Our C++ kernels for the linear layers, attention, norms, rotary embedding and activations; fp32
     weights. Linears: `_C.linear_f32`, a streaming GEMV for decode and a packed-panel GEMM for
     prefill (faster than torch's `F.linear` on the default model's shapes).
 
-    Calls the raw bindings (pyengine._C) rather than the torch.library ops: the same kernels, without
-    the dispatcher's per-call cost, which adds up over hundreds of calls per decode step.
+    Calls the registry's fast calls (pyengine.kernels) rather than the torch.library ops: the same
+    kernels, without the dispatcher's per-call cost, which adds up over hundreds of calls per step.
     """
 
     name = "fused"
@@ -171,58 +152,37 @@ class FusedBackend(TorchBackend):
             raise ValueError(f"backend {self.name!r} runs fp32 on the CPU, got dtype {dtype}")
 
     def linear(self, x, w):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty(rows.shape[0], w.weight.shape[0], dtype=torch.float32)
-        self._C.linear_f32(rows, w.weight, out, w.bias)
-        return out.view(*x.shape[:-1], w.weight.shape[0])
+        return kernels.linear_f32(x, w.weight, w.bias)
 
     def rms_norm(self, x, weight, eps):
-        out = torch.empty_like(x)
-        self._C.rms_norm(x, weight, out, eps)
-        return out
+        return kernels.rms_norm(x, weight, eps)
 
     def add_rms_norm(self, residual, delta, weight, eps):
-        out = torch.empty_like(residual)
-        self._C.add_rms_norm(residual, delta.contiguous(), weight, out, eps)
-        return out
+        return kernels.add_rms_norm(residual, delta, weight, eps)
 
     def layer_norm(self, x, weight, bias, eps):
-        out = torch.empty_like(x)
-        self._C.layer_norm(x, weight, bias, out, eps)
-        return out
+        return kernels.layer_norm(x, weight, bias, eps)
 
     def add_layer_norm(self, residual, delta, weight, bias, eps):
-        out = torch.empty_like(residual)
-        self._C.add_layer_norm(residual, delta.contiguous(), weight, bias, out, eps)
-        return out
+        return kernels.add_layer_norm(residual, delta, weight, bias, eps)
 
     def rope(self, x, step):
         x = x.contiguous()
         positions = step.cached("positions_i32", lambda: step.positions.to(torch.int32))
-        self._C.rope(x, step.rope_cos, step.rope_sin, positions, False)
+        kernels.rope(x, step.rope_cos, step.rope_sin, positions, False)
         return x
 
     def attention(self, q, k_cache, v_cache, step, scale, window=0):
-        out = torch.empty(q.shape, dtype=q.dtype)
-        self._C.attention(q.contiguous(), k_cache, v_cache, out, step.q_start, step.kv_len, scale, window)
-        return out
+        return kernels.attention(q.contiguous(), k_cache, v_cache, step.q_start, step.kv_len, scale, window)
 
     def silu_mul(self, gate, up):
-        # As rows: the gate and up halves of a fused projection are then strided views, read in place.
-        gate_rows, up_rows = _as_rows(gate), _as_rows(up)
-        out = torch.empty(gate_rows.shape, dtype=gate.dtype)
-        self._C.silu_mul(gate_rows, up_rows, out)
-        return out.view(gate.shape)
+        return kernels.silu_mul(gate, up)
 
     def gelu(self, x):
-        out = torch.empty_like(x)
-        self._C.gelu(x.contiguous(), out)
-        return out
+        return kernels.gelu(x)
 
     def embedding(self, ids, table):
-        out = torch.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
-        self._C.embedding(ids.reshape(-1).contiguous(), table, out.view(-1, table.shape[1]))
-        return out
+        return kernels.embedding(ids, table)
 
     def make_llama_decoder(self, model):
         """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead
@@ -261,7 +221,7 @@ class FusedInt8Backend(FusedBackend):
     Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
     on int16 pairs (`vpmaddwd`), faster than the fp32 FMA GEMM that the weight-only kernel
     (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels.
-    Chosen over W8A8 (int8 activations too, `_C.int8_linear`) for quality: int8 activations lost
+    Chosen over W8A8 (int8 activations too, `_C.int8_linear_w8a8`) for quality: int8 activations lost
     several times the perplexity and KL of 16-bit ones, which stay next to the weight-only result.
     """
 
@@ -292,10 +252,7 @@ class FusedInt8Backend(FusedBackend):
         return lin
 
     def linear(self, x, w):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty(rows.shape[0], w.qweight.shape[0], dtype=torch.float32)
-        self._C.int8_linear_a16(rows, w.qweight, w.scale, out, w.bias)
-        return out.view(*x.shape[:-1], w.qweight.shape[0])
+        return kernels.int8_linear_a16(x, w.qweight, w.scale, w.bias)
 
 
 class FusedBf16Backend(FusedBackend):
@@ -315,10 +272,7 @@ class FusedBf16Backend(FusedBackend):
         return lin
 
     def linear(self, x, w):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty(rows.shape[0], w.weight.shape[0], dtype=torch.float32)
-        self._C.linear_bf16(rows, w.weight, out, w.bias)
-        return out.view(*x.shape[:-1], w.weight.shape[0])
+        return kernels.linear_bf16(x, w.weight, w.bias)
 
 
 BACKENDS = {"torch": TorchBackend, "fused": FusedBackend, "fused-int8": FusedInt8Backend,

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# Every dispatch level the kernels have, lowest first (ops.supported_isas() lists only this CPU's).
-ALL_ISAS = ("scalar", "avx2", "avx512")
+from pyengine import _C
+
+# Every dispatch level the kernels have, lowest first: the C++ table (csrc/cpu/isa_levels.h);
+# ops.supported_isas() lists only this CPU's.
+ALL_ISAS = tuple(_C.isa_levels())
 
 
 def isa_params() -> list:

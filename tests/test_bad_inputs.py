@@ -52,7 +52,7 @@ VALID_CALLS = {
     "quantize_rows": lambda: dict(x=_rand(3, 40), q_out=_rand(3, 40, dtype=I8), scale_out=_rand(3)),
     "int8_matmul_i32": lambda: dict(a_q=_rand(3, 40, dtype=I8), b_q=_rand(5, 40, dtype=I8),
                                     out_i32=_rand(3, 5, dtype=I32)),
-    "int8_linear": lambda: _linear_args(I8),
+    "int8_linear_w8a8": lambda: _linear_args(I8),
     "int8_linear_wo": lambda: _linear_args(I8),
     "int8_linear_a16": lambda: _linear_args(I8),
     "linear_f32": lambda: {("w" if k == "w_q" else k): v for k, v in _linear_args(F32, scaled=False).items()},
@@ -152,7 +152,7 @@ def test_empty_is_a_value_error(op, name):
         _call(op, args)
 
 
-@pytest.mark.parametrize("op,name", [("int8_matmul_i32", "b_q"), ("int8_linear", "w_q")])
+@pytest.mark.parametrize("op,name", [("int8_matmul_i32", "b_q"), ("int8_linear_w8a8", "w_q")])
 def test_minus_128_where_avx2_would_negate_it_is_rejected(op, name):
     """vpsignb cannot negate -128: on AVX2 it would be a wrong sum, so the binding refuses it."""
     def with_min(t):
@@ -193,7 +193,7 @@ def test_non_finite_activations_give_nan_rows_not_numbers(isa, rows, bad):
         q, scale = torch.empty(rows, 72, dtype=I8), torch.empty(rows)
         _C.quantize_rows(x, q, scale)
         assert torch.isnan(scale[1]) and not q[1].any()
-        for linear in (_C.int8_linear, _C.int8_linear_a16):
+        for linear in (_C.int8_linear_w8a8, _C.int8_linear_a16):
             out, ref = torch.empty(rows, 9), torch.empty(rows, 9)
             linear(x, w, w_scale, out)
             linear(clean, w, w_scale, ref)

@@ -1,8 +1,8 @@
-"""CUDA kernels (pyengine.cuda / _C.cuda_*) against torch references on the GPU.
+"""CUDA kernels (the CUDA twins of the registry's ops, pyengine.kernels) against the references on the GPU.
 
 The GPU tests skip where there is no GPU or the extension was built without nvcc; the tests at the
-top run everywhere: a CUDA build imports and answers without a driver, and the wrappers reject
-CPU tensors with a clear error.
+top run everywhere: the module answers without a driver or a CUDA build, and half precision is
+refused on the CPU with a clear error.
 """
 import math
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C, kernels
 from pyengine import cuda as pcuda
 
 pytestmark = pytest.mark.cuda
@@ -31,18 +31,18 @@ HALF_TYPES = [torch.float16, torch.bfloat16]
 # ---- without a GPU ------------------------------------------------------------------------------
 
 def test_device_count_never_raises():
-    if not _C.cuda_built:
-        pytest.skip("built without CUDA kernels")
     count = _C.cuda_device_count()
     assert isinstance(count, int) and count >= 0
-    if torch.cuda.is_available():
+    if not _C.cuda_built:
+        assert count == 0
+    elif torch.cuda.is_available():
         assert count == torch.cuda.device_count()
     elif not Path("/dev/nvidia0").exists():
         assert count == 0  # no driver: 0, not an exception
-    assert pcuda.is_available() == (count > 0)
+    assert pcuda.is_available() == (count > 0) == (pcuda.device_count() > 0)
 
 
-def _cpu_calls():
+def _half_precision_calls():
     x = torch.randn(2, 3, 4, 64, dtype=torch.float16)
     w = torch.ones(64, dtype=torch.float16)
     cos = sin = torch.ones(8, 32)
@@ -51,32 +51,22 @@ def _cpu_calls():
     q_start = torch.zeros(2, dtype=torch.int32)
     w_q = torch.ones(16, 64, dtype=torch.int8)
     return {
-        "rms_norm": lambda: pcuda.rms_norm(x, w, 1e-5),
-        "add_rms_norm": lambda: pcuda.add_rms_norm(x.clone(), x, w, 1e-5),
-        "rope": lambda: pcuda.rope(x.clone(), cos, sin, positions),
-        "silu_mul": lambda: pcuda.silu_mul(x, x),
-        "attention": lambda: pcuda.attention(x, k, k, q_start, q_start + 1, 0.125),
-        "int8_linear_wo": lambda: pcuda.int8_linear_wo(x[0, 0], w_q, torch.ones(16)),
-        "int8_matmul_i32": lambda: pcuda.int8_matmul_i32(w_q, w_q),
-        "quantize_rows": lambda: pcuda.quantize_rows(x[0, 0]),
+        "rms_norm": lambda: kernels.rms_norm(x, w, 1e-5),
+        "add_rms_norm": lambda: kernels.add_rms_norm(x.clone(), x, w, 1e-5),
+        "rope": lambda: kernels.rope(x.clone(), cos, sin, positions),
+        "silu_mul": lambda: kernels.silu_mul(x, x),
+        "attention": lambda: kernels.attention(x, k, k, q_start, q_start + 1, 0.125),
+        "int8_linear_wo": lambda: kernels.int8_linear_wo(x[0, 0], w_q, torch.ones(16)),
+        "quantize_rows": lambda: kernels.quantize_rows(x[0, 0]),
     }
 
 
-@pytest.mark.parametrize("name", list(_cpu_calls()))
-def test_wrappers_reject_cpu_tensors(name):
-    call = _cpu_calls()[name]
-    if not _C.cuda_built:
-        with pytest.raises(RuntimeError, match="built without CUDA"):
-            call()
-        return
-    with pytest.raises(ValueError, match="expected a CUDA tensor"):
-        call()
-
-
-def test_wrappers_need_a_cuda_build(monkeypatch):
-    monkeypatch.setattr(_C, "cuda_built", False, raising=False)
-    with pytest.raises(RuntimeError, match="built without CUDA"):
-        pcuda.silu_mul(torch.ones(4), torch.ones(4))
+@pytest.mark.parametrize("name", list(_half_precision_calls()))
+def test_half_precision_runs_on_cuda_only(name):
+    """One binding per op, checks per device: float16 is a CUDA dtype; on the CPU it is a TypeError
+    naming the argument."""
+    with pytest.raises(TypeError, match=r"^\w+: expected dtype float32, got float16"):
+        _half_precision_calls()[name]()
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -95,10 +85,10 @@ def _attention_inputs(batch, q_len, num_q_heads, num_kv_heads, head_dim, cache_l
 
 
 def _check_attention(q, k, v, q_start, kv_len, scale, tol):
-    out = pcuda.attention(q, k, v, q_start, kv_len, scale)
+    out = kernels.attention(q, k, v, q_start, kv_len, scale)
     torch.cuda.synchronize()
     # The reference in fp32 from the same (rounded) inputs; attention_reference builds its masks on the CPU.
-    expected = ops.attention_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), q_start.cpu(),
+    expected = kernels.attention_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), q_start.cpu(),
                                        kv_len.cpu(), scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol)
@@ -148,7 +138,7 @@ def test_attention_decode(cache_len, group, head_dim, dtype):
 @pytest.mark.parametrize("q_len", [1, 17, 128, 512])
 def test_attention_matches_sdpa_causal_prefill(q_len, group, head_dim, dtype):
     q, k, v, qs, kl = _attention_inputs(1, q_len, 2 * group, 2, head_dim, q_len, [0], [q_len], dtype, seed=1)
-    out = pcuda.attention(q, k, v, qs, kl, 1 / math.sqrt(head_dim))
+    out = kernels.attention(q, k, v, qs, kl, 1 / math.sqrt(head_dim))
     expected = _sdpa(q.float(), k.float(), v.float(), group, causal=True)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
@@ -161,7 +151,7 @@ def test_attention_matches_sdpa_decode(cache_len, group, dtype):
     head_dim = 128
     q, k, v, qs, kl = _attention_inputs(3, 1, 2 * group, 2, head_dim, cache_len, [cache_len - 1] * 3,
                                         [cache_len] * 3, dtype, seed=2)
-    out = pcuda.attention(q, k, v, qs, kl, 1 / math.sqrt(head_dim))
+    out = kernels.attention(q, k, v, qs, kl, 1 / math.sqrt(head_dim))
     expected = _sdpa(q.float(), k.float(), v.float(), group, causal=False)  # the last query sees every key
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
@@ -187,18 +177,18 @@ def test_attention_float32_and_queries_past_the_cache():
 def test_attention_rejects_bad_arguments():
     q, k, v, qs, kl = _attention_inputs(1, 4, 4, 2, 64, 8, [0], [4], torch.float16)
     with pytest.raises(TypeError, match="k_cache"):
-        pcuda.attention(q, k.float(), v, qs, kl, 0.1)
+        kernels.attention(q, k.float(), v, qs, kl, 0.1)
     with pytest.raises(ValueError, match="head_dim"):
-        pcuda.attention(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous(), qs, kl, 0.1)
+        kernels.attention(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous(), qs, kl, 0.1)
     with pytest.raises(ValueError, match="kv heads"):
-        pcuda.attention(q[:, :, :3].contiguous(), k, v, qs, kl, 0.1)
+        kernels.attention(q[:, :, :3].contiguous(), k, v, qs, kl, 0.1)
     with pytest.raises(ValueError, match="contiguous"):
-        pcuda.attention(q.transpose(1, 2), k, v, qs, kl, 0.1)
+        kernels.attention(q.transpose(1, 2), k, v, qs, kl, 0.1)
     with pytest.raises(ValueError, match="aligned"):
         flat = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
-        pcuda.attention(flat[1:].view(q.shape), k, v, qs, kl, 0.1)
-    with pytest.raises(ValueError, match="expected a CUDA tensor"):
-        pcuda.attention(q, k, v, qs.cpu(), kl, 0.1)
+        kernels.attention(flat[1:].view(q.shape), k, v, qs, kl, 0.1)
+    with pytest.raises(ValueError, match="q_start: is on cpu but q is on cuda:0"):
+        kernels.attention(q, k, v, qs.cpu(), kl, 0.1)
 
 
 # ---- int8 GEMM, GEMV, quantize ---------------------------------------------------------------------
@@ -213,7 +203,7 @@ def _int8(shape, seed):
                                    (33, 130, 4096), (200, 1000, 352), (129, 77, 160)])
 def test_int8_gemm_exact(M, N, K):
     a, b = _int8((M, K), 0), _int8((N, K), 1)
-    out = pcuda.int8_matmul_i32(a, b)
+    out = kernels.int8_matmul_i32(a, b)
     if M > 16 and K % 8 == 0 and N % 8 == 0:
         expected = torch._int_mm(a, b.t())
     else:
@@ -225,9 +215,9 @@ def test_int8_gemm_exact(M, N, K):
 @requires_gpu
 def test_int8_gemm_rejects_k_not_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
-        pcuda.int8_matmul_i32(_int8((4, 48), 0), _int8((4, 48), 1))
+        kernels.int8_matmul_i32(_int8((4, 48), 0), _int8((4, 48), 1))
     with pytest.raises(ValueError, match="b: dimension 1"):
-        pcuda.int8_matmul_i32(_int8((4, 64), 0), _int8((4, 32), 1))
+        kernels.int8_matmul_i32(_int8((4, 64), 0), _int8((4, 32), 1))
 
 
 @requires_gpu
@@ -241,7 +231,7 @@ def test_int8_gemv_matches_dequantized_matmul(M, N, K, with_bias, dtype):
     w_q = _int8((N, K), 5)
     w_scale = torch.rand(N, device="cuda", generator=g) * 0.02 + 0.001
     bias = torch.randn(N, device="cuda", generator=g).to(dtype) if with_bias else None
-    out = pcuda.int8_linear_wo(x, w_q, w_scale, bias)
+    out = kernels.int8_linear_wo(x, w_q, w_scale, bias)
     expected = x.float() @ (w_q.float() * w_scale[:, None]).t()
     if bias is not None:
         expected += bias.float()
@@ -255,7 +245,7 @@ def test_int8_gemv_unaligned_x_takes_the_scalar_path():
     x = x_buffer[1:].view(3, 64)  # contiguous but 2 bytes off 16-byte alignment
     w_q, w_scale = _int8((10, 64), 6), torch.full((10,), 0.01, device="cuda")
     expected = x.float() @ (w_q.float() * w_scale[:, None]).t()
-    torch.testing.assert_close(pcuda.int8_linear_wo(x, w_q, w_scale).float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kernels.int8_linear_wo(x, w_q, w_scale).float(), expected, rtol=2e-2, atol=2e-2)
 
 
 @requires_gpu
@@ -264,8 +254,8 @@ def test_int8_gemv_unaligned_x_takes_the_scalar_path():
 def test_quantize_rows_matches_reference(M, K, dtype):
     x = torch.randn(M, K, device="cuda").to(dtype)
     x[0, :] = 0  # an all-zero row: scale 0, q 0
-    q, scale = pcuda.quantize_rows(x)
-    q_ref, scale_ref = ops.quantize_rows_reference(x.float())
+    q, scale = kernels.quantize_rows(x)
+    q_ref, scale_ref = kernels.quantize_rows_reference(x.float())
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q, q_ref)
 
@@ -276,7 +266,7 @@ def test_w8a8_linear_close_to_float_matmul():
     w = torch.randn(96, 256, device="cuda")
     w_scale = w.abs().amax(1) / 127
     w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
-    out = pcuda.int8_linear(x, w_q, w_scale)
+    out = kernels.int8_linear_w8a8(x, w_q, w_scale)
     expected = x.float() @ w.t()
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
@@ -296,10 +286,10 @@ def _tol(dtype):
 def test_rms_norm(shape, dtype):
     x = torch.randn(shape, device="cuda").to(dtype)
     w = torch.randn(shape[-1], device="cuda").to(dtype)
-    out = pcuda.rms_norm(x, w, 1e-5)
-    torch.testing.assert_close(out.float(), ops.rms_norm_reference(x.float(), w.float(), 1e-5), **_tol(dtype))
+    out = kernels.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(out.float(), kernels.rms_norm_reference(x.float(), w.float(), 1e-5), **_tol(dtype))
     in_place = x.clone()
-    _C.cuda_rms_norm(in_place, w, in_place, 1e-5, torch.cuda.current_stream().cuda_stream)
+    _C.rms_norm(in_place, w, in_place, 1e-5, stream=torch.cuda.current_stream().cuda_stream)
     assert torch.equal(in_place, out)
 
 
@@ -311,8 +301,8 @@ def test_add_rms_norm(shape, dtype):
     delta = torch.randn(shape, device="cuda").to(dtype)
     w = torch.randn(shape[-1], device="cuda").to(dtype)
     expected_residual = residual + delta  # rounded to dtype, as the kernel stores it
-    expected = ops.rms_norm_reference(expected_residual.float(), w.float(), 1e-6)
-    out = pcuda.add_rms_norm(residual, delta, w, 1e-6)
+    expected = kernels.rms_norm_reference(expected_residual.float(), w.float(), 1e-6)
+    out = kernels.add_rms_norm(residual, delta, w, 1e-6)
     torch.testing.assert_close(residual, expected_residual, rtol=0, atol=0)
     torch.testing.assert_close(out.float(), expected, **_tol(dtype))
 
@@ -328,8 +318,9 @@ def test_rope(shape, interleaved, dtype):
     cos, sin = angles.cos(), angles.sin()
     positions = torch.randint(0, positions_count, (batch, seq), dtype=torch.int32, device="cuda")
     x = torch.randn(shape, device="cuda").to(dtype)
-    expected = ops.rope_reference(x.float(), cos, sin, positions, interleaved)
-    pcuda.rope(x, cos, sin, positions, interleaved)
+    expected = x.float().clone()
+    kernels.rope_reference(expected, cos, sin, positions, interleaved)
+    kernels.rope(x, cos, sin, positions, interleaved)
     torch.testing.assert_close(x.float(), expected, **_tol(dtype))
 
 
@@ -338,7 +329,7 @@ def test_rope_leaves_out_of_range_positions_unrotated():
     cos, sin = torch.zeros(4, 32, device="cuda"), torch.ones(4, 32, device="cuda")
     x = torch.randn(1, 2, 2, 64, device="cuda")
     before = x.clone()
-    pcuda.rope(x, cos, sin, torch.tensor([[1, 4]], dtype=torch.int32, device="cuda"))
+    kernels.rope(x, cos, sin, torch.tensor([[1, 4]], dtype=torch.int32, device="cuda"))
     assert not torch.equal(x[0, 0], before[0, 0])
     assert torch.equal(x[0, 1], before[0, 1])
 
@@ -349,9 +340,9 @@ def test_rope_leaves_out_of_range_positions_unrotated():
 def test_silu_mul(shape, dtype):
     gate = (torch.randn(shape, device="cuda") * 4).to(dtype)
     up = torch.randn(shape, device="cuda").to(dtype)
-    out = pcuda.silu_mul(gate, up)
-    torch.testing.assert_close(out.float(), ops.silu_mul_reference(gate.float(), up.float()), **_tol(dtype))
-    _C.cuda_silu_mul(gate, up, gate, torch.cuda.current_stream().cuda_stream)  # in place
+    out = kernels.silu_mul(gate, up)
+    torch.testing.assert_close(out.float(), kernels.silu_mul_reference(gate.float(), up.float()), **_tol(dtype))
+    _C.silu_mul(gate, up, gate, stream=torch.cuda.current_stream().cuda_stream)  # in place
     assert torch.equal(gate, out)
 
 
@@ -359,12 +350,12 @@ def test_silu_mul(shape, dtype):
 def test_elementwise_reject_bad_arguments():
     x = torch.randn(4, 8, device="cuda").half()
     with pytest.raises(TypeError, match="weight"):
-        pcuda.rms_norm(x, torch.ones(8, device="cuda"), 1e-5)
+        kernels.rms_norm(x, torch.ones(8, device="cuda"), 1e-5)
     with pytest.raises(ValueError, match="weight"):
-        pcuda.rms_norm(x, torch.ones(7, device="cuda").half(), 1e-5)
+        kernels.rms_norm(x, torch.ones(7, device="cuda").half(), 1e-5)
     with pytest.raises(TypeError, match="gate"):
-        pcuda.silu_mul(x.to(torch.int32), x.to(torch.int32))
+        kernels.silu_mul(x.to(torch.int32), x.to(torch.int32))
     with pytest.raises(ValueError, match="up"):
-        pcuda.silu_mul(x, x[:2].contiguous())
+        kernels.silu_mul(x, x[:2].contiguous())
     with pytest.raises(ValueError, match="empty"):
-        pcuda.silu_mul(x[:0], x[:0])
+        kernels.silu_mul(x[:0], x[:0])

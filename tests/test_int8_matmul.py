@@ -3,16 +3,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyengine import _C, ops
+from pyengine import _C, kernels, ops
+from conftest import isa_params
 
-ALL_ISAS = ["scalar", "avx2", "avx512"]
 
-
-@pytest.fixture(params=ALL_ISAS)
+@pytest.fixture(params=isa_params())
 def isa(request):
-    if request.param not in ops.supported_isas():
-        emulated = "; its kernel runs emulated in test_avx512_emulated.py" if request.param == "avx512" else ""
-        pytest.skip(f"this CPU lacks {request.param} (detected: {ops.detected_isa()}){emulated}")
     with ops.use_isa(request.param):
         yield request.param
 
@@ -29,7 +25,7 @@ def test_quantize_rows_matches_reference_bitwise(isa, shape):
     torch.manual_seed(0)
     x = torch.randn(shape) * 5
     q, scale = ops.quantize_rows(x)
-    q_ref, scale_ref = ops.quantize_rows_reference(x)
+    q_ref, scale_ref = kernels.quantize_rows_reference(x)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q, q_ref)
     assert q.abs().max() <= 127
@@ -71,7 +67,7 @@ SHAPES = [  # (M, N, K): K off the 32/64 SIMD widths, N=1, M=1/7/64, M above the
 def test_int8_matmul_i32_exact_random(isa, M, N, K):
     gen = torch.Generator().manual_seed(M * 1000 + N + K)
     a, b = rand_i8(M, K, gen=gen), rand_i8(N, K, gen=gen)
-    assert torch.equal(ops.int8_matmul_i32(a, b), ops.int8_matmul_i32_reference(a, b))
+    assert torch.equal(ops.int8_matmul_i32(a, b), kernels.int8_matmul_i32_reference(a, b))
 
 
 @pytest.mark.parametrize("M, N, K", [(1, 1, 1), (7, 5, 33), (64, 64, 1000), (1, 9, 576), (5, 3, 1536)])
@@ -86,11 +82,11 @@ def test_int8_matmul_i32_exact_extremes(isa, M, N, K):
         (signs(M, K), torch.full((N, K), 127, dtype=torch.int8)),
     ]
     for a, b in cases:
-        assert torch.equal(ops.int8_matmul_i32(a, b), ops.int8_matmul_i32_reference(a, b))
+        assert torch.equal(ops.int8_matmul_i32(a, b), kernels.int8_matmul_i32_reference(a, b))
     # Activation rows all equal to the max, as quantize_rows makes of a constant row.
     x_q, _ = ops.quantize_rows(torch.full((M, K), 0.7))
     b = signs(N, K)
-    assert torch.equal(ops.int8_matmul_i32(x_q, b), ops.int8_matmul_i32_reference(x_q, b))
+    assert torch.equal(ops.int8_matmul_i32(x_q, b), kernels.int8_matmul_i32_reference(x_q, b))
 
 
 @settings(max_examples=40, deadline=None)
@@ -98,7 +94,7 @@ def test_int8_matmul_i32_exact_extremes(isa, M, N, K):
 def test_int8_matmul_i32_random_shapes_every_isa(M, N, K, seed):
     gen = torch.Generator().manual_seed(seed)
     a, b = rand_i8(M, K, gen=gen), rand_i8(N, K, gen=gen)
-    expected = ops.int8_matmul_i32_reference(a, b)
+    expected = kernels.int8_matmul_i32_reference(a, b)
     for name in ops.supported_isas():
         with ops.use_isa(name):
             assert torch.equal(ops.int8_matmul_i32(a, b), expected), name
@@ -106,7 +102,7 @@ def test_int8_matmul_i32_random_shapes_every_isa(M, N, K, seed):
 
 def test_int8_matmul_i32_every_isa_agrees_single_thread():
     a, b = rand_i8(9, 333), rand_i8(17, 333)
-    expected = ops.int8_matmul_i32_reference(a, b)
+    expected = kernels.int8_matmul_i32_reference(a, b)
     previous = _C.num_threads()
     _C.set_num_threads(1)
     try:
@@ -117,7 +113,7 @@ def test_int8_matmul_i32_every_isa_agrees_single_thread():
         _C.set_num_threads(previous)
 
 
-# ---- int8_linear (W8A8), int8_linear_wo, linear_f32 --------------------------------------------
+# ---- int8_linear_w8a8, int8_linear_wo, linear_f32 --------------------------------------------
 
 # Above 16 rows the fp32 and weight-only Linears take the packed-panel GEMM (6-token x 16-feature
 # tiles): (17, 1, 1) is the first such shape, (23, 17, 33) has partial tiles both ways, and (600, 20,
@@ -135,8 +131,8 @@ def test_int8_linear_matches_reference(isa, M, N, K, with_bias):
     w_q, w_scale = ops.quantize_rows(torch.randn(N, K) * 0.05)
     bias = torch.randn(N) if with_bias else None
     # Same integer sums and the same fp32 epilogue ops: bitwise equal.
-    torch.testing.assert_close(ops.int8_linear(x, w_q, w_scale, bias),
-                               ops.int8_linear_reference(x, w_q, w_scale, bias), rtol=0, atol=0)
+    torch.testing.assert_close(ops.int8_linear_w8a8(x, w_q, w_scale, bias),
+                               kernels.int8_linear_w8a8_reference(x, w_q, w_scale, bias), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
@@ -147,7 +143,7 @@ def test_int8_linear_wo_matches_reference(isa, M, N, K, with_bias):
     w_q, w_scale = ops.quantize_rows(torch.randn(N, K) * 0.05)
     bias = torch.randn(N) if with_bias else None
     torch.testing.assert_close(ops.int8_linear_wo(x, w_q, w_scale, bias),
-                               ops.int8_linear_wo_reference(x, w_q, w_scale, bias), rtol=1e-4, atol=1e-4)
+                               kernels.int8_linear_wo_reference(x, w_q, w_scale, bias), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
@@ -156,7 +152,7 @@ def test_linear_f32_matches_torch(isa, M, N, K, with_bias):
     torch.manual_seed(M + N + K + 2)
     x, w = torch.randn(M, K), torch.randn(N, K) * 0.05
     bias = torch.randn(N) if with_bias else None
-    torch.testing.assert_close(ops.linear_f32(x, w, bias), ops.linear_f32_reference(x, w, bias),
+    torch.testing.assert_close(ops.linear_f32(x, w, bias), kernels.linear_f32_reference(x, w, bias),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -167,7 +163,7 @@ def test_int8_linears_close_to_fp32_on_random_data():
     exact = x @ w.T
     w_q, w_scale = ops.quantize_rows(w)
     rel = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
-    err_w8a8, err_wo = rel(ops.int8_linear(x, w_q, w_scale)), rel(ops.int8_linear_wo(x, w_q, w_scale))
+    err_w8a8, err_wo = rel(ops.int8_linear_w8a8(x, w_q, w_scale)), rel(ops.int8_linear_wo(x, w_q, w_scale))
     assert err_wo < 0.01
     assert err_w8a8 < 0.02
     assert err_wo < err_w8a8
@@ -177,7 +173,7 @@ def test_linear_ops_accept_leading_dims():
     x = torch.randn(2, 3, 64)
     w = torch.randn(10, 64)
     w_q, w_scale = ops.quantize_rows(w)
-    assert ops.int8_linear(x, w_q, w_scale).shape == (2, 3, 10)
+    assert ops.int8_linear_w8a8(x, w_q, w_scale).shape == (2, 3, 10)
     assert ops.int8_linear_wo(x, w_q, w_scale).shape == (2, 3, 10)
     torch.testing.assert_close(ops.linear_f32(x, w), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
     q, s = ops.quantize_rows(x)
@@ -187,7 +183,7 @@ def test_linear_ops_accept_leading_dims():
 def test_custom_ops_pass_opcheck():
     x, w = torch.randn(3, 40), torch.randn(6, 40)
     w_q, w_scale = ops.quantize_rows(w)
-    torch.library.opcheck(ops.int8_linear, (x, w_q, w_scale, torch.randn(6)))
+    torch.library.opcheck(ops.int8_linear_w8a8, (x, w_q, w_scale, torch.randn(6)))
     torch.library.opcheck(ops.int8_linear_wo, (x, w_q, w_scale))
     torch.library.opcheck(ops.linear_f32, (x, w))
     torch.library.opcheck(ops.quantize_rows, (x,))
@@ -203,7 +199,7 @@ def _linear_args(M=2, N=3, K=8):
     return dict(x=torch.randn(M, K), w_q=torch.zeros(N, K, dtype=I8), w_scale=torch.ones(N), out=torch.empty(M, N))
 
 
-INT8_LINEARS = ["int8_linear", "int8_linear_wo", "int8_linear_a16"]
+INT8_LINEARS = ["int8_linear_w8a8", "int8_linear_wo", "int8_linear_a16"]
 
 
 @pytest.mark.parametrize("fn", INT8_LINEARS)  # one binding and one set of checks for all three
@@ -334,8 +330,8 @@ def test_decode_gemvs_split_rows_into_two_streams_correctly(isa, M, K):
     for N in list(range(1, 14)) + [33, 41]:
         f32 = ops.linear_f32(x, w[:N])
         a16 = ops.int8_linear_a16(x, w_q[:N], w_scale[:N])
-        torch.testing.assert_close(f32, ops.linear_f32_reference(x, w[:N]), rtol=1e-4, atol=1e-4)
-        assert torch.equal(a16, ops.int8_linear_a16_reference(x, w_q[:N], w_scale[:N])), N
+        torch.testing.assert_close(f32, kernels.linear_f32_reference(x, w[:N]), rtol=1e-4, atol=1e-4)
+        assert torch.equal(a16, kernels.int8_linear_a16_reference(x, w_q[:N], w_scale[:N])), N
         for m in range(M):
             for n in range(N):
                 assert torch.equal(f32[m, n], ops.linear_f32(x[m:m + 1], w[n:n + 1])[0, 0]), (M, N, m, n)
@@ -362,7 +358,7 @@ def test_int8_linear_a16_exact_awkward_shapes(isa, K):
             w_scale = torch.rand(N, generator=gen) * 0.01 + 1e-3
             bias = torch.randn(N, generator=gen) if (M + N) % 2 else None
             assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale, bias),
-                               ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
+                               kernels.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
 
 
 @pytest.mark.parametrize("M, N", [(1, 9), (2, 3), (7, 17), (16, 64), (17, 33), (36, 16)])
@@ -379,10 +375,10 @@ def test_int8_linear_a16_exact_extremes(isa, M, N):
     activations = [torch.full((M, K), 2.5), torch.full((M, K), -0.1), signs(M, K) * 3.0]
     for w_q in weights:
         for x in activations:
-            x_q, _ = ops.quantize_rows_i16_reference(x)
+            x_q, _ = kernels.quantize_rows_i16_reference(x)
             assert (x_q.abs() == 32767).all()
             out = ops.int8_linear_a16(x, w_q, w_scale)
-            assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale))
+            assert torch.equal(out, kernels.int8_linear_a16_reference(x, w_q, w_scale))
     # The all-+max case really reaches K * 32767 * 127 (> 2^34): not wrapped.
     out = ops.int8_linear_a16(torch.full((M, K), 1.0), torch.full((N, K), 127, dtype=torch.int8), torch.ones(N))
     torch.testing.assert_close(out, torch.full((M, N), float(K * 127)), rtol=1e-6, atol=0)
@@ -396,7 +392,7 @@ def test_int8_linear_a16_zero_rows_and_bias(isa):
     bias = torch.randn(7)
     out = ops.int8_linear_a16(x, w_q, w_scale, bias)
     assert torch.equal(out[1], bias) and torch.equal(out[4], bias)  # no NaN from a 0 scale
-    assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale, bias))
+    assert torch.equal(out, kernels.int8_linear_a16_reference(x, w_q, w_scale, bias))
     assert not ops.int8_linear_a16(x[1:2], w_q, w_scale).any()
 
 
@@ -416,7 +412,7 @@ def test_int8_linear_a16_random_shapes_every_isa(M, N, K, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen)
     w_q, w_scale = rand_i8(N, K, gen=gen), torch.rand(N, generator=gen) + 0.01
-    expected = ops.int8_linear_a16_reference(x, w_q, w_scale)
+    expected = kernels.int8_linear_a16_reference(x, w_q, w_scale)
     for name in ops.supported_isas():
         with ops.use_isa(name):
             assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale), expected), name
@@ -426,7 +422,7 @@ def test_int8_linear_a16_single_thread_and_large_n_match():
     # Decode-sized: several threads split N; one thread must give the same bits.
     x = torch.randn(3, 576)
     w_q, w_scale = ops.quantize_rows(torch.randn(3000, 576))
-    expected = ops.int8_linear_a16_reference(x, w_q, w_scale)
+    expected = kernels.int8_linear_a16_reference(x, w_q, w_scale)
     previous = _C.num_threads()
     try:
         for threads in (1, 2):
@@ -448,7 +444,7 @@ def test_int8_linear_a16_close_to_fp32_dequantized():
     rel = ((out - dequantized).norm() / dequantized.norm()).item()
     assert rel < 2e-4
     # Far closer to the weight-only result than W8A8 is.
-    rel_w8a8 = ((ops.int8_linear(x, w_q, w_scale) - dequantized).norm() / dequantized.norm()).item()
+    rel_w8a8 = ((ops.int8_linear_w8a8(x, w_q, w_scale) - dequantized).norm() / dequantized.norm()).item()
     assert rel < rel_w8a8 / 10
 
 
@@ -485,5 +481,5 @@ def test_int8_linear_a16_prefill_at_the_int32_bound(isa, K):
                      (signs(16, K) * 127).to(torch.int8)])
     w_scale = torch.full((32,), 0.25)
     out = ops.int8_linear_a16(x, w_q, w_scale)
-    assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, w_scale))
+    assert torch.equal(out, kernels.int8_linear_a16_reference(x, w_q, w_scale))
     assert out[0, 0].item() == pytest.approx(K * 127 * 0.75 * 0.25, rel=1e-6)  # the largest sum, not wrapped

@@ -198,7 +198,7 @@ def test_int8_linear_w8a8_random_bitwise(isa, case):
     x, w_q, w_scale, bias = linear_inputs(case)
     out = nan_out(x, w_q.shape[0])
     with ops.use_isa(isa):
-        _C.int8_linear(x, w_q, w_scale, out, bias)
+        _C.int8_linear_w8a8(x, w_q, w_scale, out, bias)
     # The contract term for term, in fp32: exact integer sums (|sum| <= 600 * 127^2 < 2^24, so the
     # conversion to float is exact too), then float(sum) * (x_scale * w_scale) (+ bias).
     x_q, x_scale = quantize_rows_here(x)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C, kernels, ops
 from conftest import isa_params
 
 
@@ -11,29 +11,22 @@ def isa(request):
         yield request.param
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 576), (5, 1000), (2, 3, 4096), (130, 64)])
-def test_rms_norm_matches_reference(isa, shape):
+# rms_norm and add_rms_norm against the reference on every ISA, shape and device: test_backend_ops.py.
+
+
+@pytest.mark.parametrize("shape", [(3, 576), (5, 1000), (2, 3, 4096), (130, 64)])
+def test_rms_norm_wide_and_many_rows(isa, shape):
+    """Rows wider than the harness's samples (several vector blocks and a tail) and more rows than threads."""
     torch.manual_seed(0)
     x = torch.randn(shape) * 3
     w = torch.randn(shape[-1])
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(1, 9), (4, 576), (70, 1024)])
-def test_add_rms_norm_updates_residual(isa, shape):
-    torch.manual_seed(1)
-    res, delta, w = torch.randn(shape), torch.randn(shape), torch.randn(shape[-1])
-    res_ref = res.clone()
-    out = ops.add_rms_norm(res, delta, w, 1e-5)
-    expected = ops.add_rms_norm_reference(res_ref, delta, w, 1e-5)
-    torch.testing.assert_close(res, res_ref, rtol=0, atol=0)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), kernels.rms_norm_reference(x, w, 1e-6), rtol=1e-5, atol=1e-5)
 
 
 def test_rms_norm_in_place_alias():
     x = torch.randn(3, 64)
     w = torch.randn(64)
-    expected = ops.rms_norm_reference(x, w, 1e-5)
+    expected = kernels.rms_norm_reference(x, w, 1e-5)
     _C.rms_norm(x, w, x, 1e-5)
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
 
@@ -67,7 +60,7 @@ def test_add_rms_norm_rejects_aliasing():
 
 
 def test_isa_control():
-    assert ops.detected_isa() in ("scalar", "avx2", "avx512")
+    assert ops.detected_isa() in ops.isa_levels()
     with pytest.raises(ValueError, match="unknown ISA"):
         _C.set_isa("sse9")
     with ops.use_isa("scalar"):

@@ -1,4 +1,5 @@
-// Each op's bindings live in bindings/bind_<op>.cpp and are registered from bindings.cpp.
+// Each op's bindings live in bindings/bind_<op>.cpp and are registered from bindings.cpp. An op that
+// runs on the CPU and on CUDA has one binding for both (device_args.h).
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -14,6 +15,5 @@ void bind_int8_matmul(py::module_& m);
 void bind_llama_decoder(py::module_& m);
 void bind_gpt2_decoder(py::module_& m);
 void bind_memory_read(py::module_& m);  // sum_words: the rooflines' bandwidth probe
-void bind_cuda(py::module_& m);  // _C.cuda_*; registers nothing without PYENGINE_WITH_CUDA
 
 }  // namespace pyengine::bind

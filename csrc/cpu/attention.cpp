@@ -11,6 +11,7 @@
 
 #include "cpu/attention_isa.h"
 #include "cpu/dispatch.h"
+#include "pyengine/attention_window.h"
 #include "pyengine/cpu_features.h"
 
 namespace pyengine {
@@ -136,17 +137,6 @@ void attend_tile_scalar(const cpu::AttnRowTile& t) {
     }
     for (int64_t d = 0; d < D; ++d) o[d] /= sum;
   }
-}
-
-// The keys [start, limit) a query at `position` sees. A query past kv_len + window (the padding of
-// a shorter prompt in a batch) still sees key kv_len - 1, so that its (unused) output stays finite.
-struct KeyRange {
-  int64_t start, limit;
-};
-KeyRange key_range(int64_t position, int32_t kv_len, int64_t window) {
-  const int64_t limit = std::min<int64_t>(position + 1, kv_len);
-  const int64_t start = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
-  return {std::min(start, limit - 1), limit};
 }
 
 void prefill(TileFn fn, const float* q, const float* k_cache, const float* v_cache, float* out,

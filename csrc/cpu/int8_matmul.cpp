@@ -1,6 +1,7 @@
 // int8 / fp32 Linear drivers: cache tiling, OpenMP over tiles, epilogues (scales, bias), and the
 // scalar reference blocks. The per-ISA register-blocked kernels are in int8_matmul_{avx2,avx512}.cpp.
 #include "pyengine/int8_matmul.h"
+#include "pyengine/linear_f32.h"
 
 #include <omp.h>
 
@@ -416,8 +417,8 @@ void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t
   });
 }
 
-void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
-                 int64_t M, int64_t N, int64_t K) {
+void int8_linear_w8a8(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+                      int64_t M, int64_t N, int64_t K) {
   // Reused across calls: decode calls this hundreds of times per token.
   thread_local std::vector<int8_t> x_q;
   thread_local std::vector<float> x_scale;

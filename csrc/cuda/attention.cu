@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "pyengine/attention_window.h"
 
 namespace pyengine::cuda {
 namespace {
@@ -37,6 +38,7 @@ struct AttentionParams {
   int64_t q_len, num_q_heads, num_kv_heads, cache_len;
   int64_t group;  // num_q_heads / num_kv_heads
   int64_t rows;   // q_len * group: rows per (batch, kv head)
+  int64_t window;  // > 0: sliding window (key_range, attention_window.h)
   float scale;
   int64_t split_keys;  // SPLIT: keys per split (a multiple of kKeys)
   int num_splits;
@@ -95,21 +97,22 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   const int64_t start = p.q_start[b];
   const int64_t len = min(max(static_cast<int64_t>(p.kv_len[b]), int64_t{0}), p.cache_len);
   const int64_t last_row = min(row0 + kTileRows, p.rows) - 1;
-  // Causal: the block's last query (largest position) sees keys j <= start + t_last.
-  const int64_t n_keys = max(int64_t{0}, min(len, start + last_row / p.group + 1));
-  int64_t k_begin = 0, k_end = n_keys;
+  // A row's range moves forward with its position: the block's first row starts it, its last ends it.
+  int64_t k_begin = key_range(start + row0 / p.group, len, p.window).start;
+  int64_t k_end = max(int64_t{0}, key_range(start + last_row / p.group, len, p.window).limit);
   if (SPLIT) {
-    k_begin = static_cast<int64_t>(blockIdx.z) * p.split_keys;
-    k_end = min(n_keys, k_begin + p.split_keys);
+    const int64_t split_begin = static_cast<int64_t>(blockIdx.z) * p.split_keys;
+    k_begin = max(k_begin, split_begin);
+    k_end = min(k_end, split_begin + p.split_keys);
   }
 
   // ---- per-row online-softmax state (each lane keeps a copy of max/sum, and its output dims) ----
   const bool warp_active = row0 + warp * ROWS < p.rows;  // warp-uniform
-  int64_t position[ROWS];
+  KeyRange keys[ROWS];
   float row_max[ROWS], row_sum[ROWS], acc[ROWS][kDimsPerLane];
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    position[i] = start + (row0 + warp * ROWS + i) / p.group;
+    keys[i] = key_range(start + (row0 + warp * ROWS + i) / p.group, len, p.window);
     row_max[i] = -INFINITY;
     row_sum[i] = 0.0f;
 #pragma unroll
@@ -150,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     const int64_t key = tile + lane;
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) {
-      const bool visible = key < k_end && key <= position[i];
+      const bool visible = key < k_end && key >= keys[i].start && key < keys[i].limit;
       const float s = visible ? score[i] : -INFINITY;
       const float new_max = fmaxf(row_max[i], warp_max(s));  // warp-uniform
       float prob = 0.0f, rescale = 1.0f;
@@ -308,7 +311,7 @@ void attention(const void* q, const void* k_cache, const void* v_cache, void* ou
       shape.cache_len <= 0 || shape.num_q_heads % shape.num_kv_heads != 0) {
     throw std::invalid_argument("attention: bad shape");
   }
-  if (shape.window != 0) throw std::invalid_argument("attention: the CUDA kernel has no sliding window");
+  if (shape.window < 0) throw std::invalid_argument("attention: window must be >= 0 (0: no sliding window)");
   if (shape.head_dim != 64 && shape.head_dim != 128) {
     throw std::invalid_argument("attention: head_dim must be 64 or 128 on CUDA");
   }
@@ -325,6 +328,7 @@ void attention(const void* q, const void* k_cache, const void* v_cache, void* ou
   p.cache_len = shape.cache_len;
   p.group = shape.num_q_heads / shape.num_kv_heads;
   p.rows = shape.q_len * p.group;
+  p.window = shape.window;
   p.scale = scale;
   p.num_splits = 1;
   const cudaStream_t s = as_stream(stream);

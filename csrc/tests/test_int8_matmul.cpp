@@ -1,4 +1,5 @@
 #include "pyengine/int8_matmul.h"
+#include "pyengine/linear_f32.h"
 
 #include <cstdint>
 
@@ -96,7 +97,7 @@ int main() {
       set_isa(Isa::Scalar);
       quantize_rows(w.data(), wq_scalar.data(), ws_scalar.data(), N, K);
       std::vector<float> lin_scalar(M * N), wo_scalar(M * N), f32_scalar(M * N), a16_scalar(M * N);
-      int8_linear(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, lin_scalar.data(), M, N, K);
+      int8_linear_w8a8(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, lin_scalar.data(), M, N, K);
       int8_linear_a16(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, a16_scalar.data(), M, N, K);
       int8_linear_wo(x.data(), wq_scalar.data(), ws_scalar.data(), nullptr, wo_scalar.data(), M, N, K);
       linear_f32(x.data(), w.data(), nullptr, f32_scalar.data(), M, N, K);
@@ -108,7 +109,7 @@ int main() {
         quantize_rows(w.data(), wq.data(), ws.data(), N, K);
         PE_CHECK(wq == wq_scalar && ws == ws_scalar);  // bitwise on every ISA
         std::vector<float> lin(M * N), wo(M * N), f32(M * N), a16(M * N);
-        int8_linear(x.data(), wq.data(), ws.data(), nullptr, lin.data(), M, N, K);
+        int8_linear_w8a8(x.data(), wq.data(), ws.data(), nullptr, lin.data(), M, N, K);
         PE_CHECK(testing::max_abs_diff(lin, lin_scalar) == 0.0f);
         int8_linear_a16(x.data(), wq.data(), ws.data(), nullptr, a16.data(), M, N, K);
         PE_CHECK(a16 == a16_scalar);  // exact integer sums, the same epilogue
@@ -146,7 +147,7 @@ int main() {
         quantize_rows(x.data(), xq.data(), xs, 2, K);
         PE_CHECK(xs[0] > 0.0f && std::isnan(xs[1]));
         for (int64_t k = 0; k < K; ++k) PE_CHECK(xq[K + k] == 0);
-        for (auto linear : {int8_linear, int8_linear_a16}) {
+        for (auto linear : {int8_linear_w8a8, int8_linear_a16}) {
           std::vector<float> y(2 * N);
           linear(x.data(), w.data(), ws.data(), nullptr, y.data(), 2, N, K);
           for (int64_t n = 0; n < N; ++n) PE_CHECK(std::isfinite(y[n]) && std::isnan(y[N + n]));

@@ -1,4 +1,5 @@
-// CUDA kernels: launch functions over raw device pointers (plain C++, no CUDA headers, so the
+// CUDA kernels, one launcher per op of the same name (the CPU op's header has its maths): launch
+// functions over raw device pointers (plain C++, no CUDA headers, so the
 // bindings include it without nvcc). Built only where CMake found nvcc (PYENGINE_WITH_CUDA).
 //
 // Every function launches on `stream` (a cudaStream_t passed as void*; from Python
@@ -50,9 +51,10 @@ void rope(void* x, const float* cos, const float* sin, const int32_t* positions,
 // out = silu(gate) * up over n elements of type t (out may be gate or up).
 void silu_mul(const void* gate, const void* up, void* out, int64_t n, FloatType t, void* stream);
 
-// Causal GQA attention, same semantics as pyengine::attention (attention.h), for q, caches and out
-// of type t and head_dim 64 or 128; fp32 accumulation. Data pointers 16-byte aligned. kv_len[b]
-// is clamped to [0, S]; a query that sees no key (kv_len[b] < 1, or q_start[b] + t < 0) gets zeros.
+// Causal GQA attention, same semantics as pyengine::attention (attention.h), sliding window
+// included, for q, caches and out of type t and head_dim 64 or 128; fp32 accumulation. Data pointers
+// 16-byte aligned. kv_len[b] is clamped to [0, S]; a query that sees no key (kv_len[b] < 1, or
+// q_start[b] + t < 0) gets zeros.
 // May allocate a stream-ordered workspace (cudaMallocAsync) for the decode split.
 void attention(const void* q, const void* k_cache, const void* v_cache, void* out, const int32_t* q_start,
                const int32_t* kv_len, const AttentionShape& shape, float scale, FloatType t, void* stream);
@@ -60,12 +62,12 @@ void attention(const void* q, const void* k_cache, const void* v_cache, void* ou
 // Weight-only int8 Linear: out[m, n] = w_scale[n] * sum_k x[m, k] * w_q[n, k] (+ bias[n]).
 // x: [M, K] and out: [M, N] of type t (F16 or BF16 or F32); w_q: [N, K] int8; w_scale: [N] fp32;
 // bias: [N] of type t, or null. Any M (processed 8 rows per launch); fp32 accumulation.
-void int8_gemv(const void* x, const int8_t* w_q, const float* w_scale, const void* bias, void* out, int64_t M,
-               int64_t N, int64_t K, FloatType t, void* stream);
+void int8_linear_wo(const void* x, const int8_t* w_q, const float* w_scale, const void* bias, void* out, int64_t M,
+                    int64_t N, int64_t K, FloatType t, void* stream);
 
 // out[m, n] = sum_k a[m, k] * b[n, k] in int32 (tensor cores, sm_80+). a: [M, K], b: [N, K] int8,
 // out: [M, N] int32; K a multiple of 32; a and b 16-byte aligned.
-void int8_gemm_i32(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K, void* stream);
+void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K, void* stream);
 
 // Symmetric per-row int8: scale[m] = max|x[m]| / 127, q = clamp(round_half_even(x / scale), +-127)
 // (0 for an all-zero row). x: [M, K] of type t; q: [M, K] int8; scale: [M] fp32.

@@ -1,7 +1,10 @@
-// int8 matrix products for Linear layers (torch layout: weight [N, K], row-major), plus an fp32
-// Linear for comparison. All tensors contiguous; outputs must not alias inputs.
+// int8 matrix products for Linear layers (torch layout: weight [N, K], row-major). All tensors
+// contiguous; outputs must not alias inputs.
 #pragma once
 #include <cstdint>
+
+// Until the decoders include linear_f32.h themselves (decoder_common.cpp calls linear_f32).
+#include "pyengine/linear_f32.h"
 
 namespace pyengine {
 
@@ -14,7 +17,7 @@ void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out_i32, int64_t
 //   xq, x_scale = quantize_rows(x)
 //   out[m, n] = float(sum_k xq[m, k] * w_q[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]
 // x: [M, K] fp32, w_q: [N, K] int8 in [-127, 127], w_scale: [N], bias: [N] or null, out: [M, N].
-void int8_linear(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
+void int8_linear_w8a8(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                  int64_t M, int64_t N, int64_t K);
 
 // Weight-only int8 Linear: out[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W = float(w_q) * w_scale[n]
@@ -33,12 +36,8 @@ void int8_linear_wo(const float* x, const int8_t* w_q, const float* w_scale, con
 // an output row does not depend on which other rows share the call (prefill and decode agree).
 // Up to 16 rows a GEMV streams the int8 weights once (decode); above, the packed-panel GEMM on int16
 // pairs (prefill), faster than the fp32 FMA GEMM. With 16-bit activations it stays far
-// closer to fp32 than W8A8. Shapes as int8_linear.
+// closer to fp32 than W8A8. Shapes as int8_linear_w8a8.
 void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, const float* bias, float* out,
                      int64_t M, int64_t N, int64_t K);
-
-// fp32 Linear: out = x @ w^T + bias. x: [M, K], w: [N, K], bias: [N] or null, out: [M, N].
-// Up to 16 rows a streaming GEMV; above, the packed-panel GEMM (6 tokens x 16 features per tile).
-void linear_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N, int64_t K);
 
 }  // namespace pyengine

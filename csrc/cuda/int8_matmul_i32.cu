@@ -141,13 +141,13 @@ quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __r
 
 }  // namespace
 
-void int8_gemm_i32(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K, void* stream) {
+void int8_matmul_i32(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K, void* stream) {
   if (M <= 0 || N <= 0) return;
-  if (K % 32 != 0) throw std::invalid_argument("int8_gemm_i32: K must be a multiple of 32");
+  if (K % 32 != 0) throw std::invalid_argument("int8_matmul_i32: K must be a multiple of 32");
   const int64_t grid_m = (M + kTileM - 1) / kTileM, grid_n = (N + kTileN - 1) / kTileN;
-  if (grid_m > 65535 || grid_n > 0x7fffffffLL) throw std::invalid_argument("int8_gemm_i32: M or N too large");
+  if (grid_m > 65535 || grid_n > 0x7fffffffLL) throw std::invalid_argument("int8_matmul_i32: M or N too large");
   if (K == 0) {
-    throw_on_error(cudaMemsetAsync(out, 0, sizeof(int32_t) * M * N, as_stream(stream)), "int8_gemm_i32: memset");
+    throw_on_error(cudaMemsetAsync(out, 0, sizeof(int32_t) * M * N, as_stream(stream)), "int8_matmul_i32: memset");
     return;
   }
   int8_gemm_kernel<<<dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, 0,

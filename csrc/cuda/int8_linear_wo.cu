@@ -98,12 +98,12 @@ int8_gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, const fl
 
 }  // namespace
 
-void int8_gemv(const void* x, const int8_t* w_q, const float* w_scale, const void* bias, void* out, int64_t M,
-               int64_t N, int64_t K, FloatType t, void* stream) {
+void int8_linear_wo(const void* x, const int8_t* w_q, const float* w_scale, const void* bias, void* out, int64_t M,
+                    int64_t N, int64_t K, FloatType t, void* stream) {
   if (M <= 0 || N <= 0 || K <= 0) return;
   const int64_t rows_per_block = kWarps * kRowsPerWarp;
   const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
-  if (blocks > 0x7fffffffLL) throw std::invalid_argument("int8_gemv: N too large");
+  if (blocks > 0x7fffffffLL) throw std::invalid_argument("int8_linear_wo: N too large");
   dispatch_float_type(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xt = static_cast<const T*>(x);
