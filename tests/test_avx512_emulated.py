@@ -6,7 +6,7 @@ run under Bochs: the int8 VNNI block against an exact integer reference, with gu
 any read past a row's K bytes; the fp32 prefill panel kernel against the AVX2 one (bitwise) and a float64
 reference; the W8A16 (int16-pair) prefill kernel against the AVX2 one and an exact reference, both
 bitwise; the W8A16 decode GEMV (int16 x int8 -> exact int64) against the AVX2 one and an exact integer
-reference, with guard pages; the W8A16 decode panel kernel (4-16 rows, epilogue fused) against exact
+reference, with guard pages; the W8A16 decode panel kernel (8-16 rows, epilogue fused) against exact
 sums and the scalar epilogue, bitwise, with guard pages; and the cpuid / xgetbv detection that decides when they run."""
 import faulthandler
 import platform
@@ -479,7 +479,7 @@ def test_i16i8_block_exact_hypothesis(machine, M, N, K, lda_pad, ldb_pad, ldc_pa
     check_i16i8_block(machine, a, b, lda_pad, ldb_pad, ldc_pad, seed)
 
 
-# ---- i16i8_linear_panels_avx512: W8A16 decode at 4..16 rows, weight panels, epilogue fused ---------
+# ---- i16i8_linear_panels_avx512: W8A16 decode at 8..16 rows, weight panels, epilogue fused ---------
 
 
 def panel_slot(pair):
@@ -536,7 +536,7 @@ def check_i16i8_panels(machine, a, b, with_bias, ldo_pad=0, seed=0):
     assert (buffer[~written].view(np.uint32) == np.uint32(0x7FC0DEAD)).all()
 
 
-# M: a row count at and around the driver's range (4 .. 16) and past one pass (17: a second pass of
+# M: row counts inside and around the driver's range (8 .. 16) and past one pass (17: a second pass of
 # one row); N: partial panels of 1, 15 and 17 rows and two whole ones; K: 1 (half a pair), a
 # block's tail, odd K past a 64-byte block, a model width, and past the 256-pair int32 chunks.
 @pytest.mark.parametrize("K", [1, 63, 65, 576, 1543])

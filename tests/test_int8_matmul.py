@@ -489,11 +489,11 @@ def test_int8_linear_a16_prefill_at_the_int32_bound(isa, K):
     assert out[0, 0].item() == pytest.approx(K * 127 * 0.75 * 0.25, rel=1e-6)  # the largest sum, not wrapped
 
 
-# ---- int8_linear_a16 decode at 4..16 rows: the AVX-512 weight-panel kernel ------------------------
-# From 4 rows up to 16 the AVX-512 decode transposes 16 weight rows x 32 pairs of k at a time; these
+# ---- int8_linear_a16 decode at 8..16 rows: the AVX-512 weight-panel kernel ------------------------
+# From 8 rows up to 16 the AVX-512 decode transposes 16 weight rows x 32 pairs of k at a time; these
 # shapes cut that grid everywhere: N off the 16 rows (1, 15, 17, 33), K off the 64-byte block, odd K
 # (the last pair half empty), K past 512 (the int32 lanes go into int64 every 256 pairs), and every
-# row count around the 1-3 / 4-16 / 17+ boundaries.
+# row count around the 1-2 / 3-7 / 8-16 / 17+ boundaries.
 
 @pytest.mark.parametrize("K", [1, 2, 63, 64, 65, 129, 1025])
 def test_int8_linear_a16_every_decode_row_count(isa, K):
@@ -508,9 +508,9 @@ def test_int8_linear_a16_every_decode_row_count(isa, K):
                                ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
 
 
-@pytest.mark.parametrize("M", [4, 9, 16])
+@pytest.mark.parametrize("M", [4, 8, 9, 16])
 def test_int8_linear_a16_decode_rows_do_not_depend_on_their_batch(isa, M):
-    """Each row of a 4..16-row batch (the panel kernel on AVX-512) has the bits it has alone (the
+    """Each row of a 4..16-row batch (8..16: the panel kernel on AVX-512) has the bits it has alone (the
     row-dot GEMV) and the bits of the prefill GEMM: a request's output does not depend on the batch."""
     gen = torch.Generator().manual_seed(M)
     x = torch.randn(M, 577, generator=gen) * torch.rand(M, 1, generator=gen) * 4
@@ -523,7 +523,7 @@ def test_int8_linear_a16_decode_rows_do_not_depend_on_their_batch(isa, M):
         assert torch.equal(out[m:m + 1], ops.int8_linear_a16(x[m:m + 1], w_q, w_scale, bias)), m
 
 
-@pytest.mark.parametrize("M", [4, 16])
+@pytest.mark.parametrize("M", [4, 8, 16])
 def test_int8_linear_a16_decode_extremes_with_minus_128(M):
     """AVX-512 takes weights of -128 too: every product at 32767 * 128, over K = 4100 (eight 256-pair
     int32 chunks, each summing to 2^31 - 65536 at most, and the row past 2^34)."""

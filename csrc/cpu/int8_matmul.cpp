@@ -144,8 +144,9 @@ constexpr int64_t kTokensPerTile = 64;
 constexpr int64_t kWeightTileBytes = 96 * 1024;
 // From this many tokens up to kSmallM, AVX-512 decode takes the weight-panel kernel
 // (i16i8_linear_panels_avx512): its in-register transpose of the weights is then shared by enough
-// activation rows to beat the row-dot GEMV, which stays the faster for 1-3 rows.
-constexpr int64_t kPanelDecodeMinRows = 4;
+// activation rows to beat the row-dot GEMV. Below, the GEMV: at 4 rows the panel kernel is faster on
+// cached weights but slower where they stream from memory (lm_head; the whole decode step at batch 4).
+constexpr int64_t kPanelDecodeMinRows = 8;
 // Below this many multiply-adds a fork/join costs more than it saves.
 constexpr int64_t kParallelMinMacs = 1 << 16;
 

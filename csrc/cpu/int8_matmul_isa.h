@@ -90,7 +90,7 @@ void i16_panel_kernel_scaled_pair_avx512(const int16_t* a_pack, const int16_t* b
                                          const float* row_scale, const float* col_scale, const float* bias,
                                          float* out, int64_t ldo);
 
-// W8A16 decode at a few activation rows (int8_linear_a16 below kSmallM rows), the epilogue fused:
+// W8A16 decode at several activation rows (int8_linear_a16, 8 to kSmallM rows), the epilogue fused:
 //   out[m * ldo + n] = float(sum_k xq[m][k] * w[n * K + k]) * (x_scale[m] * w_scale[n]) (+ bias[n])
 // for m < M, n < N, the sums exact (int64), the epilogue scale_tile's operations in its order: the same
 // bits as i16i8_dot_block_* + scale_tile. Weight rows are read exactly K bytes each (no over-read);
