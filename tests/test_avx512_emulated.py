@@ -6,7 +6,8 @@ run under Bochs: the int8 VNNI block against an exact integer reference, with gu
 any read past a row's K bytes; the fp32 prefill panel kernel against the AVX2 one (bitwise) and a float64
 reference; the W8A16 (int16-pair) prefill kernel against the AVX2 one and an exact reference, both
 bitwise; the W8A16 decode GEMV (int16 x int8 -> exact int64) against the AVX2 one and an exact integer
-reference, with guard pages; and the cpuid / xgetbv detection that decides when they run."""
+reference, with guard pages; the W8A16 decode panel kernel (8-16 rows, epilogue fused) against exact
+sums and the scalar epilogue, bitwise, with guard pages; and the cpuid / xgetbv detection that decides when they run."""
 import faulthandler
 import platform
 import sys
@@ -99,6 +100,18 @@ extern "C" void pe_entry(int64_t avx512, const int16_t* a, int64_t lda, const in
 }
 """
 
+I16I8_PANELS_ENTRY = """
+#include "cpu/int8_matmul_isa.h"
+// The W8A16 decode panel kernel; its 11 arguments from p[0 .. 10], in its order.
+extern "C" void pe_entry(const int64_t* p) {
+  pyengine::cpu::i16i8_linear_panels_avx512(
+      reinterpret_cast<const int32_t*>(p[0]), p[1], reinterpret_cast<const float*>(p[2]),
+      reinterpret_cast<const int8_t*>(p[3]), reinterpret_cast<const float*>(p[4]),
+      reinterpret_cast<const float*>(p[5]), reinterpret_cast<float*>(p[6]), p[7], p[8], p[9],
+      reinterpret_cast<int8_t*>(p[10]));
+}
+"""
+
 DETECT_ENTRY = """
 #include "cpu/isa_detect.h"
 // features != 0: the CpuFeature bits; else the level.
@@ -111,6 +124,7 @@ extern "C" int pe_entry(int64_t features) {
 
 # Data: each operand at the end of its own region, so a read past it faults.
 A_REGION, B_REGION, C_REGION = 0x1000_0000, 0x2000_0000, 0x3000_0000
+D_REGION = 0x4000_0000  # the panel kernel's scales, bias, scratch and argument block
 REGION_BYTES = 256 * 1024  # mapped; the page after each region is not
 C_SENTINEL = -0x5A5A5A5A
 EMULATION_DEADLINE_S = 600  # the whole module takes ~10 s
@@ -125,6 +139,7 @@ PROGRAMS = {
                                     ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
     "i16i8_block": (I16I8_BLOCK_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS"),
                                         ("int8_matmul_avx2.cpp", "AVX2_FLAGS")]),
+    "i16i8_panels": (I16I8_PANELS_ENTRY, [("int8_matmul_avx512.cpp", "AVX512_FLAGS")]),
     "detect": (DETECT_ENTRY, [("isa_detect.cpp", None)]),
 }
 
@@ -150,7 +165,7 @@ def machine(tmp_path_factory):
     try:
         with X86Machine() as m:
             entries = {name: m.load_elf(elf) for name, elf in elves.items()}
-            for region in (A_REGION, B_REGION, C_REGION):
+            for region in (A_REGION, B_REGION, C_REGION, D_REGION):
                 m.map(region, REGION_BYTES)
             yield m, entries
     finally:
@@ -462,3 +477,85 @@ def test_i16i8_block_exact_hypothesis(machine, M, N, K, lda_pad, ldb_pad, ldc_pa
         a = rng.integers(-32767, 32768, (M, K), dtype=np.int16)
         b = rng.integers(-128, 128, (N, K), dtype=np.int8)
     check_i16i8_block(machine, a, b, lda_pad, ldb_pad, ldc_pad, seed)
+
+
+# ---- i16i8_linear_panels_avx512: W8A16 decode at 8..16 rows, weight panels, epilogue fused ---------
+
+
+def panel_slot(pair):
+    """i16_panel_slot (int8_matmul_isa.h): pair 8q + r of a 32-pair block at slot 4r + q."""
+    j = pair % 32
+    return pair - j + 4 * (j % 8) + j // 8
+
+
+def check_i16i8_panels(machine, a, b, with_bias, ldo_pad=0, seed=0):
+    """The kernel on the emulated CPU against exact int64 sums and scale_tile's fp32 epilogue, bitwise.
+    The weights end at the end of their mapped region (a read past row N - 1's K bytes faults), as does
+    out; out's gaps between rows must stay untouched."""
+    m, entries = machine
+    (M, K), N = a.shape, b.shape[0]
+    rng = np.random.default_rng(seed)
+    padded = (((K + 1) // 2 + 31) // 32) * 32
+    a_even = np.zeros((M, 2 * padded), np.int16)
+    a_even[:, :K] = a
+    pairs = a_even.view(np.int32)  # (M, padded): pair j of row m, the low half x[2j]
+    x_pairs = np.zeros((padded, M), np.int32)
+    for j in range((K + 1) // 2):
+        x_pairs[panel_slot(j)] = pairs[:, j]
+    x_scale = (rng.random(M) * 1e-3 + 1e-5).astype(np.float32)
+    w_scale = (rng.random(N) * 1e-2 + 1e-4).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    ldo = N + ldo_pad
+    x_addr = A_REGION + REGION_BYTES - x_pairs.nbytes
+    w_addr = B_REGION + REGION_BYTES - b.nbytes
+    out_words = (M - 1) * ldo + N
+    out_addr = C_REGION + REGION_BYTES - 4 * out_words
+    xs_addr, ws_addr, bias_addr = D_REGION, D_REGION + 0x1000, D_REGION + 0x2000
+    args_addr, panel_addr = D_REGION + 0x3000, D_REGION + 0x4000  # 64-byte aligned scratch
+    sentinel = np.frombuffer(np.uint32(0x7FC0DEAD).tobytes(), np.float32)[0]  # a NaN no result can be
+    m.write(x_addr, x_pairs.tobytes())
+    m.write(w_addr, np.ascontiguousarray(b).tobytes())
+    m.write(out_addr, np.full(out_words, sentinel, np.float32).tobytes())
+    m.write(xs_addr, x_scale.tobytes())
+    m.write(ws_addr, w_scale.tobytes())
+    m.write(bias_addr, bias.tobytes())
+    args = [x_addr, M, xs_addr, w_addr, ws_addr, bias_addr if with_bias else 0, out_addr, ldo, N, K, panel_addr]
+    m.write(args_addr, np.array(args, np.int64).tobytes())
+    m.call(entries["i16i8_panels"], args_addr)
+    buffer = np.frombuffer(m.read(out_addr, 4 * out_words), np.float32)
+    out = np.stack([buffer[r * ldo:r * ldo + N] for r in range(M)])
+    sums = a.astype(np.int64) @ b.astype(np.int64).T
+    expected = sums.astype(np.float32) * (x_scale[:, None] * w_scale[None, :])
+    if with_bias:
+        expected = expected + bias
+    np.testing.assert_array_equal(out.view(np.uint32), expected.astype(np.float32).view(np.uint32),
+                                  err_msg=f"M={M} N={N} K={K}")
+    written = np.zeros(buffer.size, bool)
+    for r in range(M):
+        written[r * ldo:r * ldo + N] = True
+    assert (buffer[~written].view(np.uint32) == np.uint32(0x7FC0DEAD)).all()
+
+
+# M: row counts inside and around the driver's range (8 .. 16) and past one pass (17: a second pass of
+# one row); N: partial panels of 1, 15 and 17 rows and two whole ones; K: 1 (half a pair), a
+# block's tail, odd K past a 64-byte block, a model width, and past the 256-pair int32 chunks.
+@pytest.mark.parametrize("K", [1, 63, 65, 576, 1543])
+@pytest.mark.parametrize("M", [1, 4, 16, 17])
+def test_i16i8_panels_exact_random(machine, M, K):
+    rng = np.random.default_rng(M * 100_000 + K)
+    for N in (1, 15, 17, 32):
+        a = rng.integers(-32767, 32768, (M, K), dtype=np.int16)
+        b = rng.integers(-128, 128, (N, K), dtype=np.int8)
+        check_i16i8_panels(machine, a, b, with_bias=bool(N % 2), ldo_pad=N % 3 * 5, seed=N)
+
+
+# Every product at its largest magnitude: each 256-pair int32 chunk sums to 2^31 - 65536 at most,
+# the row totals (3.4e10 at K = 4100) only fit the int64 they are added into.
+@pytest.mark.parametrize("K", [512, 513, 4100])
+def test_i16i8_panels_exact_extremes(machine, K):
+    rng = np.random.default_rng(K)
+    full = lambda dtype, v, n: np.full((n, K), v, dtype)  # noqa: E731
+    signs = lambda n: np.where(rng.random((n, K)) < 0.5, -128, 127).astype(np.int8)  # noqa: E731
+    for a in (full(np.int16, 32767, 16), full(np.int16, -32767, 5)):
+        for b in (full(np.int8, -128, 17), full(np.int8, 127, 3), signs(16)):
+            check_i16i8_panels(machine, a, b, with_bias=False)

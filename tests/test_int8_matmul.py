@@ -483,3 +483,57 @@ def test_int8_linear_a16_prefill_at_the_int32_bound(isa, K):
     out = ops.int8_linear_a16(x, w_q, w_scale)
     assert torch.equal(out, kernels.int8_linear_a16_reference(x, w_q, w_scale))
     assert out[0, 0].item() == pytest.approx(K * 127 * 0.75 * 0.25, rel=1e-6)  # the largest sum, not wrapped
+
+
+# ---- int8_linear_a16 decode at 8..16 rows: the AVX-512 weight-panel kernel ------------------------
+# From 8 rows up to 16 the AVX-512 decode transposes 16 weight rows x 32 pairs of k at a time; these
+# shapes cut that grid everywhere: N off the 16 rows (1, 15, 17, 33), K off the 64-byte block, odd K
+# (the last pair half empty), K past 512 (the int32 lanes go into int64 every 256 pairs), and every
+# row count around the 1-2 / 3-7 / 8-16 / 17+ boundaries.
+
+@pytest.mark.parametrize("K", [1, 2, 63, 64, 65, 129, 1025])
+def test_int8_linear_a16_every_decode_row_count(isa, K):
+    for M in range(1, 18):
+        for N in (1, 15, 16, 17, 33):
+            gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+            x = torch.randn(M, K, generator=gen) * torch.rand(M, 1, generator=gen) * 5
+            w_q = torch.randint(-128 if isa == "avx512" else -127, 128, (N, K), dtype=torch.int8, generator=gen)
+            w_scale = torch.rand(N, generator=gen) * 0.01 + 1e-3
+            bias = torch.randn(N, generator=gen) if (M + N) % 2 else None
+            assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale, bias),
+                               ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
+
+
+@pytest.mark.parametrize("M", [4, 8, 9, 16])
+def test_int8_linear_a16_decode_rows_do_not_depend_on_their_batch(isa, M):
+    """Each row of a 4..16-row batch (8..16: the panel kernel on AVX-512) has the bits it has alone (the
+    row-dot GEMV) and the bits of the prefill GEMM: a request's output does not depend on the batch."""
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 577, generator=gen) * torch.rand(M, 1, generator=gen) * 4
+    w_q, w_scale = ops.quantize_rows(torch.randn(50, 577, generator=gen))
+    bias = torch.randn(50, generator=gen)
+    out = ops.int8_linear_a16(x, w_q, w_scale, bias)
+    padded = ops.int8_linear_a16(torch.cat([x, x[:17 - M]]), w_q, w_scale, bias)  # 17 rows: the GEMM
+    assert torch.equal(out, padded[:M])
+    for m in range(M):
+        assert torch.equal(out[m:m + 1], ops.int8_linear_a16(x[m:m + 1], w_q, w_scale, bias)), m
+
+
+@pytest.mark.parametrize("M", [4, 8, 16])
+def test_int8_linear_a16_decode_extremes_with_minus_128(M):
+    """AVX-512 takes weights of -128 too: every product at 32767 * 128, over K = 4100 (eight 256-pair
+    int32 chunks, each summing to 2^31 - 65536 at most, and the row past 2^34)."""
+    if "avx512" not in ops.supported_isas():
+        pytest.skip("the -128 weights are allowed on the AVX-512 kernels only")
+    K, N = 4100, 19
+    gen = torch.Generator().manual_seed(M)
+    signs = torch.where(torch.rand(N, K, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    for w_q in (torch.full((N, K), -128, dtype=torch.int8), signs):
+        for x in (torch.full((M, K), -1.5), torch.full((M, K), 2.0)):
+            with ops.use_isa("avx512"):
+                out = ops.int8_linear_a16(x, w_q, torch.ones(N))
+            assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, torch.ones(N)))
+    with ops.use_isa("avx512"):
+        out = ops.int8_linear_a16(torch.full((M, K), 2.0), torch.full((N, K), -128, dtype=torch.int8), torch.ones(N))
+    # -K * 32767 * 128 in int64, not wrapped, times the row scale 2 / 32767
+    torch.testing.assert_close(out, torch.full((M, N), -K * 128 * 2.0), rtol=1e-6, atol=0)

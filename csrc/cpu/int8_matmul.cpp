@@ -143,6 +143,11 @@ namespace {
 constexpr int64_t kSmallM = 16;
 constexpr int64_t kTokensPerTile = 64;
 constexpr int64_t kWeightTileBytes = 96 * 1024;
+// From this many tokens up to kSmallM, AVX-512 decode takes the weight-panel kernel
+// (i16i8_linear_panels_avx512): its in-register transpose of the weights is then shared by enough
+// activation rows to beat the row-dot GEMV. Below, the GEMV: at 4 rows the panel kernel is faster on
+// cached weights but slower where they stream from memory (lm_head; the whole decode step at batch 4).
+constexpr int64_t kPanelDecodeMinRows = 8;
 // Below this many multiply-adds a fork/join costs more than it saves.
 constexpr int64_t kParallelMinMacs = 1 << 16;
 
@@ -475,6 +480,33 @@ void int8_linear_a16(const float* x, const int8_t* w_q, const float* w_scale, co
   const auto quantize_row = cpu::pick_kernel<decltype(&cpu::quantize_row_i16_scalar)>(
       {{Isa::Avx2, cpu::quantize_row_i16_avx2}, {Isa::Scalar, cpu::quantize_row_i16_scalar}});
   for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, x_q.data() + m * K, x_scale.data() + m, K);
+  const auto panels = cpu::pick_kernel<decltype(&cpu::i16i8_linear_panels_avx512)>(
+      {{Isa::Avx512, cpu::i16i8_linear_panels_avx512}, {Isa::Scalar, nullptr}});
+  if (panels != nullptr && M >= kPanelDecodeMinRows) {
+    // The activations as int16 pairs, pair-major, in the kernel's slot order.
+    const int64_t pairs = (K + 1) / 2;
+    thread_local std::vector<int32_t> x_pairs;
+    x_pairs.assign(cpu::i16_panel_padded_pairs(K) * M, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* row = x_q.data() + m * K;
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t lo = static_cast<uint16_t>(row[2 * p]);
+        const uint16_t hi = 2 * p + 1 < K ? static_cast<uint16_t>(row[2 * p + 1]) : 0;
+        x_pairs[cpu::i16_panel_slot(p) * M + m] = static_cast<int32_t>(uint32_t{lo} | uint32_t{hi} << 16);
+      }
+    }
+    // Pointers, not the thread_local vectors: inside the lambda those would be each worker's own.
+    const int32_t* xp = x_pairs.data();
+    const float* xs = x_scale.data();
+    for_each_tile(M, N, K, 1, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      (void)m0, (void)m1;  // M <= kSmallM: every tile has all the rows
+      thread_local std::vector<int8_t> panel_storage;  // per OpenMP thread; 64-byte aligned below
+      panel_storage.resize(32 * cpu::i16_panel_padded_pairs(K) + 64);
+      int8_t* panel = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t{63});
+      panels(xp, M, xs, w_q + n0 * K, w_scale + n0, bias ? bias + n0 : nullptr, out + n0, N, n1 - n0, K, panel);
+    });
+    return;
+  }
   const auto block = cpu::pick_kernel<decltype(&cpu::i16i8_dot_block_scalar)>(
       {{Isa::Avx512, cpu::i16i8_dot_block_avx512},
        {Isa::Avx2, cpu::i16i8_dot_block_avx2},

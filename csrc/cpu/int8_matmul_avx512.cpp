@@ -10,6 +10,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
 
 #include "cpu/int8_matmul_isa.h"
 #include "cpu/row_blocks.h"
@@ -350,6 +353,139 @@ void i8_dot_block_avx512(const int8_t* a, int64_t lda, const int8_t* b, int64_t 
     for (int64_t n = 0; n < N; n += 4) {
       const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
       table[mr - 1][nr - 1](a + m * lda, lda, b + n * ldb, ldb, c + m * ldc + n, ldc, K);
+    }
+  }
+}
+
+// ---- W8A16 decode at several activation rows: weight panels x broadcast activation pairs ----
+//
+// i16i8_dot_block_avx512 above keeps one accumulator per (activation row, weight row) and sums its
+// lanes at the end; at 16 activation rows that costs a vpmovsxbw per 4 vpdpwssd, an activation load
+// per vpdpwssd and the horizontal sums. Here, as in the prefill kernels, the accumulator of
+// activation row m holds the sums of 16 weight rows (one per int32 lane): 16 weight rows are
+// transposed in registers into int8 pairs [pair][row][2] (the "panel", L1-resident), and each pair of
+// k costs one vpmovsxbw and one vpdpwssd per activation row with the activation pair broadcast from
+// memory. No horizontal sums, and the scale epilogue is vectorized in the same pass.
+namespace {
+
+static_assert(kI16PanelBlockPairs == 32, "one 64-byte load per weight row per transpose");
+
+// panel[slot * 32 + 2 * c + i] = w[c * ldw + 2 * j + i] for the 32 pairs j of the block (c < 16, i < 2),
+// pair j at slot i16_panel_slot(j), with `bytes` (<= 64) valid bytes in each row and zeros past them and
+// for rows c >= cols.
+PE_INLINE void transpose_pairs_16x32(const int8_t* w, int64_t ldw, int64_t cols, __mmask64 bytes, int8_t* panel) {
+  __m512i r[16], t[16];
+  for (int c = 0; c < 16; ++c) r[c] = c < cols ? _mm512_maskz_loadu_epi8(bytes, w + c * ldw) : _mm512_setzero_si512();
+  // A pair is a 16-bit unit: the classic 16-bit transpose, within 128-bit lanes first. After the
+  // three unpack levels, t[8 * o + jj] lane L holds rows 8o .. 8o + 7 of the pair j = 8L + jj. (The
+  // zero-masked unpacks for the GCC 12 warning noted at hsum_epi32; the same instructions.)
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // r[4q + g] lane L: rows 4q .. 4q + 3 of pairs 8L + 2g, 8L + 2g + 1
+    r[4 * q + 0] = _mm512_maskz_unpacklo_epi32(0xFFFF, t[4 * q], t[4 * q + 2]);
+    r[4 * q + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, t[4 * q], t[4 * q + 2]);
+    r[4 * q + 2] = _mm512_maskz_unpacklo_epi32(0xFFFF, t[4 * q + 1], t[4 * q + 3]);
+    r[4 * q + 3] = _mm512_maskz_unpackhi_epi32(0xFFFF, t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int o = 0; o < 2; ++o) {
+    for (int g = 0; g < 4; ++g) {
+      t[8 * o + 2 * g] = _mm512_maskz_unpacklo_epi64(0xFF, r[8 * o + g], r[8 * o + 4 + g]);
+      t[8 * o + 2 * g + 1] = _mm512_maskz_unpackhi_epi64(0xFF, r[8 * o + g], r[8 * o + 4 + g]);
+    }
+  }
+  // Rows 0-7 and 8-15 of a pair side by side, two pairs per zmm: [A0 B0 A1 B1] holds pairs jj and
+  // 8 + jj, [A2 B2 A3 B3] pairs 16 + jj and 24 + jj; stored whole, at slots 4jj .. 4jj + 3 (the
+  // activation pairs are laid out in the same slot order, so no further shuffles are needed).
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int jj = 0; jj < 8; ++jj) {
+    _mm512_store_si512(panel + jj * 128, _mm512_permutex2var_epi64(t[jj], first, t[8 + jj]));
+    _mm512_store_si512(panel + jj * 128 + 64, _mm512_permutex2var_epi64(t[jj], second, t[8 + jj]));
+  }
+}
+
+// acc += w * the pair at x broadcast to every lane: one vpdpwssd with an embedded-broadcast operand.
+// (asm for the reason given at dpwssd above.)
+PE_INLINE __m512i dpwssd_broadcast(__m512i acc, __m512i w, const int32_t* x) {
+  __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+  return acc;
+}
+
+// Exact int64 sums of MR activation rows x the panel's 16 weight rows: totals[m][c] (c < 16).
+// x_pairs: [slots][ldx] int32, the activation pair of row m at slot s at x_pairs[s * ldx + m].
+// The int32 lanes go into int64 every kI16PanelChunkPairs pairs, before they can overflow (the bound
+// of the prefill kernels: 256 * 2 * 32767 * 128 < 2^31).
+template <int MR>
+void panel_rows(const int32_t* x_pairs, int64_t ldx, const int8_t* panel, int64_t pairs, int64_t (*totals)[16]) {
+  for (int m = 0; m < MR; ++m) {
+    _mm512_storeu_si512(totals[m], _mm512_setzero_si512());
+    _mm512_storeu_si512(totals[m] + 8, _mm512_setzero_si512());
+  }
+  for (int64_t p0 = 0; p0 < pairs; p0 += kI16PanelChunkPairs) {
+    const int64_t p1 = std::min(pairs, p0 + kI16PanelChunkPairs);
+    __m512i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t p = p0; p < p1; ++p) {
+      const __m512i w = _mm512_cvtepi8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(panel + p * 32)));
+      const int32_t* x = x_pairs + p * ldx;
+      for (int m = 0; m < MR; ++m) acc[m] = dpwssd_broadcast(acc[m], w, x + m);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i lo = _mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xFF, acc[m], 0));
+      const __m512i hi = _mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xFF, acc[m], 1));
+      _mm512_storeu_si512(totals[m], _mm512_add_epi64(_mm512_loadu_si512(totals[m]), lo));
+      _mm512_storeu_si512(totals[m] + 8, _mm512_add_epi64(_mm512_loadu_si512(totals[m] + 8), hi));
+    }
+  }
+}
+
+using PanelRowsFn = void (*)(const int32_t*, int64_t, const int8_t*, int64_t, int64_t (*)[16]);
+
+template <int... MR>
+constexpr std::array<PanelRowsFn, sizeof...(MR)> panel_rows_table(std::integer_sequence<int, MR...>) {
+  return {panel_rows<MR + 1>...};
+}
+
+}  // namespace
+
+void i16i8_linear_panels_avx512(const int32_t* x_pairs, int64_t M, const float* x_scale, const int8_t* w,
+                                const float* w_scale, const float* bias, float* out, int64_t ldo, int64_t N,
+                                int64_t K, int8_t* panel) {
+  static constexpr auto kPanelRowsFns = panel_rows_table(std::make_integer_sequence<int, kI16PanelMaxRows>{});
+  const int64_t padded_pairs = i16_panel_padded_pairs(K);
+  alignas(64) int64_t totals[kI16PanelMaxRows][16];
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t cols = std::min<int64_t>(16, N - n0);
+    const int8_t* rows = w + n0 * K;
+    for (int64_t p = 0; p < padded_pairs; p += kI16PanelBlockPairs) {
+      const int64_t left = K - 2 * p;  // bytes of each row from 2p on; <= 0 past K
+      const __mmask64 bytes = left >= 64 ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
+      transpose_pairs_16x32(rows + 2 * p, K, cols, bytes, panel + p * 32);
+      // The next panel's 16 rows stream in while this one is multiplied: sixteen row streams at
+      // once are more than the hardware prefetcher follows (a prefetch never faults, even past w).
+      for (int c = 0; c < 16; ++c) _mm_prefetch(reinterpret_cast<const char*>(rows + (16 + c) * K + 2 * p), _MM_HINT_T0);
+    }
+    const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(lanes, w_scale + n0);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += kI16PanelMaxRows) {
+      const int64_t mr = std::min<int64_t>(kI16PanelMaxRows, M - m0);
+      kPanelRowsFns[mr - 1](x_pairs + m0, M, panel, padded_pairs, totals);
+      for (int64_t m = 0; m < mr; ++m) {
+        // scale_tile's operations, 16 columns at once: float(sum) * (x_scale * w_scale) (+ bias), the
+        // int64 -> float conversion rounding to nearest as the scalar cast does.
+        const __m256 lo = _mm512_cvtepi64_ps(_mm512_load_si512(totals[m]));
+        const __m256 hi = _mm512_cvtepi64_ps(_mm512_load_si512(totals[m] + 8));
+        const __m512 sums = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+        __m512 v = _mm512_mul_ps(sums, _mm512_mul_ps(_mm512_set1_ps(x_scale[m0 + m]), ws));
+        if (bias != nullptr) {
+          __asm__("" : "+v"(v));  // keeps GCC from fusing the multiply and the add into an FMA
+          v = _mm512_add_ps(v, b);
+        }
+        _mm512_mask_storeu_ps(out + (m0 + m) * ldo + n0, lanes, v);
+      }
     }
   }
 }

@@ -90,6 +90,30 @@ void i16_panel_kernel_scaled_pair_avx512(const int16_t* a_pack, const int16_t* b
                                          const float* row_scale, const float* col_scale, const float* bias,
                                          float* out, int64_t ldo);
 
+// W8A16 decode at several activation rows (int8_linear_a16, 8 to kSmallM rows), the epilogue fused:
+//   out[m * ldo + n] = float(sum_k xq[m][k] * w[n * K + k]) * (x_scale[m] * w_scale[n]) (+ bias[n])
+// for m < M, n < N, the sums exact (int64), the epilogue scale_tile's operations in its order: the same
+// bits as i16i8_dot_block_* + scale_tile. Weight rows are read exactly K bytes each (no over-read);
+// the kernel transposes them, 16 rows x kI16PanelBlockPairs pairs of k at a time, into the order of
+// i16_panel_slot. The activations come as int16 pairs in that order: x_pairs[slot * M + m] =
+// (xq[m][2j], xq[m][2j + 1]) (the low half first) for j = the pair at that slot, zeros past K, for
+// i16_panel_padded_pairs(K) slots. kI16PanelMaxRows rows per pass over a panel. panel: scratch of
+// 32 * i16_panel_padded_pairs(K) bytes, 64-byte aligned (the transposed weight rows, reused per 16).
+constexpr int kI16PanelMaxRows = 16;
+constexpr int64_t kI16PanelBlockPairs = 32;
+constexpr int64_t i16_panel_padded_pairs(int64_t K) {
+  return ((K + 1) / 2 + kI16PanelBlockPairs - 1) / kI16PanelBlockPairs * kI16PanelBlockPairs;
+}
+// Within each block of 32 pairs, pair 8q + r (q < 4, r < 8) sits at slot 4r + q: the order in which
+// the transpose's last step leaves them.
+constexpr int64_t i16_panel_slot(int64_t pair) {
+  const int64_t j = pair % kI16PanelBlockPairs;
+  return pair - j + 4 * (j % 8) + j / 8;
+}
+void i16i8_linear_panels_avx512(const int32_t* x_pairs, int64_t M, const float* x_scale, const int8_t* w,
+                                const float* w_scale, const float* bias, float* out, int64_t ldo, int64_t N,
+                                int64_t K, int8_t* panel);
+
 // Weight packing for the W8A16 micro-kernel: int8 rows w[0 .. cols) into b_pack's layout above
 // (zeros for c >= cols and for the odd K's last k). The AVX2 version gives bitwise the scalar result.
 void pack_panel_i16_scalar(const int8_t* w, int64_t ldw, int64_t cols, int64_t K, int16_t* panel);

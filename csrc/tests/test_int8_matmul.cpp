@@ -82,7 +82,10 @@ int main() {
   // empty or one row shorter); the vectors are sized exactly, so the sanitizer build sees any stray row.
   const int64_t shapes[][3] = {{1, 1, 1},  {1, 2, 17},  {1, 3, 40},   {1, 4, 576},  {1, 5, 33},   {1, 6, 65},
                                {1, 7, 33}, {1, 9, 100}, {3, 5, 2049}, {7, 1, 1000}, {7, 33, 576}, {64, 70, 65},
-                               {20, 9, 1536}, {30, 17, 4100}};
+                               {20, 9, 1536}, {30, 17, 4100}, {8, 15, 63},  {16, 17, 577}, {9, 33, 1025},
+                               {16, 1, 1}};
+  // From 8 to 16 rows AVX-512 decode takes the weight-panel kernel: {8, 15, 63}, {16, 17, 577},
+  // {9, 33, 1025} and {16, 1, 1} cut its 16-row panels and 32-pair blocks off the edges.
   // Above 16 rows int8_linear_a16 is the int16-pair GEMM: {64, 70, 65} takes its fused-epilogue
   // kernel, {30, 17, 4100} (random rows at that length could overflow int32) its int64 chunks.
   for (const auto& s : shapes) {
