@@ -501,7 +501,7 @@ def test_int8_linear_a16_every_decode_row_count(isa, K):
             w_scale = torch.rand(N, generator=gen) * 0.01 + 1e-3
             bias = torch.randn(N, generator=gen) if (M + N) % 2 else None
             assert torch.equal(ops.int8_linear_a16(x, w_q, w_scale, bias),
-                               ops.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
+                               kernels.int8_linear_a16_reference(x, w_q, w_scale, bias)), (M, N, K)
 
 
 @pytest.mark.parametrize("M", [4, 8, 9, 16])
@@ -532,7 +532,7 @@ def test_int8_linear_a16_decode_extremes_with_minus_128(M):
         for x in (torch.full((M, K), -1.5), torch.full((M, K), 2.0)):
             with ops.use_isa("avx512"):
                 out = ops.int8_linear_a16(x, w_q, torch.ones(N))
-            assert torch.equal(out, ops.int8_linear_a16_reference(x, w_q, torch.ones(N)))
+            assert torch.equal(out, kernels.int8_linear_a16_reference(x, w_q, torch.ones(N)))
     with ops.use_isa("avx512"):
         out = ops.int8_linear_a16(torch.full((M, K), 2.0), torch.full((N, K), -128, dtype=torch.int8), torch.ones(N))
     # -K * 32767 * 128 in int64, not wrapped, times the row scale 2 / 32767
