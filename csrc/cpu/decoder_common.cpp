@@ -33,28 +33,6 @@ void run_decoder_linear(const DecoderLinear& w, const float* x, float* out, int6
   }
 }
 
-void check_decode_inputs(const int64_t* tokens, int64_t batch, int64_t vocab, const int32_t* positions,
-                         int64_t cache_capacity, int64_t table_positions, const char* position_table) {
-  if (batch < 1) throw std::invalid_argument("tokens: batch must be at least 1");
-  if (cache_capacity < 1) throw std::invalid_argument("k_cache: capacity must be at least 1");
-  // Messages are built only on failure: this runs every token.
-  const auto where = [&](int64_t b) { return " (sequence " + std::to_string(b) + ")"; };
-  for (int64_t b = 0; b < batch; ++b) {
-    if (tokens[b] < 0 || tokens[b] >= vocab) {
-      throw std::invalid_argument("tokens: id " + std::to_string(tokens[b]) + where(b) +
-                                  " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-    }
-    const auto position = [&] { return "positions: position " + std::to_string(positions[b]) + where(b); };
-    if (positions[b] < 0 || positions[b] >= cache_capacity) {
-      throw std::invalid_argument(position() + " is outside the KV cache [0, " + std::to_string(cache_capacity) + ")");
-    }
-    if (positions[b] >= table_positions) {
-      throw std::invalid_argument(position() + " is outside the " + position_table + " [0, " +
-                                  std::to_string(table_positions) + ")");
-    }
-  }
-}
-
 void write_kv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int32_t* positions,
               int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t cache_capacity, float* k_layer,
               float* v_layer) {
