@@ -3,10 +3,10 @@ the per-architecture C++ decoders it replaced:
 
     python benchmarks/plan_decoder_speed.py --old /tmp/main-checkout --new . [--repeats 5] [--json out.json]
 
-Each of --old / --new is a folder holding an importable `pyengine` package (its _C built). Every
-repeat runs old then new, each in a fresh process (the two builds cannot share one), back to back, so
-that a busy shared host slows both alike; per repeat and measure the new/old ratio, then the medians
-and the spread of the ratios. Measures, on the default model at --threads: decode tokens/s at batch
+Each of --old / --new is a folder holding an importable `pyengine` package (its _C built), run in a
+long-lived process of its own (two builds cannot share one). Every measure alternates between the two
+within seconds (which goes first alternates too), so that a busy shared host slows both alike; per
+repeat and measure the new/old ratio, then the medians and the spread of the ratios. Measures, on the default model at --threads: decode tokens/s at batch
 1 and batch 16 (one token per sequence per step through model.forward, i.e. the C++ decode step) and
 prefill tokens/s (one --prefill-tokens prompt), on each --backends.
 """
@@ -25,49 +25,79 @@ WORKER = r"""
 import json, sys, time, torch
 import pyengine
 from pyengine import ops
-args = json.loads(sys.argv[1])
-ops.set_num_threads(args["threads"])
-torch.set_num_threads(args["threads"])
-out = {"pyengine": pyengine.__file__}
+settings = json.loads(sys.argv[1])
+ops.set_num_threads(settings["threads"])
+torch.set_num_threads(settings["threads"])
+models = {}
+
+
+def model_for(backend):
+    if backend not in models:
+        models[backend] = pyengine.load(backend=backend).model
+    return models[backend]
+
+
+def decode(model, batch):
+    steps, context = settings["decode_tokens"], settings["context"]
+    vocab = model.config.vocab_size
+    cache = model.new_cache(batch, context + steps + 2, torch.float32)
+    ids = torch.tensor([[(i * 7919 + b * 31) % vocab for i in range(context)] for b in range(batch)])
+    model.forward(ids, cache, logits_at=torch.full((batch,), context - 1))
+    cache.lengths += context
+    token = torch.full((batch, 1), 42)
+    model.forward(token, cache)  # warm-up step (the first builds the C++ decode step)
+    cache.lengths += 1
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model.forward(token, cache)
+        cache.lengths += 1
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def prefill(model):
+    n = settings["prefill_tokens"]
+    ids = torch.tensor([[(i * 7919) % model.config.vocab_size for i in range(n)]])
+    cache = model.new_cache(1, n, torch.float32)
+    t = time.perf_counter()
+    model.forward(ids, cache, logits_at=torch.tensor([n - 1]))
+    return n / (time.perf_counter() - t)
+
+
+print("READY " + pyengine.__file__, flush=True)
 with torch.inference_mode():
-    for backend in args["backends"]:
-        model = pyengine.load(backend=backend).model
-        vocab = model.config.vocab_size
-        for batch in args["batches"]:
-            steps, context = args["decode_tokens"], args["context"]
-            cache = model.new_cache(batch, context + steps + 2, torch.float32)
-            ids = torch.tensor([[(i * 7919 + b * 31) % vocab for i in range(context)] for b in range(batch)])
-            model.forward(ids, cache, logits_at=torch.full((batch,), context - 1))
-            cache.lengths += context
-            token = torch.full((batch, 1), 42)
-            model.forward(token, cache)  # warm-up step (builds the C++ decode step)
-            cache.lengths += 1
-            t = time.perf_counter()
-            for _ in range(steps):
-                logits = model.forward(token, cache)
-                cache.lengths += 1
-                token = logits[:, -1].argmax(-1, keepdim=True)
-            out[f"{backend} decode b{batch}"] = batch * steps / (time.perf_counter() - t)
-        n = args["prefill_tokens"]
-        ids = torch.tensor([[(i * 7919) % vocab for i in range(n)]])
-        best = 0.0
-        for _ in range(2):  # the first also warms up
-            cache = model.new_cache(1, n, torch.float32)
-            t = time.perf_counter()
-            model.forward(ids, cache, logits_at=torch.tensor([n - 1]))
-            best = max(best, n / (time.perf_counter() - t))
-        out[f"{backend} prefill {n}"] = best
-        del model
-print("RESULT " + json.dumps(out))
+    for line in sys.stdin:  # one measure per line: [backend, "decode", batch] or [backend, "prefill"]
+        backend, kind, *rest = json.loads(line)
+        model = model_for(backend)
+        value = decode(model, rest[0]) if kind == "decode" else prefill(model)
+        print("RESULT " + json.dumps(value), flush=True)
 """
 
 
-def run_build(folder: Path, settings: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(folder.resolve()))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(settings)], env=env, capture_output=True,
-                          text=True, cwd="/tmp", check=True)
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+class Worker:
+    """One build in its own long-lived process (two builds cannot share one), measuring on request, so
+    that old and new alternate within seconds of each other."""
+
+    def __init__(self, folder: Path, settings: dict):
+        env = dict(os.environ, PYTHONPATH=str(folder.resolve()))
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(settings)], env=env, cwd="/tmp",
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.where = self._read("READY ")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"worker exited with {self.proc.wait()}")
+
+    def measure(self, request: list) -> float:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main(argv=None) -> int:
@@ -86,29 +116,37 @@ def main(argv=None) -> int:
     settings = {"threads": args.threads, "backends": args.backends.split(","),
                 "batches": [int(b) for b in args.batches.split(",")], "decode_tokens": args.decode_tokens,
                 "context": args.context, "prefill_tokens": args.prefill_tokens}
-    runs = {"old": [], "new": []}
+    requests = [[backend, "decode", batch] for backend in settings["backends"] for batch in settings["batches"]]
+    requests += [[backend, "prefill"] for backend in settings["backends"]]
+    names = {tuple(r): f"{r[0]} decode b{r[2]}" if r[1] == "decode" else f"{r[0]} prefill {args.prefill_tokens}"
+             for r in requests}
+    workers = {"old": Worker(args.old, settings), "new": Worker(args.new, settings)}
+    for worker in workers.values():  # warm-up: load every model, build every decode step
+        for request in requests:
+            worker.measure(request)
+    runs = {name: {"old": [], "new": []} for name in names.values()}
     for r in range(args.repeats):
-        for name in ("old", "new"):
-            runs[name].append(run_build(getattr(args, name), settings))
-        print(f"repeat {r + 1}: " + ", ".join(f"{k} {runs['new'][-1][k] / runs['old'][-1][k]:.3f}"
-                                              for k in runs["new"][-1] if k != "pyengine"), flush=True)
+        for request in requests:
+            order = ("old", "new") if r % 2 == 0 else ("new", "old")  # neither always goes first
+            for build in order:
+                runs[names[tuple(request)]][build].append(workers[build].measure(request))
+        print(f"repeat {r + 1}: " + ", ".join(f"{name} {v['new'][-1] / v['old'][-1]:.3f}" for name, v in runs.items()),
+              flush=True)
+    for worker in workers.values():
+        worker.close()
     measures = {}
-    for key in runs["new"][0]:
-        if key == "pyengine":
-            continue
-        old = [run[key] for run in runs["old"]]
-        new = [run[key] for run in runs["new"]]
-        ratios = sorted(n / o for n, o in zip(new, old))
-        measures[key] = {"old_tok_s": statistics.median(old), "new_tok_s": statistics.median(new),
-                         "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-                         "ratios": ratios}
-        print(f"{key:<28} old {statistics.median(old):8.1f} tok/s  new {statistics.median(new):8.1f} tok/s  "
-              f"new/old {statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+    for name, v in runs.items():
+        ratios = sorted(n / o for n, o in zip(v["new"], v["old"]))
+        old, new = statistics.median(v["old"]), statistics.median(v["new"])
+        measures[name] = {"old_tok_s": old, "new_tok_s": new, "ratio_median": statistics.median(ratios),
+                          "ratio_min": ratios[0], "ratio_max": ratios[-1], "ratios": ratios}
+        print(f"{name:<28} old {old:8.1f} tok/s  new {new:8.1f} tok/s  new/old {statistics.median(ratios):.3f} "
+              f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})")
     if args.json:
         result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                               "load_average": list(os.getloadavg())},
                   "settings": settings, "repeats": args.repeats,
-                  "builds": {"old": runs["old"][0]["pyengine"], "new": runs["new"][0]["pyengine"]},
+                  "builds": {name: w.where for name, w in workers.items()},
                   "measures": measures}
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -124,16 +124,21 @@ class PlanTensor:
         raise PlanRecordingError(f"torch function {getattr(func, '__name__', func)!r} on an activation; "
                                  "activations may only pass through backend ops")
 
-    def _refuse(self, *args, op="an operator"):
-        raise PlanRecordingError(f"{op} on an activation; activations may only pass through backend ops")
-
-    for _op in ("add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv",
-                "itruediv", "matmul", "rmatmul", "neg", "pow", "getitem", "setitem", "float", "int", "bool"):
-        locals()[f"__{_op}__"] = (lambda name: lambda self, *a: self._refuse(op=f"__{name}__"))(_op)
-    del _op
-
     def __repr__(self):
         return f"PlanTensor(shape={tuple(self._shape)}, offset={self.offset}, buffer width={self.buffer.width})"
+
+
+def _refused_operator(name: str):
+    def refuse(self, *args):
+        raise PlanRecordingError(f"operator {name} on an activation; activations may only pass through backend ops")
+    return refuse
+
+
+# Arithmetic, indexing and conversions on an activation: the plan has no instruction for them.
+for _name in ("add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv", "itruediv",
+              "matmul", "rmatmul", "neg", "pow", "getitem", "setitem", "float", "int", "bool"):
+    setattr(PlanTensor, f"__{_name}__", _refused_operator(f"__{_name}__"))
+del _name
 
 
 def _active_recorder() -> "_Recorder":
@@ -186,10 +191,10 @@ class _RecordingCache:
 
 
 class _RecordingStep:
-    """Stands in for backends.Step: q_start / uniform_start pass through to cache.write, the rest is
-    the ops' business."""
+    """Stands in for backends.Step: q_start / uniform_start only pass through to cache.write (the
+    replay writes at each row's position), the rest is the ops' business."""
 
-    q_start = "q_start"
+    q_start = None
     uniform_start = None
 
     def __getattr__(self, name):
@@ -210,8 +215,8 @@ class _Recorder:
 
     active: "_Recorder | None" = None
 
-    def __init__(self, backend, config):
-        self.backend, self.config = backend, config
+    def __init__(self, config):
+        self.config = config
         self.instructions: list[dict] = []
         self.rope_table_names: list[str] = []
         self.label: str | None = None  # overrides the op name as the profile label (lm_head)
@@ -417,7 +422,7 @@ def record_decode_plan(model) -> DecodePlan:
     from pyengine import _C
 
     c = model.config
-    recorder = _Recorder(model.backend, c)
+    recorder = _Recorder(c)
     real_backend = model.backend
     _Recorder.active, model.backend = recorder, recorder
     try:
