@@ -88,7 +88,7 @@ def add_rms_norm_reference(residual, delta, weight, eps):
     return rms_norm_reference(residual, weight, eps)
 
 
-# ---- small fused ops: rope, silu_mul, gelu, layer_norm, embedding -------------------------------
+# ---- small fused ops: rope, silu_mul, gelu, gelu_mul, softcap, layer_norm, embedding -------------------------------
 
 import math  # noqa: E402  (kept in this section: the sections above belong to other ops)
 
@@ -126,6 +126,40 @@ def _(x):
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
     # transformers.activations.NewGELUActivation, term for term.
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@torch.library.custom_op("pyengine::gelu_mul", mutates_args=())
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up with the tanh GELU: the elementwise half of a GeGLU MLP (Gemma)."""
+    out = torch.empty_like(gate)
+    _C.gelu_mul(gate, up, out)
+    return out
+
+
+@gelu_mul.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+def gelu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gelu_reference(gate) * up
+
+
+@torch.library.custom_op("pyengine::softcap", mutates_args=())
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): logit soft-capping (Gemma 2/3's final_logit_softcapping)."""
+    out = torch.empty_like(x)
+    _C.softcap(x, out, cap)
+    return out
+
+
+@softcap.register_fake
+def _(x, cap):
+    return torch.empty_like(x)
+
+
+def softcap_reference(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 @torch.library.custom_op("pyengine::rope", mutates_args=("x",))

@@ -38,6 +38,8 @@ CASES = {
     "add_rms_norm": [("2d", lambda: (torch.randn(3, 40, generator=_gen()), torch.randn(3, 40), torch.randn(40), 1e-5))],
     "silu_mul": [("2d", lambda: (torch.randn(4, 24, generator=_gen()), torch.randn(4, 24)))],
     "gelu": [("3d", lambda: (torch.randn(2, 3, 20, generator=_gen()),))],
+    "gelu_mul": [("2d", lambda: (torch.randn(4, 24, generator=_gen()), torch.randn(4, 24)))],
+    "softcap": [("3d", lambda: (torch.randn(2, 3, 20, generator=_gen()) * 50, 30.0))],
     "rope": [("neox", lambda: _rope_args(False)), ("interleaved", lambda: _rope_args(True))],
     "layer_norm": [("bias", lambda: (torch.randn(3, 40, generator=_gen()), torch.randn(40), torch.randn(40), 1e-5)),
                    ("no_bias", lambda: (torch.randn(3, 40, generator=_gen()), torch.randn(40), None, 1e-5))],
@@ -82,7 +84,7 @@ def test_opcheck(name, build):
 # opcheck's schema test catches an undeclared mutation; these pin which arguments are declared.
 @pytest.mark.parametrize("name, mutated", [("add_rms_norm", {"residual"}), ("add_layer_norm", {"residual"}),
                                            ("rope", {"x"})] + [(n, set()) for n in
-                                                               ("rms_norm", "silu_mul", "gelu", "layer_norm",
+                                                               ("rms_norm", "silu_mul", "gelu", "gelu_mul", "softcap", "layer_norm",
                                                                 "embedding", "attention", "quantize_rows",
                                                                 "int8_matmul_i32", "int8_linear", "int8_linear_wo",
                                                                 "int8_linear_a16", "linear_f32")])
