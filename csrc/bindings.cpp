@@ -67,7 +67,6 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_small_ops(m);
   bind::bind_attention(m);
   bind::bind_int8_matmul(m);
-  bind::bind_llama_decoder(m);
-  bind::bind_gpt2_decoder(m);
+  bind::bind_decode_plan(m);
   bind::bind_memory_read(m);
 }

@@ -26,8 +26,9 @@ class Step:
     kv_len: torch.Tensor  # [batch] int32: valid cache entries once this step's keys are written
     positions: torch.Tensor  # [batch, n_new] int64
     uniform_start: int | None  # the common q_start when all sequences start at the same position
-    rope_cos: torch.Tensor | None  # [positions, head_dim / 2] rotary tables (None: no rotary embedding)
-    rope_sin: torch.Tensor | None
+    # name -> (cos, sin), each [positions, head_dim / 2]: the model's rotary tables ("default", and
+    # any others a model uses, e.g. Gemma 3's "local" layers); empty without rotary embedding
+    rope_tables: dict
     cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
 
     def cached(self, key, make):
@@ -71,6 +72,8 @@ class TorchBackend:
     # The ops are the registry's references (pyengine.kernels): the maths every kernel is tested against.
 
     def rms_norm(self, x, weight, eps):
+        """x / sqrt(mean(x^2) + eps) * weight over the last dim: a hidden state [B, T, H], or per head
+        ([B, T, heads, D] with weight [D], Qwen3 / Gemma 3's q/k norms)."""
         return kernels.rms_norm_reference(x, weight, eps)
 
     def add_rms_norm(self, residual, delta, weight, eps):
@@ -83,10 +86,14 @@ class TorchBackend:
     def add_layer_norm(self, residual, delta, weight, bias, eps):
         return kernels.add_layer_norm_reference(residual, delta, weight, bias, eps)
 
-    def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split)."""
-        cos, sin = step.cached("rope", lambda: (step.rope_cos[step.positions][:, :, None, :],
-                                               step.rope_sin[step.positions][:, :, None, :]))
+    def rope(self, x: torch.Tensor, step: Step, table: str = "default") -> torch.Tensor:
+        """Rotate (x[..., i], x[..., i + D/2]) pairs of x [B, T, heads, D] by each position's angles
+        (Llama's half split), from the step's rotary table `table` (step.rope_tables[table])."""
+        def gather():
+            cos, sin = step.rope_tables[table][:2]
+            return cos[step.positions][:, :, None, :], sin[step.positions][:, :, None, :]
+
+        cos, sin = step.cached(("rope", table), gather)
         return kernels.rotate(x, cos, sin, interleaved=False)
 
     def attention(self, q, k_cache, v_cache, step: Step, scale: float, window: int = 0) -> torch.Tensor:
@@ -104,18 +111,30 @@ class TorchBackend:
         return kernels.silu_mul_reference(gate, up)
 
     def gelu(self, x):
+        """The tanh approximation of GELU (GPT-2's gelu_new, Gemma's gelu_pytorch_tanh)."""
         return kernels.gelu_reference(x)
 
-    def embedding(self, ids, table):
-        return kernels.embedding_reference(ids, table)
+    def gelu_mul(self, gate, up):
+        """GeGLU's elementwise half (Gemma): gelu(gate) * up with the tanh GELU."""
+        return kernels.gelu_mul_reference(gate, up)
 
-    def make_llama_decoder(self, model):
-        """An object whose step() runs a whole Llama decode step in one call, or None: this backend
-        runs the layers op by op."""
-        return None
+    def softcap(self, x, cap: float):
+        """cap * tanh(x / cap): Gemma 2/3's final logit soft-capping (final_logit_softcapping)."""
+        return kernels.softcap_reference(x, cap)
 
-    def make_gpt2_decoder(self, model):
-        """As make_llama_decoder, for GPT-2."""
+    def embedding(self, ids, table, scale: float | None = None):
+        """table[ids]; with `scale`, times scale rounded to the table's dtype first (Gemma's
+        sqrt(hidden) normalizer, as HF multiplies by torch.tensor(hidden ** 0.5, dtype))."""
+        out = kernels.embedding_reference(ids, table)
+        return out if scale is None else out * torch.tensor(scale, dtype=out.dtype)
+
+    def add_position_embedding(self, x, table, step: Step):
+        """x += table[step.positions] in place (GPT-2's learned positions); returns x."""
+        return x.add_(table[step.positions])
+
+    def make_cpp_decoder(self, model):
+        """An object whose step() runs a whole decode step of `model` in one call (pyengine.plan's
+        recorded plan), or None: this backend runs the layers op by op."""
         return None
 
 
@@ -131,8 +150,8 @@ class FusedBackend(TorchBackend):
     name = "fused"
     devices = ("cpu",)
     weight_precision = "fp32"
-    kernels = ("linear_f32", "attention", "rope", "silu_mul", "gelu", "layer_norm", "add_layer_norm", "embedding",
-               "rms_norm")
+    kernels = ("linear_f32", "attention", "rope", "silu_mul", "gelu", "gelu_mul", "softcap", "layer_norm",
+               "add_layer_norm", "embedding", "rms_norm", "DecodePlan")
 
     def __init__(self):
         from pyengine import _C
@@ -155,7 +174,7 @@ class FusedBackend(TorchBackend):
         return kernels.linear_f32(x, w.weight, w.bias)
 
     def rms_norm(self, x, weight, eps):
-        return kernels.rms_norm(x, weight, eps)
+        return kernels.rms_norm(x.contiguous(), weight, eps)  # per-head norms take q/k views of a fused projection
 
     def add_rms_norm(self, residual, delta, weight, eps):
         return kernels.add_rms_norm(residual, delta, weight, eps)
@@ -166,10 +185,10 @@ class FusedBackend(TorchBackend):
     def add_layer_norm(self, residual, delta, weight, bias, eps):
         return kernels.add_layer_norm(residual, delta, weight, bias, eps)
 
-    def rope(self, x, step):
+    def rope(self, x, step, table="default"):
         x = x.contiguous()
         positions = step.cached("positions_i32", lambda: step.positions.to(torch.int32))
-        kernels.rope(x, step.rope_cos, step.rope_sin, positions, False)
+        kernels.rope(x, *step.rope_tables[table][:2], positions, False)
         return x
 
     def attention(self, q, k_cache, v_cache, step, scale, window=0):
@@ -181,34 +200,25 @@ class FusedBackend(TorchBackend):
     def gelu(self, x):
         return kernels.gelu(x)
 
-    def embedding(self, ids, table):
-        return kernels.embedding(ids, table)
+    def gelu_mul(self, gate, up):
+        return kernels.gelu_mul(gate, up)
 
-    def make_llama_decoder(self, model):
-        """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead
-        of ~15 Python op calls per layer. Its linears are this backend's (fp32, bf16 or int8) weights."""
-        if not self._cpp_decodable(model):
+    def softcap(self, x, cap):
+        return kernels.softcap(x, cap)
+
+    def embedding(self, ids, table, scale=None):
+        out = kernels.embedding(ids, table)
+        return out if scale is None else out.mul_(scale)  # an fp32 multiply per element, as the plan's
+
+    def make_cpp_decoder(self, model):
+        """The model's decode step recorded once from its own hidden_states and replayed in C++
+        (pyengine.plan): one call per token instead of ~15 Python op calls per layer, over this
+        backend's (fp32, bf16 or int8) linears. None where the plan cannot run (a model off the CPU)."""
+        if model.device.type != "cpu":
             return None
-        c = model.config
-        return self._C.LlamaDecoder(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim, intermediate_size=c.intermediate_size, norm_eps=c.norm_eps,
-            embed=model.embed, final_norm=model.final_norm, lm_head=model.lm_head, layers=model.layers)
+        from pyengine.plan import record_decode_plan
 
-    def make_gpt2_decoder(self, model):
-        """The C++ decode step of GPT-2 (_C.Gpt2Decoder), as make_llama_decoder."""
-        if not self._cpp_decodable(model):
-            return None
-        c = model.config
-        return self._C.Gpt2Decoder(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_heads=c.num_heads,
-            intermediate_size=c.intermediate_size, max_positions=model.positions.shape[0], norm_eps=c.norm_eps,
-            embed=model.embed, positions=model.positions, final_norm=model.final_norm, lm_head=model.lm_head,
-            layers=model.layers)
-
-    @staticmethod
-    def _cpp_decodable(model) -> bool:
-        return model.device.type == "cpu" and model.embed.dtype == torch.float32
+        return record_decode_plan(model)
 
 
 class FusedInt8Backend(FusedBackend):
@@ -217,7 +227,7 @@ class FusedInt8Backend(FusedBackend):
 
     Every Linear is W8A16 (`_C.int8_linear_a16`): activations quantized to int16 per row, exact
     int16 x int8 sums, so a row's output is the same bits whichever rows share the call (prefill,
-    decode, a batch) and the C++ decode step (LlamaDecoder) matches this path bit for bit.
+    decode, a batch) and the C++ decode step (pyengine.plan) matches this path bit for bit.
     Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
     on int16 pairs (`vpmaddwd`), faster than the fp32 FMA GEMM that the weight-only kernel
     (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels.

@@ -262,10 +262,43 @@ def _gelu_samples(device, dtype):
             for i, shape in enumerate(_ROW_SHAPES)]
 
 
+def gelu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU(gate) * up: the elementwise half of a GeGLU MLP (Gemma)."""
+    return (gelu_reference(_wide(gate)) * _wide(up)).to(gate.dtype)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """As silu_mul, with the tanh GELU; the halves of a fused gate_up projection are read in place."""
+    gate_rows, up_rows = _as_rows(gate), _as_rows(up)
+    out = torch.empty(gate_rows.shape, dtype=gate.dtype)
+    _C.gelu_mul(gate_rows, up_rows, out)
+    return out.view(gate.shape)
+
+
+def softcap_reference(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): logit soft-capping (Gemma's final_logit_softcapping)."""
+    return (torch.tanh(_wide(x) / cap) * cap).to(x.dtype)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _C.softcap(x, out, cap)
+    return out
+
+
+def _softcap_samples(device, dtype):
+    return [Case(f"{shape}, cap {cap}", (_randn(*shape, seed=i, device=device, dtype=dtype, scale=40.0), cap))
+            for i, (shape, cap) in enumerate(zip(_ROW_SHAPES, (30.0, 50.0, 1.0, 30.0, 7.5)))]
+
+
 register(Op("silu_mul", silu_mul_reference, silu_mul, _like_first, _silu_mul_samples, devices=("cpu", "cuda"),
             dtypes=_FLOATS_ON_CUDA))
 register(Op("gelu", gelu_reference, gelu, _like_first, _gelu_samples,
             tolerance={torch.float32: Tolerance(1e-5, 1e-4)}))
+register(Op("gelu_mul", gelu_mul_reference, gelu_mul, _like_first, _silu_mul_samples,
+            tolerance={torch.float32: Tolerance(1e-5, 1e-4)}))
+register(Op("softcap", softcap_reference, softcap, _like_first, _softcap_samples))
 
 # ---- rope --------------------------------------------------------------------------------------
 

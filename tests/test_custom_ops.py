@@ -50,7 +50,7 @@ def test_opcheck(name, args):
 # opcheck's schema test catches an undeclared mutation; these pin which arguments are declared.
 @pytest.mark.parametrize("name, mutated", [("add_rms_norm", {"residual"}), ("add_layer_norm", {"residual"}),
                                            ("rope", {"x"})] + [(n, set()) for n in
-                                                               ("rms_norm", "silu_mul", "gelu", "layer_norm",
+                                                               ("rms_norm", "silu_mul", "gelu", "gelu_mul", "softcap", "layer_norm",
                                                                 "embedding", "attention", "quantize_rows",
                                                                 "int8_matmul_i32", "int8_linear_w8a8", "int8_linear_wo",
                                                                 "int8_linear_a16", "linear_f32", "linear_bf16",

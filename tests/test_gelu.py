@@ -91,3 +91,45 @@ def test_gelu_rejects_shifted_overlap():
     buf = torch.randn(20)
     with pytest.raises(ValueError, match="out: must not share memory with x"):
         _C.gelu(buf[:16], buf[4:])
+
+
+# ---- gelu_mul (GeGLU) and softcap: the ops Gemma's decode plan replays ------------------------------
+
+
+@pytest.mark.parametrize("dim", AWKWARD_DIMS)
+def test_gelu_mul_matches_reference_on_strided_halves(isa, dim):
+    torch.manual_seed(dim)
+    gate_up = torch.randn(3, 2 * dim) * 3
+    gate, up = gate_up.chunk(2, dim=-1)  # the halves of a fused projection, read in place
+    expected = (kernels.gelu_reference(gate.double()) * up.double()).float()
+    out = torch.empty(3, dim)
+    _C.gelu_mul(gate, up, out)
+    torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)
+    up_copy = up.contiguous()
+    _C.gelu_mul(gate.contiguous(), up_copy, up_copy)  # in place over up
+    assert torch.equal(up_copy, out)
+
+
+def test_softcap_matches_reference(isa):
+    x = torch.cat([torch.randn(1000) * 100, torch.tensor([0.0, -3e38, 3e38, float("inf")])])
+    out = ops.softcap(x, 30.0)
+    torch.testing.assert_close(out, kernels.softcap_reference(x.double(), 30.0).float(), rtol=1e-6, atol=1e-5)
+    assert out.abs().max() <= 30.0
+
+
+@pytest.mark.parametrize(
+    "op, args, error, message",
+    [
+        ("gelu_mul", lambda: (torch.randn(2, 8), torch.randn(2, 9), torch.empty(2, 8)), ValueError,
+         "up: expected the shape of gate"),
+        ("gelu_mul", lambda: (torch.randn(2, 8).double(), torch.randn(2, 8), torch.empty(2, 8)), TypeError,
+         "gate: expected dtype float32"),
+        ("gelu_mul", lambda: (torch.randn(2, 3, 8)[:, :, :4], torch.randn(2, 3, 4), torch.empty(2, 3, 4)), ValueError,
+         "gate: must be contiguous, or 2-D"),
+        ("softcap", lambda: (torch.randn(4), torch.empty(4), 0.0), ValueError, "cap must be positive"),
+        ("softcap", lambda: (torch.randn(4), torch.empty(5), 1.0), ValueError, "out: expected the shape of x"),
+    ],
+)
+def test_gelu_mul_and_softcap_reject_bad_arguments(op, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(_C, op)(*args())

@@ -9,11 +9,10 @@ namespace pyengine::bind {
 namespace py = pybind11;
 
 void bind_rms_norm(py::module_& m);
-void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, layer_norm, embedding, argmax_rows
+void bind_small_ops(py::module_& m);  // rope, silu_mul, gelu, gelu_mul, softcap, layer_norm, embedding, argmax_rows
 void bind_attention(py::module_& m);
 void bind_int8_matmul(py::module_& m);
-void bind_llama_decoder(py::module_& m);
-void bind_gpt2_decoder(py::module_& m);
+void bind_decode_plan(py::module_& m);  // _C.DecodePlan: a recorded decode step replayed per token
 void bind_memory_read(py::module_& m);  // sum_words: the rooflines' bandwidth probe
 
 }  // namespace pyengine::bind

@@ -1,6 +1,6 @@
-// What the C++ decoders' bindings (bind_llama_decoder.cpp, bind_gpt2_decoder.cpp) share: taking
-// weight tensors out of the model's Python objects (checked once, kept alive by the decoder), and
-// the checks on a step's per-call tensors.
+// What the decode plan's binding (bind_decode_plan.cpp) needs: taking weight tensors out of the
+// model's Python objects (checked once, kept alive by the plan), and the checks on a step's per-call
+// tensors.
 #pragma once
 #include <initializer_list>
 #include <string>

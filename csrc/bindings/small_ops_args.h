@@ -26,6 +26,20 @@ inline void check_alias_or_disjoint(const Tensor& out, const Tensor& in) {
   check_no_overlap(out, in);
 }
 
+// The size of t's last dimension (1 for a scalar).
+inline int64_t last_dim_size(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(t.dim() - 1); }
+
+// The row stride of gate / up for silu_mul and gelu_mul: rows over the last dim of a contiguous tensor,
+// or a 2-D view whose rows are contiguous runs (a half of a fused gate_up projection, no copy).
+inline int64_t strided_rows(const Tensor& t) {
+  if (t.is_contiguous()) return last_dim_size(t);
+  if (t.dim() != 2 || (t.size(1) > 1 && t.stride(1) != 1) || t.stride(0) < t.size(1)) {
+    throw py::value_error(std::string(t.name()) + ": must be contiguous, or 2-D with contiguous rows "
+                          "(stride(1) == 1, stride(0) >= size(1)); got shape " + t.shape_str());
+  }
+  return t.stride(0);
+}
+
 // Runs a kernel call whose C++ API reports a bad argument value with std::invalid_argument
 // (already naming the argument) and turns that into ValueError. The GIL is released for the call.
 template <typename Fn>

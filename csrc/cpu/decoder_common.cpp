@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "pyengine/int8_matmul.h"
+#include "pyengine/linear_f32.h"
 #include "pyengine/linear_bf16.h"
 
 namespace pyengine {
@@ -30,28 +31,6 @@ void run_decoder_linear(const DecoderLinear& w, const float* x, float* out, int6
     linear_bf16(x, w.weight_bf16, w.bias, out, rows, w.out_features, w.in_features);
   } else {
     linear_f32(x, w.weight_f32, w.bias, out, rows, w.out_features, w.in_features);
-  }
-}
-
-void check_decode_inputs(const int64_t* tokens, int64_t batch, int64_t vocab, const int32_t* positions,
-                         int64_t cache_capacity, int64_t table_positions, const char* position_table) {
-  if (batch < 1) throw std::invalid_argument("tokens: batch must be at least 1");
-  if (cache_capacity < 1) throw std::invalid_argument("k_cache: capacity must be at least 1");
-  // Messages are built only on failure: this runs every token.
-  const auto where = [&](int64_t b) { return " (sequence " + std::to_string(b) + ")"; };
-  for (int64_t b = 0; b < batch; ++b) {
-    if (tokens[b] < 0 || tokens[b] >= vocab) {
-      throw std::invalid_argument("tokens: id " + std::to_string(tokens[b]) + where(b) +
-                                  " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-    }
-    const auto position = [&] { return "positions: position " + std::to_string(positions[b]) + where(b); };
-    if (positions[b] < 0 || positions[b] >= cache_capacity) {
-      throw std::invalid_argument(position() + " is outside the KV cache [0, " + std::to_string(cache_capacity) + ")");
-    }
-    if (positions[b] >= table_positions) {
-      throw std::invalid_argument(position() + " is outside the " + position_table + " [0, " +
-                                  std::to_string(table_positions) + ")");
-    }
   }
 }
 

@@ -1,6 +1,7 @@
 // linear_bf16: decode rows through the per-ISA GEMV, prefill through linear_f32's GEMM on blocks of
 // weight rows widened to fp32 (the GEMM's cost is in its arithmetic, not in the weights' bytes).
 #include "pyengine/linear_bf16.h"
+#include "pyengine/linear_f32.h"
 
 #include <omp.h>
 

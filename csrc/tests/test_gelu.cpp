@@ -24,6 +24,39 @@ int main() {
       }
     }
   }
+  // gelu_mul over strided gate / up rows (the halves of a fused gate_up projection), and in place over up.
+  const int64_t rows = 3, cols = 37;
+  const auto gate_up = testing::random_floats(rows * 2 * cols, 5, 4.0f);
+  std::vector<float> ref(rows * cols), out(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < cols; ++i) {
+      ref[r * cols + i] = float(gelu_new(gate_up[r * 2 * cols + i]) * gate_up[r * 2 * cols + cols + i]);
+    }
+  }
+  for (Isa isa : testing::supported_isas()) {
+    set_isa(isa);
+    gelu_mul(gate_up.data(), 2 * cols, gate_up.data() + cols, 2 * cols, out.data(), rows, cols);
+    for (int64_t i = 0; i < rows * cols; ++i) PE_CHECK(std::fabs(out[i] - ref[i]) <= 1e-5f * std::fabs(ref[i]) + 1e-5f);
+    std::vector<float> gate(rows * cols), up(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < cols; ++i) {
+        gate[r * cols + i] = gate_up[r * 2 * cols + i];
+        up[r * cols + i] = gate_up[r * 2 * cols + cols + i];
+      }
+    }
+    gelu_mul(gate.data(), cols, up.data(), cols, up.data(), rows, cols);  // out is up
+    PE_CHECK(testing::max_abs_diff(up, out) == 0.0f);
+  }
+  // softcap: cap * tanh(x / cap), bounded by cap, in place.
+  auto x = testing::random_floats(1000, 9, 100.0f);
+  std::vector<float> capped(x.size());
+  softcap(x.data(), capped.data(), static_cast<int64_t>(x.size()), 30.0f);
+  for (size_t i = 0; i < x.size(); ++i) {
+    PE_CHECK(std::fabs(capped[i] - 30.0 * std::tanh(x[i] / 30.0)) <= 1e-5 * 30.0);
+    PE_CHECK(std::fabs(capped[i]) <= 30.0f);
+  }
+  softcap(x.data(), x.data(), static_cast<int64_t>(x.size()), 30.0f);
+  PE_CHECK(testing::max_abs_diff(x, capped) == 0.0f);
   std::printf("test_gelu: ok\n");
   return 0;
 }

@@ -1,8 +1,10 @@
 """What every architecture shares: rotary tables, the per-call Step, the final projection, and the
-choice between a C++ decode step (one call per token) and the op-by-op path."""
+choice between a C++ decode step (one call per token, recorded from hidden_states: pyengine.plan)
+and the op-by-op path."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -21,8 +23,8 @@ class DecoderModel:
         self.device = torch.device(device)
         self._inv_freq = rope_inverse_frequencies(config).to(self.device) if self.uses_rope else None
         self._cos = self._sin = torch.empty(0, device=self.device)
-        # Decode steps go through the backend's C++ decoder for this architecture when it has one
-        # (built on first use); PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path.
+        # Decode steps go through the backend's C++ replay of this model's recorded step when it has
+        # one (built on first use); PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path.
         self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"
         self._decoder = None
 
@@ -40,9 +42,16 @@ class DecoderModel:
         first = int(q_start[0])
         uniform = first if bool((q_start == first).all()) else None
         kv_len = q_start + (n_new if lengths is None else lengths.to(q_start.device, torch.int32))
-        cos, sin = self._rope_tables(int(positions.max()) + 1)
         return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform,
-                    rope_cos=cos, rope_sin=sin)
+                    rope_tables=self.rope_tables(int(positions.max()) + 1))
+
+    def rope_tables(self, needed: int) -> dict:
+        """The rotary tables a step's rope ops pick by name, each (cos, sin) [positions, head_dim / 2]
+        with at least `needed` rows: {"default": ...}, none without rotary embedding. A model with
+        more tables (local / global layers) or tables chosen by length (LongRoPE) overrides this."""
+        if self._inv_freq is None:
+            return {}
+        return {"default": self._rope_tables(needed)}
 
     def _rope_tables(self, needed: int):
         """cos/sin of every position's rotation angles, [positions, head_dim / 2], at least `needed` rows."""
@@ -67,10 +76,17 @@ class DecoderModel:
         hidden = self.hidden_states(tokens, cache, step)
         if logits_at is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at]
-        return self.backend.linear(hidden, self.lm_head)
+        return self.logits(hidden)
 
     def hidden_states(self, tokens, cache, step) -> torch.Tensor:
+        """The architecture, written once with the backend's ops: tokens [B, T] through the layers to
+        the final norm's output [B, T, hidden]. The C++ decode step is recorded from this code."""
         raise NotImplementedError
+
+    def logits(self, hidden) -> torch.Tensor:
+        """The output projection of the final hidden states (a model with logit soft-capping adds
+        ops.softcap here)."""
+        return self.backend.linear(hidden, self.lm_head)
 
     def decode_greedy(self, tokens: torch.Tensor, cache: KVCache, advance: torch.Tensor) -> torch.Tensor | None:
         """A greedy decode step in one C++ call: tokens [batch] int64 through the model, each row's
@@ -83,27 +99,27 @@ class DecoderModel:
         return next_ids
 
     def _cpp_decoder(self):
-        """The backend's C++ decoder for this model, built on first use; None where there is none."""
+        """The backend's C++ decode step for this model, built on first use; None where there is none
+        (then decode runs op by op through hidden_states)."""
         if not self.cpp_decode:
             return None
         if self._decoder is None:
-            self._decoder = self.make_cpp_decoder() or False  # False: none here
+            from pyengine.plan import PlanRecordingError
+
+            try:
+                self._decoder = self.backend.make_cpp_decoder(self) or False  # False: none here
+            except PlanRecordingError as e:
+                warnings.warn(f"{type(self).__name__}: decoding op by op, the C++ decode step could not be "
+                              f"recorded: {e}", stacklevel=2)
+                self._decoder = False
         return self._decoder or None
 
-    def make_cpp_decoder(self):
-        """The backend's C++ decode step for this architecture (one call per token), or None: decode
-        then runs op by op through hidden_states."""
-        return None
-
     def _decode_step(self, tokens, cache, **tail):
-        """One new token per sequence through the C++ decoder, written at cache.lengths[b]; logits
+        """One new token per sequence through the C++ decode step, written at cache.lengths[b]; logits
         [batch, 1, vocab]. tail: the step's next_tokens / advance options (decode_greedy)."""
         B = tokens.shape[0]
         logits = torch.empty(B, 1, self.config.vocab_size)
-        self._decoder.step(tokens.reshape(B).long(), cache.keys, cache.values, cache.lengths,
-                           *self._decoder_tables(cache), logits.view(B, -1), **tail)
+        # Tables covering every position the cache can hold: no per-step max().
+        self._decoder.step(tokens.reshape(B).long(), cache, self.rope_tables(cache.capacity), logits.view(B, -1),
+                           **tail)
         return logits
-
-    def _decoder_tables(self, cache) -> tuple:
-        """Per-step tables the C++ decoder takes besides the cache (Llama: the rotary cos/sin)."""
-        return ()

@@ -51,14 +51,11 @@ class GPT2(DecoderModel):
         self.lm_head = backend.prepare_linear(self.embed)  # GPT-2 always ties the output projection
         self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
-    def make_cpp_decoder(self):
-        return self.backend.make_gpt2_decoder(self)
-
     def hidden_states(self, tokens, cache, step):
         c, ops = self.config, self.backend
         B, T = tokens.shape
         H, heads, D = c.hidden_size, c.num_heads, c.head_dim
-        x = ops.embedding(tokens, self.embed) + self.positions[step.positions]
+        x = ops.add_position_embedding(ops.embedding(tokens, self.embed), self.positions, step)
         pending = None
         for i, layer in enumerate(self.layers):
             h = ops.layer_norm(x, *layer.ln_1, c.norm_eps) if pending is None else \

@@ -68,12 +68,6 @@ class Llama(DecoderModel):
         if tied:
             self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
-    def make_cpp_decoder(self):
-        return self.backend.make_llama_decoder(self)
-
-    def _decoder_tables(self, cache):
-        return self._rope_tables(cache.capacity)  # every position the cache can hold; no per-step max()
-
     def hidden_states(self, tokens, cache, step):
         c, ops = self.config, self.backend
         B, T = tokens.shape

@@ -1,6 +1,6 @@
-// What the C++ decode steps (llama_decoder.h, gpt2_decoder.h) share: their linear layers, run with
-// the kernels the Python path uses for the same weights, the checks on a step's inputs, and the
-// write of the new keys and values into the cache.
+// What the C++ decode step (decode_plan.h) runs besides the single ops: its linear layers, with the
+// kernels the Python path uses for the same weights, and the write of the new keys and values into
+// the cache.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -27,12 +27,6 @@ void check_decoder_linear(const DecoderLinear& w, const std::string& name, int64
 
 // out [rows, out_features] = x [rows, in_features] @ W^T + bias.
 void run_decoder_linear(const DecoderLinear& w, const float* x, float* out, int64_t rows);
-
-// Throws std::invalid_argument, before anything is written, unless batch >= 1, every token is in
-// [0, vocab) and every position is inside the cache and inside the position table the step reads
-// (`position_table` names it in the message, e.g. "cos/sin tables").
-void check_decode_inputs(const int64_t* tokens, int64_t batch, int64_t vocab, const int32_t* positions,
-                         int64_t cache_capacity, int64_t table_positions, const char* position_table);
 
 // Writes each sequence's new keys and values (sequence b's Hkv x D at k + b * k_stride and at
 // v + b * v_stride) into one layer's cache [B, Hkv, S, D] at positions[b].

@@ -3,9 +3,6 @@
 #pragma once
 #include <cstdint>
 
-// Until the decoders include linear_f32.h themselves (decoder_common.cpp calls linear_f32).
-#include "pyengine/linear_f32.h"
-
 namespace pyengine {
 
 // out_i32[m, n] = sum_k a[m, k] * b[n, k], exact int32 (wraps mod 2^32 like an int32 reference).
