@@ -48,6 +48,8 @@ VALID_CALLS = {
                          positions=torch.arange(6, dtype=I32).view(2, 3), interleaved=False),
     "gelu": lambda: dict(x=_rand(3, 40), out=_rand(3, 40)),
     "silu_mul": lambda: dict(gate=_rand(3, 40), up=_rand(3, 40), out=_rand(3, 40)),
+    "gelu_mul": lambda: dict(gate=_rand(3, 40), up=_rand(3, 40), out=_rand(3, 40)),
+    "softcap": lambda: dict(x=_rand(3, 40), out=_rand(3, 40), cap=30.0),
     "embedding": lambda: dict(ids=torch.tensor([[1, 4, 0]]), table=_rand(6, 40), out=_rand(1, 3, 40)),
     "quantize_rows": lambda: dict(x=_rand(3, 40), q_out=_rand(3, 40, dtype=I8), scale_out=_rand(3)),
     "int8_matmul_i32": lambda: dict(a_q=_rand(3, 40, dtype=I8), b_q=_rand(5, 40, dtype=I8),
