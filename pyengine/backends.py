@@ -27,6 +27,20 @@ class Step:
     rope_cos: torch.Tensor | None  # [positions, head_dim / 2] rotary tables (None: no rotary embedding)
     rope_sin: torch.Tensor | None
     cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
+    # Other rotary tables by name (Gemma 3's "local"), and "default" where it is not rope_cos/rope_sin
+    # at step.positions: (cos, sin) or (cos, sin, positions), positions indexing that table's rows
+    # (LongRoPE: short and long tables stacked, each row pointed at the half its length picks).
+    rope_tables: dict = field(default_factory=dict)
+
+    def rope_table(self, name: str = "default") -> tuple:
+        """(cos, sin, positions) of rotary table `name`."""
+        table = self.rope_tables.get(name)
+        if table is None:
+            if name != "default":
+                raise ValueError(f"this step has no rotary table {name!r}; it has: default, "
+                                 f"{', '.join(self.rope_tables)}")
+            table = (self.rope_cos, self.rope_sin)
+        return table if len(table) == 3 else (*table, self.positions)
 
     def cached(self, key, make):
         """A value computed once per step and shared by every layer."""
@@ -82,10 +96,14 @@ class TorchBackend:
         residual.add_(delta)
         return self.layer_norm(residual, weight, bias, eps)
 
-    def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split)."""
-        cos, sin = step.cached("rope", lambda: (step.rope_cos[step.positions][:, :, None, :].to(x.dtype),
-                                               step.rope_sin[step.positions][:, :, None, :].to(x.dtype)))
+    def rope(self, x: torch.Tensor, step: Step, table: str = "default") -> torch.Tensor:
+        """Rotate (x[..., i], x[..., i + D/2]) pairs by each position's angles (Llama's half split), from
+        the step's rotary table `table`."""
+        def gather():
+            cos_table, sin_table, positions = step.rope_table(table)
+            return cos_table[positions][:, :, None, :].to(x.dtype), sin_table[positions][:, :, None, :].to(x.dtype)
+
+        cos, sin = step.cached(("rope", table), gather)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -118,8 +136,18 @@ class TorchBackend:
     def gelu(self, x):
         return F.gelu(x, approximate="tanh")
 
-    def embedding(self, ids, table):
-        return F.embedding(ids, table)
+    # --- ops for the Llama-like families (issue 20); helper A's versions replace these at merge ---
+    def gelu_mul(self, gate, up):
+        """GeGLU: tanh-approximated GELU(gate) * up."""
+        return F.gelu(gate, approximate="tanh") * up
+
+    def softcap(self, x, cap: float):
+        """cap * tanh(x / cap), in that order (as transformers)."""
+        return torch.tanh(x / cap) * cap
+
+    def embedding(self, ids, table, scale: float | None = None):
+        out = F.embedding(ids, table)
+        return out if scale is None else out * scale
 
     def make_llama_decoder(self, model):
         """An object whose step() runs a whole Llama decode step in one call, or None: this backend
@@ -177,6 +205,7 @@ class FusedBackend(TorchBackend):
         return out.view(*x.shape[:-1], w.weight.shape[0])
 
     def rms_norm(self, x, weight, eps):
+        x = x.contiguous()  # per-head q/k norm gets views into the fused q/k/v projection
         out = torch.empty_like(x)
         self._C.rms_norm(x, weight, out, eps)
         return out
@@ -196,10 +225,11 @@ class FusedBackend(TorchBackend):
         self._C.add_layer_norm(residual, delta.contiguous(), weight, bias, out, eps)
         return out
 
-    def rope(self, x, step):
+    def rope(self, x, step, table="default"):
         x = x.contiguous()
-        positions = step.cached("positions_i32", lambda: step.positions.to(torch.int32))
-        self._C.rope(x, step.rope_cos, step.rope_sin, positions, False)
+        cos, sin, positions = step.rope_table(table)
+        positions = step.cached(("positions_i32", table), lambda: positions.to(torch.int32))
+        self._C.rope(x, cos, sin, positions, False)
         return x
 
     def attention(self, q, k_cache, v_cache, step, scale, window=0):
@@ -219,10 +249,13 @@ class FusedBackend(TorchBackend):
         self._C.gelu(x.contiguous(), out)
         return out
 
-    def embedding(self, ids, table):
+    def embedding(self, ids, table, scale=None):
         out = torch.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
         self._C.embedding(ids.reshape(-1).contiguous(), table, out.view(-1, table.shape[1]))
-        return out
+        return out if scale is None else out.mul_(scale)
+
+    def gelu_mul(self, gate, up):  # minimal (issue 20): this backend's GELU, then torch's multiply
+        return self.gelu(gate) * up
 
     def make_llama_decoder(self, model):
         """The C++ decode step (_C.LlamaDecoder) over the model's own weights: per token one call instead

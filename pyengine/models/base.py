@@ -19,8 +19,10 @@ class DecoderModel:
         self.config = config
         self.backend = backend
         self.device = torch.device(device)
-        self._inv_freq = rope_inverse_frequencies(config).to(self.device) if self.uses_rope else None
-        self._cos = self._sin = torch.empty(0, device=self.device)
+        # Rotary tables by name: name -> (inverse frequencies, factor on cos/sin); built as steps need them.
+        self._rope_specs = {name: (inv_freq.to(self.device), factor)
+                            for name, (inv_freq, factor) in self.rope_specs().items()} if self.uses_rope else {}
+        self._rope_cache = {}  # name -> (cos, sin)
         # Decode steps go through the backend's C++ decoder for this architecture when it has one
         # (built on first use); PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path.
         self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"
@@ -40,19 +42,31 @@ class DecoderModel:
         first = int(q_start[0])
         uniform = first if bool((q_start == first).all()) else None
         kv_len = q_start + (n_new if lengths is None else lengths.to(q_start.device, torch.int32))
-        cos, sin = self._rope_tables(int(positions.max()) + 1)
+        needed = int(positions.max()) + 1
+        cos, sin = self._rope_tables(needed)
+        others = {name: self._rope_tables(needed, name) for name in self._rope_specs if name != "default"}
         return Step(q_start=q_start, kv_len=kv_len, positions=positions, uniform_start=uniform,
-                    rope_cos=cos, rope_sin=sin)
+                    rope_cos=cos, rope_sin=sin, rope_tables=others)
 
-    def _rope_tables(self, needed: int):
+    def rope_specs(self) -> dict:
+        """The rotary tables this model's layers use: name -> (inverse frequencies, factor on cos and
+        sin). "default" is the config's rope_theta and scaling."""
+        return {"default": (rope_inverse_frequencies(self.config), 1.0)}
+
+    def _rope_tables(self, needed: int, name: str = "default"):
         """cos/sin of every position's rotation angles, [positions, head_dim / 2], at least `needed` rows."""
-        if self._inv_freq is None:
+        if name not in self._rope_specs:
             return None, None
-        if self._cos.shape[0] < needed:  # grow by doubling, up to the context length
-            size = min(max(needed, 2 * self._cos.shape[0], 256), max(self.config.max_context, needed))
-            angles = torch.outer(torch.arange(size, device=self.device).float(), self._inv_freq)
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos, self._sin
+        cos, sin = self._rope_cache.get(name, (torch.empty(0), None))
+        if cos.shape[0] < needed:  # grow by doubling, up to the context length
+            size = min(max(needed, 2 * cos.shape[0], 256), max(self.config.max_context, needed))
+            inv_freq, factor = self._rope_specs[name]
+            angles = torch.outer(torch.arange(size, device=self.device).float(), inv_freq)
+            cos, sin = angles.cos(), angles.sin()
+            if factor != 1.0:
+                cos, sin = cos * factor, sin * factor
+            self._rope_cache[name] = cos, sin
+        return self._rope_cache[name]
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None,
                 n_new: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +81,9 @@ class DecoderModel:
         hidden = self.hidden_states(tokens, cache, step)
         if logits_at is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at]
-        return self.backend.linear(hidden, self.lm_head)
+        logits = self.backend.linear(hidden, self.lm_head)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else self.backend.softcap(logits, cap)
 
     def hidden_states(self, tokens, cache, step) -> torch.Tensor:
         raise NotImplementedError
