@@ -198,7 +198,9 @@ def _windowed_layers(raw: dict, model_type: str, num_layers: int, source) -> lis
                                               f"for each of the {num_layers} layers, got {types!r}")
             windowed = [t == "sliding_attention" for t in types]
         elif model_type == "gemma3_text":  # transformers' default: every 6th layer full, the others windowed
-            pattern = raw.get("sliding_window_pattern", 6)
+            pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                raise CheckpointError(source, f"sliding_window_pattern must be a positive integer, got {pattern!r}")
             windowed = [bool((i + 1) % pattern) for i in range(num_layers)]
         else:
             first = raw.get("max_window_layers", 28)  # transformers' Qwen2Config default

@@ -45,8 +45,8 @@ ORIGINAL_MAX = 32  # Phi-3's original_max_position_embeddings above
 ARCHS = list(FAMILIES)
 
 
-def make_family_model(folder, name, seed=0):
-    fields = dict(FAMILIES[name])
+def make_family_model(folder, name, seed=0, fields=None):
+    fields = dict(fields or FAMILIES[name])
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), bos_token_id=0, eos_token_id=2, **fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -189,6 +189,24 @@ def test_scheduler_greedy_alone_and_joined_mid_flight(family_models, backend):
         engine.close()
 
 
+def test_llama_with_linear_rope_scaling_matches_transformers(tmp_path):
+    """Linear rope scaling (Gemma 3's full layers) read for the Llama family too, as transformers does."""
+    fields = dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    folder = make_family_model(tmp_path / "llama-linear", "llama-linear", fields=fields)
+    engine = pyengine.load(folder, backend="fused")
+    assert engine.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    torch.manual_seed(1)
+    ids = torch.randint(0, 384, (2, 50))
+    with torch.no_grad():
+        ref = hf_model(folder)(ids).logits
+    assert_logits_close(engine.logits(ids), ref)
+    prompt = "The capital of France is"
+    assert engine.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids == \
+        hf_greedy(folder, engine.tokenizer.encode(prompt), 24)
+
+
 def _config(family_models, name, **changes):
     raw = json.loads((family_models[name] / "config.json").read_text())
     for key, value in changes.items():
@@ -225,6 +243,19 @@ def _config(family_models, name, **changes):
 def test_config_refuses_what_it_cannot_run(family_models, name, changes, message):
     with pytest.raises(CheckpointError, match=message):
         ModelConfig.from_hf(_config(family_models, name, **changes))
+
+
+def test_gemma3_layer_types_from_the_older_pattern(family_models):
+    """Without layer_types, every sliding_window_pattern-th layer is full (transformers' default 6); the
+    sliding layers keep their local rotary base even where the window covers the whole context."""
+    cfg = ModelConfig.from_hf(_config(family_models, "gemma3", layer_types=None, _sliding_window_pattern=None,
+                                      sliding_window_pattern=2))
+    assert cfg.layer_windows == (12, 0, 12, 0) and cfg.local_rope_layers == (0, 2)
+    cfg = ModelConfig.from_hf(_config(family_models, "gemma3", layer_types=None, _sliding_window_pattern=None,
+                                      sliding_window=512))
+    assert cfg.layer_windows == () and cfg.local_rope_layers == (0, 1, 2, 3)  # 4 layers: none is the 6th
+    with pytest.raises(CheckpointError, match="sliding_window_pattern must be a positive integer"):
+        ModelConfig.from_hf(_config(family_models, "gemma3", layer_types=None, sliding_window_pattern=0))
 
 
 def test_config_says_what_it_does_not_apply(family_models):
