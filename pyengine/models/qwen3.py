@@ -1,7 +1,8 @@
 """Qwen3: Llama with an RMSNorm over each query and key head before the rotation (config.qk_norm);
-q/k/v bias only where attention_bias says; sliding-window layers as Qwen2 reads them."""
+q/k/v and o bias only where attention_bias says; sliding-window layers as Qwen2 reads them."""
 from pyengine.models.llama import Llama
 
 
 class Qwen3(Llama):
-    pass  # every difference is in the config (qk_norm) and the shared decoder
+    """Every difference is in the config (qk_norm), run by the shared decoder; its own class so that
+    the C++ Llama decode step, which has no q/k norm, is not built for it."""
