@@ -26,10 +26,19 @@ class Step:
     kv_len: torch.Tensor  # [batch] int32: valid cache entries once this step's keys are written
     positions: torch.Tensor  # [batch, n_new] int64
     uniform_start: int | None  # the common q_start when all sequences start at the same position
-    # name -> (cos, sin), each [positions, head_dim / 2]: the model's rotary tables ("default", and
-    # any others a model uses, e.g. Gemma 3's "local" layers); empty without rotary embedding
+    # name -> (cos, sin) or (cos, sin, positions), each table [positions, head_dim / 2]: the model's
+    # rotary tables ("default", and any others a model uses, e.g. Gemma 3's "local"); positions, where
+    # given, index that table's rows instead of step.positions (LongRoPE: short and long tables
+    # stacked, each row pointed at the half its length picks); empty without rotary embedding
     rope_tables: dict
     cache: dict = field(default_factory=dict)  # per-step values a backend computes once (masks, gathers)
+
+    def rope_table(self, name: str = "default") -> tuple:
+        """(cos, sin, positions) of rotary table `name`."""
+        table = self.rope_tables.get(name)
+        if table is None:
+            raise ValueError(f"this step has no rotary table {name!r}; it has: {', '.join(self.rope_tables)}")
+        return table if len(table) == 3 else (*table, self.positions)
 
     def cached(self, key, make):
         """A value computed once per step and shared by every layer."""
@@ -88,10 +97,10 @@ class TorchBackend:
 
     def rope(self, x: torch.Tensor, step: Step, table: str = "default") -> torch.Tensor:
         """Rotate (x[..., i], x[..., i + D/2]) pairs of x [B, T, heads, D] by each position's angles
-        (Llama's half split), from the step's rotary table `table` (step.rope_tables[table])."""
+        (Llama's half split), from the step's rotary table `table` (step.rope_table)."""
         def gather():
-            cos, sin = step.rope_tables[table][:2]
-            return cos[step.positions][:, :, None, :], sin[step.positions][:, :, None, :]
+            cos, sin, positions = step.rope_table(table)
+            return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
 
         cos, sin = step.cached(("rope", table), gather)
         return kernels.rotate(x, cos, sin, interleaved=False)
@@ -187,8 +196,9 @@ class FusedBackend(TorchBackend):
 
     def rope(self, x, step, table="default"):
         x = x.contiguous()
-        positions = step.cached("positions_i32", lambda: step.positions.to(torch.int32))
-        kernels.rope(x, *step.rope_tables[table][:2], positions, False)
+        cos, sin, positions = step.rope_table(table)
+        positions = step.cached(("positions_i32", table), lambda: positions.to(torch.int32))
+        kernels.rope(x, cos, sin, positions, False)
         return x
 
     def attention(self, q, k_cache, v_cache, step, scale, window=0):

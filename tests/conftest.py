@@ -49,6 +49,24 @@ TINY_CONFIGS = {
                          max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
                          use_sliding_window=True, sliding_window=12, max_window_layers=1),
     "gpt2": dict(model_type="gpt2", vocab_size=384, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    # q/k norm per head, a head_dim that is not hidden / heads, GQA, a window on layers 1 and 2.
+    "qwen3": dict(model_type="qwen3", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
+                  max_window_layers=1),
+    # sliding layers (window 12) with their own rotary base, a full layer with linear-scaled rope, GQA,
+    # query_pre_attn_scalar unlike head_dim, final logit soft-capping tight enough to bite.
+    "gemma3": dict(model_type="gemma3_text", vocab_size=384, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   max_position_embeddings=256, rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=12,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+                   final_logit_softcapping=0.5, pad_token_id=0),
+    # Phi-3 without LongRoPE (as the 4k-context checkpoints): fused qkv_proj / gate_up_proj, a window.
+    "phi3": dict(model_type="phi3", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=24,
+                 rms_norm_eps=1e-5, pad_token_id=0),
 }
 
 

@@ -12,8 +12,10 @@ from pyengine.backends import LinearWeights
 from pyengine.models.llama import Llama
 from pyengine.plan import PlanRecordingError, record_decode_plan
 
+from conftest import TINY_CONFIGS
+
 # qwen2: q/k/v bias; llama3: scaled rope tables; qwen2-window: a sliding window on layer 1 only
-ARCHS = ["llama", "llama3-scaled", "qwen2", "qwen2-window", "mistral", "gpt2"]
+ARCHS = list(TINY_CONFIGS)
 BACKENDS = ["fused", "fused-int8", "fused-bf16"]
 
 
@@ -79,7 +81,7 @@ def test_decode_logits_match_python_path(engines, arch, backend):
 
 @pytest.mark.parametrize("isa", ops.supported_isas())
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["qwen2-window", "gpt2"])
+@pytest.mark.parametrize("arch", ["qwen2-window", "gpt2", "qwen3", "gemma3", "phi3"])
 def test_every_isa_and_ragged_positions_match_python_path(engines, arch, backend, isa):
     """Several rows at different positions (a sliding window passed on one of them), on each ISA."""
     model = engines(arch, backend).model

@@ -21,8 +21,10 @@ class DecoderModel:
         self.config = config
         self.backend = backend
         self.device = torch.device(device)
-        self._inv_freq = rope_inverse_frequencies(config).to(self.device) if self.uses_rope else None
-        self._cos = self._sin = torch.empty(0, device=self.device)
+        # Rotary tables by name: name -> (inverse frequencies, factor on cos/sin); built as steps need them.
+        self._rope_specs = {name: (inv_freq.to(self.device), factor)
+                            for name, (inv_freq, factor) in self.rope_specs().items()} if self.uses_rope else {}
+        self._rope_cache = {}  # name -> (cos, sin)
         # Decode steps go through the backend's C++ replay of this model's recorded step when it has
         # one (built on first use); PYENGINE_CPP_DECODE=0 keeps them on the op-by-op path.
         self.cpp_decode = os.environ.get("PYENGINE_CPP_DECODE", "1") != "0"
@@ -47,21 +49,27 @@ class DecoderModel:
 
     def rope_tables(self, needed: int) -> dict:
         """The rotary tables a step's rope ops pick by name, each (cos, sin) [positions, head_dim / 2]
-        with at least `needed` rows: {"default": ...}, none without rotary embedding. A model with
-        more tables (local / global layers) or tables chosen by length (LongRoPE) overrides this."""
-        if self._inv_freq is None:
-            return {}
-        return {"default": self._rope_tables(needed)}
+        with at least `needed` rows: "default" and any others rope_specs names (Gemma 3's "local"),
+        none without rotary embedding."""
+        return {name: self._rope_tables(needed, name) for name in self._rope_specs}
 
-    def _rope_tables(self, needed: int):
+    def rope_specs(self) -> dict:
+        """The rotary tables this model's layers use: name -> (inverse frequencies, factor on cos and
+        sin). "default" is the config's rope_theta and scaling."""
+        return {"default": (rope_inverse_frequencies(self.config), 1.0)}
+
+    def _rope_tables(self, needed: int, name: str = "default"):
         """cos/sin of every position's rotation angles, [positions, head_dim / 2], at least `needed` rows."""
-        if self._inv_freq is None:
-            return None, None
-        if self._cos.shape[0] < needed:  # grow by doubling, up to the context length
-            size = min(max(needed, 2 * self._cos.shape[0], 256), max(self.config.max_context, needed))
-            angles = torch.outer(torch.arange(size, device=self.device).float(), self._inv_freq)
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos, self._sin
+        cos, sin = self._rope_cache.get(name, (torch.empty(0), None))
+        if cos.shape[0] < needed:  # grow by doubling, up to the context length
+            size = min(max(needed, 2 * cos.shape[0], 256), max(self.config.max_context, needed))
+            inv_freq, factor = self._rope_specs[name]
+            angles = torch.outer(torch.arange(size, device=self.device).float(), inv_freq)
+            cos, sin = angles.cos(), angles.sin()
+            if factor != 1.0:
+                cos, sin = cos * factor, sin * factor
+            self._rope_cache[name] = cos, sin
+        return self._rope_cache[name]
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None,
                 n_new: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,9 +92,11 @@ class DecoderModel:
         raise NotImplementedError
 
     def logits(self, hidden) -> torch.Tensor:
-        """The output projection of the final hidden states (a model with logit soft-capping adds
-        ops.softcap here)."""
-        return self.backend.linear(hidden, self.lm_head)
+        """The output projection of the final hidden states, soft-capped where the config says so
+        (Gemma's final_logit_softcapping)."""
+        logits = self.backend.linear(hidden, self.lm_head)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else self.backend.softcap(logits, cap)
 
     def decode_greedy(self, tokens: torch.Tensor, cache: KVCache, advance: torch.Tensor) -> torch.Tensor | None:
         """A greedy decode step in one C++ call: tokens [batch] int64 through the model, each row's
