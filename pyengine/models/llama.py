@@ -52,19 +52,21 @@ class Llama(DecoderModel):
                          if c.mlp_bias else None)
             self.layers.append(LlamaLayer(
                 attn_norm=param(p + "input_layernorm.weight", (H,)),
-                qkv=backend.prepare_linear(qkv_w, qkv_b),
+                qkv=backend.prepare_linear(qkv_w, qkv_b, name=p + "self_attn.qkv_proj"),
                 out=backend.prepare_linear(matrix(p + "self_attn.o_proj.weight", (H, q_out)),
-                                           bias(p + "self_attn.o_proj.bias", H, c.o_bias)),
+                                           bias(p + "self_attn.o_proj.bias", H, c.o_bias), name=p + "self_attn.o_proj"),
                 mlp_norm=param(p + "post_attention_layernorm.weight", (H,)),
                 gate_up=backend.prepare_linear(torch.cat([matrix(p + "mlp.gate_proj.weight", (I, H)),
-                                                          matrix(p + "mlp.up_proj.weight", (I, H))]), gate_up_b),
+                                                          matrix(p + "mlp.up_proj.weight", (I, H))]), gate_up_b,
+                                                name=p + "mlp.gate_up_proj"),
                 down=backend.prepare_linear(matrix(p + "mlp.down_proj.weight", (H, I)),
-                                            bias(p + "mlp.down_proj.bias", H, c.mlp_bias)),
+                                            bias(p + "mlp.down_proj.bias", H, c.mlp_bias), name=p + "mlp.down_proj"),
                 window=c.layer_windows[i] if c.layer_windows else 0,
             ))
         self.final_norm = param("model.norm.weight", (H,))
         tied = c.tie_word_embeddings or not reader.has("lm_head.weight")
-        self.lm_head = backend.prepare_linear(self.embed if tied else matrix("lm_head.weight", (c.vocab_size, H)))
+        self.lm_head = backend.prepare_linear(self.embed if tied else matrix("lm_head.weight", (c.vocab_size, H)),
+                                              name="lm_head")
         if tied:
             self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
