@@ -100,7 +100,9 @@ def measure(folder: Path, starts: int, tokens: int, threads: int | None, referen
     env = {**os.environ, **(env or {})}
     if reference:
         env["PYTHONPATH"] = str(reference)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=7200, env=env)
+    # Run from the checkout whose pyengine is measured: `python -c` puts the working directory first.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=7200, env=env,
+                          cwd=str(reference) if reference else None)
     if done.returncode != 0:
         raise RuntimeError(f"GPTQ ({function}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
             if args.reference else None
         row = ours.result()
     print(f"layer by layer: sampling peak {row['peak_rss_sampling'] / gb:.2f} GB ({row['sampler_backend']}), "
-          f"calibration peak {row['peak_rss_calibration'] / gb:.2f} GB, after import {row['rss_after_import'] / gb:.2f}, "
+          f"calibration peak {row['peak_rss_calibration'] / gb:.2f} GB, "
+          f"after import {row['rss_after_import'] / gb:.2f}, "
           f"int8 result {row['int8_bytes'] / gb:.2f} GB; {row['sampling_seconds']:.0f} s + "
           f"{row['calibration_seconds']:.0f} s", flush=True)
     report = dict(shape=args.shape, config=shape, starts=args.starts, tokens=args.tokens,
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
                   fp32_weight_bytes=fp32_weight_bytes(shape), result=row,
                   machine=dict(name=args.machine, cpu=load_memory._cpu_name(), nproc=os.cpu_count(),
                                python=platform.python_version()))
+    if args.json:  # written now, and again with the reference's figures when they come
+        args.json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     if args.reference:
         ref = theirs.result()
         report["reference"] = ref

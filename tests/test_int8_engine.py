@@ -154,7 +154,8 @@ def test_int8_file_keyed_by_order_is_refused(tiny_models, tmp_path):
     def to_v1(tensors, metadata):
         names = json.loads(metadata.pop("linears"))
         metadata.update(format="pyengine-int8-v1", count=str(len(names)))
-        return {f"linear.{i}.{part}": tensors[f"{n}.{part}"] for i, n in enumerate(names) for part in ("qweight", "scale")}
+        return {f"linear.{i}.{part}": tensors[f"{n}.{part}"]
+                for i, n in enumerate(names) for part in ("qweight", "scale")}
 
     _rewrite(path, to_v1)
     with pytest.raises(CheckpointError, match="older pyengine .*quantize again"):
