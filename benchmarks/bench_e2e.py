@@ -41,8 +41,12 @@ import cpu_roofline  # benchmarks/cpu_roofline.py: pytest's default (prepend) im
 import pytest
 import torch
 
-from pyengine import bench
 from pyengine.backends import available_backends
+from pyengine.bench.config import HF
+from pyengine.bench.engine_runner import EngineRunner
+from pyengine.bench.hf_runner import HFRunner
+from pyengine.bench.measure import energy_meta, joules_of
+from pyengine.bench.prompts import build_prompts
 
 DEVICE = os.environ.get("PYENGINE_BENCH_DEVICE", "cpu")
 NEW_TOKENS = int(os.environ.get("PYENGINE_BENCH_NEW_TOKENS", 128))
@@ -53,7 +57,7 @@ ROUNDS = int(os.environ.get("PYENGINE_BENCH_ROUNDS", 3))
 CPU = torch.device(DEVICE).type == "cpu"
 ROOFLINE = CPU and BATCH == 1  # cpu_roofline's bytes_per_token is one batch-1 decode step on the host
 HF_INT8 = "hf-dynamic-int8"
-BACKENDS = [bench.HF, *([HF_INT8] if CPU else []), *available_backends(DEVICE)]
+BACKENDS = [HF, *([HF_INT8] if CPU else []), *available_backends(DEVICE)]
 INT8 = (HF_INT8, "fused-int8")  # int8 weights: cpu_roofline's int8 bytes per token
 FUSED = ("fused", "fused-int8")  # weights on 2 MB pages in decode order: cpu_roofline.weight_spans
 
@@ -76,12 +80,12 @@ def tokenizer(bench_model):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return bench.build_prompts(tokenizer, PROMPT_TOKENS, BATCH)
+    return build_prompts(tokenizer, PROMPT_TOKENS, BATCH)
 
 
 @pytest.fixture(scope="module")
 def prefill_prompt(tokenizer):
-    return bench.build_prompts(tokenizer, PREFILL_TOKENS, 1)
+    return build_prompts(tokenizer, PREFILL_TOKENS, 1)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +109,8 @@ def runner(request, bench_model, meter, read_bandwidth):
     """One backend, loaded once for both tests. The parameter is module-scoped, so pytest runs both
     tests of one backend together and closes it before loading the next: one model in memory."""
     backend, device = request.param, torch.device(DEVICE)
-    if backend in (bench.HF, HF_INT8):
-        r = bench.HFRunner(bench_model, device)
+    if backend in (HF, HF_INT8):
+        r = HFRunner(bench_model, device)
         if backend == HF_INT8:
             r.name = HF_INT8
             try:
@@ -115,7 +119,7 @@ def runner(request, bench_model, meter, read_bandwidth):
                 r.close()
                 pytest.skip(f"{HF_INT8}: not measured ({type(e).__name__}: {e})")
     else:
-        r = bench.EngineRunner(backend, bench_model, device, meter)
+        r = EngineRunner(backend, bench_model, device, meter)
     yield r
     r.close()
     del r
@@ -139,7 +143,7 @@ def _attach_energy(benchmark, joules, meta, tokens):
 
 @pytest.mark.benchmark(group="decode")
 def test_generate_e2e(benchmark, runner, prompts, meter, model_config, read_bandwidth):
-    hf = isinstance(runner, bench.HFRunner)
+    hf = isinstance(runner, HFRunner)
     spans = cpu_roofline.weight_spans(runner.engine) if ROOFLINE and runner.name in FUSED else None
     joules, meta, decode_s, hf_prefill_s = [], {}, [], []
     beside = [] if ROOFLINE else None  # cpu_roofline._probe appends to a list, does nothing with None
@@ -157,13 +161,13 @@ def test_generate_e2e(benchmark, runner, prompts, meter, model_config, read_band
             seconds, m = runner.run_generate_only(prompts, NEW_TOKENS, meter)
             decode_s.append(seconds - hf_prefill_s[-1])
             joules.append(m.total_joules)
-            meta.update(bench._energy_meta([m]))
+            meta.update(energy_meta([m]))
             return
         # pyengine: usage.energy of generate(measure_energy=True), prefill + decode
         ph = runner.run_generate(prompts, NEW_TOKENS, meter)
         decode_s.append(ph.decode[0])
-        joules.append(bench._joules_of(ph.prefill[1]) + bench._joules_of(ph.decode[1]))
-        meta.update(bench._energy_meta([ph.prefill[1], ph.decode[1]]))
+        joules.append(joules_of(ph.prefill[1]) + joules_of(ph.decode[1]))
+        meta.update(energy_meta([ph.prefill[1], ph.decode[1]]))
 
     benchmark.pedantic(once, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     tok_s = [BATCH * (NEW_TOKENS - 1) / s if s > 0 else float("nan") for s in _measured(decode_s)]
@@ -197,8 +201,8 @@ def test_prefill_e2e(benchmark, runner, prefill_prompt, meter):
         s, energy = runner.run_prefill(prefill_prompt, meter).prefill
         seconds.append(s)
         if energy is not None:
-            joules.append(bench._joules_of(energy))
-            meta.update(bench._energy_meta([energy]))
+            joules.append(joules_of(energy))
+            meta.update(energy_meta([energy]))
 
     benchmark.pedantic(once, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     tok_s = [PREFILL_TOKENS / s for s in _measured(seconds)]

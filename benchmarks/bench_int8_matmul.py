@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pyengine import _C, ops
-from pyengine.cli import _cpu_model
+from pyengine.machine import cpu_model
 from pyengine.memory import WeightArena
 from pyengine.roofline import probe_buffer
 
@@ -179,7 +179,7 @@ def _errors():
 def test_zz_summary():
     """Prints the table (run with -s)."""
     read = RESULTS.get("read_GBps")
-    lines = [f"\nCPU: {_cpu_model()}, {THREADS} threads, ISA {ops.active_isa()}"]
+    lines = [f"\nCPU: {cpu_model()}, {THREADS} threads, ISA {ops.active_isa()}"]
     if read:
         lines.append(f"read bandwidth (1 GB, _C.sum_words): {read:.1f} GB/s")
     lines.append("GEMV M=1, weights from DRAM: weight GB/s median/best (fraction of read bandwidth), median us")

@@ -75,7 +75,7 @@ def bench_model(tmp_path_factory) -> Path:
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """--benchmark-json / --benchmark-save: every non-finite float (an extra_info figure that came out
     NaN or inf) as null, so the file is strict JSON (pytest-benchmark's writer would print NaN)."""
-    from pyengine.bench_report import json_safe
+    from pyengine.bench.report import json_safe
 
     cleaned = json_safe(output_json)
     output_json.clear()

@@ -39,8 +39,8 @@ import torch
 
 import pyengine
 from pyengine import ops
-from pyengine.bench_report import json_safe
-from pyengine.cli import _cpu_model
+from pyengine.bench.report import json_safe
+from pyengine.machine import cpu_model
 from pyengine.memory import transparent_huge_pages
 from pyengine.roofline import (
     bytes_per_token, fraction_beside, read_bandwidth_gbs, roofline_tok_s, weight_spans, weights_read_gbs,
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ops.set_num_threads(args.threads)
     import transformers
 
-    machine = {"cpu": _cpu_model(), "isa": ops.active_isa(), "threads": args.threads,
+    machine = {"cpu": cpu_model(), "isa": ops.active_isa(), "threads": args.threads,
                "python": platform.python_version(), "torch": torch.__version__,
                "transformers": transformers.__version__, "pyengine": pyengine.__version__,
                "load_average": list(__import__("os").getloadavg()),

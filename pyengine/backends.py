@@ -64,8 +64,10 @@ class TorchBackend:
     def check_dtype(self, dtype: torch.dtype) -> None:
         pass  # plain torch runs every float dtype
 
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        """The backend's form of a linear layer; `weight` may come in the checkpoint's own dtype."""
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, name: str | None = None):
+        """The backend's form of a linear layer; `weight` may come in the checkpoint's own dtype.
+        `name`: the layer's checkpoint tensor name without ".weight" (a fused projection's own name,
+        e.g. "model.layers.3.self_attn.qkv_proj"): int8 weight files are keyed by it."""
         return LinearWeights(weight.to(self.dtype).contiguous(), bias)
 
     def tied_embedding(self, lm_head, embed: torch.Tensor) -> torch.Tensor:
@@ -168,12 +170,18 @@ class FusedBackend(TorchBackend):
 
         self._C = _C
         self.arena = WeightArena()  # the linears' weights, on 2 MB pages where the OS gives them
-        self.linears = []  # prepared linears in construction order (save_int8, GPTQ calibration)
+        self.linears: dict[str, object] = {}  # prepared linears by name (save_int8)
 
-    def prepare_linear(self, weight, bias=None):
-        lin = LinearWeights(self.arena.copy(weight, torch.float32), bias)
-        self.linears.append(lin)
+    def _keep(self, name, lin):
+        if name is None:
+            raise ValueError(f"backend {self.name!r}: prepare_linear needs the layer's name (name=...)")
+        if name in self.linears:
+            raise ValueError(f"backend {self.name!r}: two linear layers are named {name!r}")
+        self.linears[name] = lin
         return lin
+
+    def prepare_linear(self, weight, bias=None, *, name=None):
+        return self._keep(name, LinearWeights(self.arena.copy(weight, torch.float32), bias))
 
     def check_dtype(self, dtype):
         if dtype != torch.float32:
@@ -249,27 +257,37 @@ class FusedInt8Backend(FusedBackend):
     weight_precision = "int8"
     kernels = FusedBackend.kernels + ("int8_linear_a16",)
 
-    def __init__(self, preloaded=None):
+    def __init__(self, preloaded: dict | None = None):
+        """preloaded: int8 linears by layer name (pyengine.quant.load_int8, pyengine.gptq), used
+        instead of rounding the checkpoint's weights."""
         super().__init__()
-        self._preloaded = list(preloaded) if preloaded is not None else None
+        if preloaded is not None and not isinstance(preloaded, dict):
+            raise TypeError(f"preloaded must be a dict of int8 linears by layer name, got {type(preloaded).__name__}")
+        self._preloaded = dict(preloaded) if preloaded is not None else None
 
-    def prepare_linear(self, weight, bias=None):
+    def prepare_linear(self, weight, bias=None, *, name=None):
         from pyengine.quant import Int8Linear, quantize_per_channel
 
         if self._preloaded is not None:
-            if not self._preloaded:
-                raise ValueError("the int8 weights file has fewer linear layers than this model")
-            lin = self._preloaded.pop(0)
+            lin = self._preloaded.pop(name, None)
+            if lin is None:
+                raise ValueError(f"the int8 weights have no linear layer {name!r}, which this model needs")
             if lin.shape != tuple(weight.shape):
-                raise ValueError(f"int8 weights file: layer {len(self.linears)} has shape {lin.shape}, "
+                raise ValueError(f"the int8 weights' linear layer {name!r} has shape {lin.shape}, "
                                  f"the model needs {tuple(weight.shape)}")
             lin = Int8Linear(self.arena.copy(lin.qweight), self.arena.copy(lin.scale), lin.bias)
         else:  # rounded straight into the arena, a chunk of rows at a time
             placed = (self.arena.empty(weight.shape, torch.int8), self.arena.empty(weight.shape[:1], torch.float32))
             lin = Int8Linear(*quantize_per_channel(weight, out=placed),
                              None if bias is None else bias.float().contiguous())
-        self.linears.append(lin)
-        return lin
+        return self._keep(name, lin)
+
+    def check_all_preloaded_used(self) -> None:
+        """After the model is built: int8 weights it never asked for mean they were made for another
+        layout (the names differ), which a wrong answer would otherwise hide."""
+        if self._preloaded:
+            raise ValueError(f"the int8 weights hold linear layers this model does not have: "
+                             f"{', '.join(sorted(self._preloaded))}")
 
     def linear(self, x, w):
         return kernels.int8_linear_a16(x, w.qweight, w.scale, w.bias)
@@ -286,10 +304,8 @@ class FusedBf16Backend(FusedBackend):
     weight_precision = "bf16"
     kernels = FusedBackend.kernels + ("linear_bf16",)
 
-    def prepare_linear(self, weight, bias=None):
-        lin = LinearWeights(self.arena.copy(weight, torch.bfloat16), bias)
-        self.linears.append(lin)
-        return lin
+    def prepare_linear(self, weight, bias=None, *, name=None):
+        return self._keep(name, LinearWeights(self.arena.copy(weight, torch.bfloat16), bias))
 
     def linear(self, x, w):
         return kernels.linear_bf16(x, w.weight, w.bias)

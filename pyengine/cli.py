@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--threads", type=int, default=None)
     srv.set_defaults(func=_serve)
 
-    from pyengine import bench, bench_serve
+    from pyengine.bench import cli as bench_cli, serve as bench_serve
 
-    bench.add_parser(sub)
+    bench_cli.add_parser(sub)
     bench_serve.add_parser(sub)
 
     args = parser.parse_args(argv)
@@ -122,9 +122,10 @@ def _quantize(args) -> int:
 def _info(args) -> int:
     import pyengine
     from pyengine import _C, backends, memory, ops
+    from pyengine.machine import cpu_model
 
     print(f"pyengine {pyengine.__version__}  (python {platform.python_version()}, torch {torch.__version__})")
-    print(f"cpu: {_cpu_model()}; {_C.num_threads()} threads")
+    print(f"cpu: {cpu_model()}; {_C.num_threads()} threads")
     print(f"cpu isa: {ops.active_isa()} (detected {ops.detected_isa()}; cap with PYENGINE_ISA=scalar|avx2|avx512)")
     features = _C.cpu_features()
     absent = [name for name, usable in features if not usable]
@@ -151,17 +152,6 @@ def _energy_lines() -> list[str]:
     for s in energy.available_sources():
         lines.append(f"  {s.name:<9} {'yes' if s.available else 'no '}  {s.detail}")
     return lines
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         reader = WeightReader(checkpoint.weights, checkpoint.path, self.dtype)
         self.model = ARCHITECTURES[self.config.arch](self.config, reader, self.backend, self.device)
+        if options.get("preloaded") is not None:
+            self.backend.check_all_preloaded_used()
         del checkpoint, reader  # the model holds what it needs; drop the rest of the state dict
         self.eos_token_ids = self._eos_ids()
         self._lock = threading.Lock()  # one forward pass at a time (the scheduler's steps, logits())
@@ -222,7 +224,10 @@ class Engine:
         if int8_method == "gptq":
             from pyengine.gptq import load_or_quantize
 
-            return load_or_quantize(self.model_path, self.config, progress=progress), "gptq"
+            path = self.model_path
+            # Calibration text comes from the model at its default precision, one engine at a time.
+            sampler = lambda: Engine(path, progress=progress)  # noqa: E731
+            return load_or_quantize(path, self.config, sampler, progress=progress), "gptq"
         return None, "absmax"
 
     def _prompt_texts(self, prompt, messages, chat) -> tuple[list[str], bool]:

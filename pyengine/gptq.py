@@ -9,28 +9,39 @@ minimizes || X W^T - X Q^T || over inputs X seen on calibration text, through H 
         Q[:, i] = round(W[:, i] / scale) * scale
         W[:, i+1:] -= (W[:, i] - Q[:, i]) / U[i, i] * U[i, i+1:]      U = cholesky(H^-1), upper
 
-Calibration text is sampled from the fp32 model itself (a fixed seed, a few common first words), so
-no corpus ships with pyengine and none of the text used to judge quality is seen here. All of it runs
-through the model as one batch, and each layer is rounded as the pass reaches it, so the layers after
-it are calibrated on the inputs they will see in int8 (GPTQ's layer-by-layer order).
+Calibration text is sampled from the model itself (a fixed seed, a few common first words) by an
+engine the caller provides (its default backend: fp32 weights stay fp32, bf16 stay bf16), so no
+corpus ships with pyengine and none of the text used to judge quality is seen here. That engine is
+closed before calibration, which holds one linear layer's fp32 weights at a time: each is read back
+from a scratch file (written while the model's layers are built, in the checkpoint's own dtype) when
+the calibration pass reaches it, rounded over every calibration token at once, run with its rounded
+weights so the layers after it are calibrated on the inputs they will see in int8 (GPTQ's
+layer-by-layer order), and dropped. Peak memory: one linear layer's fp32 weights and GPTQ's float64
+work matrices ([in, in], and ROWS_PER_CHUNK rows), the calibration activations and KV cache, and
+the int8 results: not the fp32 model (benchmarks/gptq_memory.py measures it).
 It costs about two minutes for the default model on 2 cores, once: the result is kept in the
 pyengine cache ($PYENGINE_CACHE/int8/), keyed by the model's files and these settings, and
 load(..., int8_method="gptq") reads it from there the next time. The sampled text depends on the
-fp32 kernels' rounding, which differs between ISAs, so two machines may make slightly different
+kernels' rounding, which differs between ISAs, so two machines may make slightly different
 weights; to use one set everywhere, write it once with `pyengine quantize` and load that file.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import sys
-from contextlib import contextmanager
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pyengine.backends import FusedBackend, LinearWeights
 from pyengine.errors import CheckpointError
+from pyengine.loader import WeightReader, load_checkpoint
+from pyengine.models import ARCHITECTURES
 from pyengine.quant import Int8Linear, dequantize, load_int8, model_fingerprint, save_int8
 
 # First words of the calibration samples; each is continued by the fp32 model.
@@ -40,15 +51,18 @@ CALIBRATION_STARTS = ("The", "In", "A", "It", "When", "This", "He", "She", "Ther
 CALIBRATION_TOKENS = 256  # new tokens per sample
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal: keeps H invertible with few samples
 BLOCK = 128  # columns updated together (the result is the same; only the speed changes)
-VERSION = 2  # part of the cache key: bump when a change to this file changes the weights it makes
+ROWS_PER_CHUNK = 4096  # rows rounded together (the result is the same; only the memory changes)
+VERSION = 3  # part of the cache key: bump when a change to this file changes the weights it makes
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, *, damping: float = DAMPING,
-                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                  block: int = BLOCK, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] and H = X^T X [in, in] over calibration inputs -> (int8 [out, in], fp32 scale [out]).
 
     The scales are plain rounding's (max |W_row| / 127), so the result reads exactly like
     quantize_per_channel's. An input feature never seen non-zero (H[i, i] == 0) gets weight 0.
+    Rows are rounded `rows_per_chunk` at a time: each row's errors move only along that row, so the
+    float64 work copies stay a chunk's size (a large vocabulary's output projection) at no change.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -56,19 +70,35 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, *, damping: float
                          f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping}")
-    w = weight.detach().double().clone()
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
     h = hessian.detach().double().clone()
-    scale = w.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    w, h = w[:, order], h[order][:, order]
+    h = h[order][:, order]
     h += damping * torch.diagonal(h).mean() * torch.eye(in_features, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    del h
+    back = torch.argsort(order)
 
+    q = torch.empty((out_features, in_features), dtype=torch.int8)
+    scale = torch.empty(out_features, dtype=torch.float32)
+    for first in range(0, out_features, rows_per_chunk):
+        rows = slice(first, first + rows_per_chunk)
+        w = weight[rows].detach().to(torch.float64, copy=True)
+        row_scale = w.abs().amax(dim=1) / 127.0
+        w[:, dead] = 0.0
+        q[rows] = _round_rows(w[:, order], u, row_scale, block)[:, back]
+        scale[rows] = row_scale
+    return q, scale
+
+
+def _round_rows(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """GPTQ's column loop over rows `w` (float64, columns in act order, consumed): the rounded
+    integers, as float64."""
+    in_features = w.shape[1]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.empty_like(w)
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
@@ -81,8 +111,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, *, damping: float
             wb[:, j + 1:] -= err[:, None] * ub[j, j + 1:][None, :]
             errors[:, j] = err
         w[:, end:] -= errors @ u[start:end, end:]
-    q = q[:, torch.argsort(order)]
-    return q.to(torch.int8).contiguous(), scale.float().contiguous()
+    return q
 
 
 def calibration_windows(engine, *, starts=CALIBRATION_STARTS, tokens: int = CALIBRATION_TOKENS,
@@ -92,70 +121,116 @@ def calibration_windows(engine, *, starts=CALIBRATION_STARTS, tokens: int = CALI
     return [r.prompt_token_ids + r.token_ids for r in results]
 
 
-def _rounded(lin, inputs: torch.Tensor) -> Int8Linear:
-    """An fp32 linear layer (weight, bias) rounded by GPTQ over `inputs` [..., in]; the bias stays fp32."""
+def _rounded(weight: torch.Tensor, bias, inputs: torch.Tensor) -> Int8Linear:
+    """An fp32 linear layer rounded by GPTQ over `inputs` [..., in]; the bias stays fp32."""
     rows = inputs.reshape(-1, inputs.shape[-1]).float()
-    q, scale = quantize_gptq(lin.weight, (rows.T @ rows).double())
-    return Int8Linear(q, scale, None if lin.bias is None else lin.bias.float().contiguous())
+    q, scale = quantize_gptq(weight, (rows.T @ rows).double())
+    return Int8Linear(q, scale, None if bias is None else bias.float().contiguous())
 
 
-@contextmanager
-def _quantizing_linears(backend, done: dict, say):
-    """Within the block, each backend.linear(x, w) call rounds w by GPTQ over the rows of x (every
-    calibration token at once), keeps the result in done[id(w)], and computes the layer's output
-    with the rounded weights. So each layer is calibrated on the inputs it will see in int8, the
-    errors of the layers before it included: GPTQ's layer-by-layer order, in one forward pass."""
-    def linear(x, w):
-        if id(w) in done:
-            raise RuntimeError("a linear layer ran twice in one calibration pass")
-        done[id(w)] = _rounded(w, x)
-        w.weight.copy_(dequantize(done[id(w)]))
-        if len(done) % 20 == 0:
-            say(f"{len(done)}/{len(backend.linears)} linear layers")
-        return plain(x, w)
+@dataclass
+class _ScratchLinear:
+    """A linear layer whose weight waits in the scratch file until the calibration pass reaches it."""
+    name: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    bias: torch.Tensor | None
 
-    plain = backend.linear
-    backend.linear = linear
-    try:
-        yield
-    finally:
-        del backend.linear  # back to the class's method
+
+class _CalibratingBackend(FusedBackend):
+    """The fused backend for one calibration pass. prepare_linear parks each weight in `scratch` (a
+    file) instead of memory; linear(x, w) reads it back in fp32, rounds it by GPTQ over the rows of x,
+    keeps the int8 result in self.rounded, and computes the output with the rounded weights."""
+
+    def __init__(self, scratch, say):
+        super().__init__()
+        self.scratch, self.say = scratch, say
+        self.rounded: dict[str, Int8Linear] = {}
+
+    def prepare_linear(self, weight, bias=None, *, name=None):
+        stored = weight.contiguous()
+        offset = self.scratch.seek(0, os.SEEK_END)
+        self.scratch.write(stored.view(torch.uint8).numpy().data if stored.numel() else b"")
+        return self._keep(name, _ScratchLinear(name, offset, stored.dtype, tuple(stored.shape), bias))
+
+    def fp32_weight(self, lin: _ScratchLinear) -> torch.Tensor:
+        stored = torch.empty(lin.shape, dtype=lin.dtype)
+        self.scratch.seek(lin.offset)
+        if stored.numel() and self.scratch.readinto(stored.view(torch.uint8).numpy().data) != stored.nbytes:
+            raise RuntimeError(f"the GPTQ scratch file ended before linear layer {lin.name!r}")
+        return stored.float()
+
+    def round_linear(self, lin: _ScratchLinear, inputs: torch.Tensor) -> Int8Linear:
+        if lin.name in self.rounded:
+            raise RuntimeError(f"linear layer {lin.name!r} ran twice in one calibration pass")
+        rounded = _rounded(self.fp32_weight(lin), lin.bias, inputs)
+        # Kept in the arena, apart from the heap where the work matrices come and go: results placed
+        # between freed temporaries would keep the heap from shrinking, layer after layer.
+        self.rounded[lin.name] = Int8Linear(self.arena.copy(rounded.qweight), self.arena.copy(rounded.scale),
+                                            rounded.bias)
+        if len(self.rounded) % 20 == 0:
+            self.say(f"{len(self.rounded)}/{len(self.linears)} linear layers")
+        return self.rounded[lin.name]
+
+    def linear(self, x, w):
+        rounded = LinearWeights(dequantize(self.round_linear(w, x)), w.bias)
+        return super().linear(x, rounded)
+
+    def tied_embedding(self, lm_head, embed):
+        return embed  # the parked projection is not in memory to share
 
 
 @torch.inference_mode()
-def quantize_in_one_pass(engine, windows: list[list[int]], say=lambda text: None) -> list[Int8Linear]:
-    """GPTQ int8 linears of an fp32 `fused` engine, in construction order, calibrated on `windows`
-    (cut to the shortest, to run as one batch). The engine's own fp32 weights are overwritten with
-    their rounded values on the way: it is spent afterwards."""
-    model, backend = engine.model, engine.backend
-    length = min(len(w) for w in windows)
-    tokens = torch.tensor([w[:length] for w in windows], dtype=torch.long)
-    done: dict = {}
-    with _quantizing_linears(backend, done, say):
-        cache = model.new_cache(len(windows), length, torch.float32)
-        hidden = model.hidden_states(tokens, cache, model.make_step(length, cache, None))
-    # The output projection last, from the final hidden states (its [tokens, vocab] output is not needed).
-    done[id(model.lm_head)] = _rounded(model.lm_head, hidden)
-    missing = [i for i, lin in enumerate(backend.linears) if id(lin) not in done]
-    if missing:
-        raise RuntimeError(f"calibration never ran linear layers {missing}: they cannot be quantized with GPTQ")
-    return [done[id(lin)] for lin in backend.linears]
-
-
-def quantize_model(model, *, progress: bool = True) -> list[Int8Linear]:
-    """The int8 linears of `model` (a folder or 'default'), in construction order, by GPTQ over text
-    the fp32 model samples; what FusedInt8Backend takes as `preloaded`."""
-    from pyengine.engine import Engine
-
+def quantize_model(model_path: Path | str, windows: list[list[int]], *, progress: bool = True,
+                   scratch_dir: Path | str | None = None) -> dict[str, Int8Linear]:
+    """GPTQ int8 linears, by layer name, of the model in the folder `model_path`, calibrated on
+    `windows` (token ids; cut to the shortest, to run as one batch); what FusedInt8Backend takes
+    as `preloaded`. The model is built once with its linear weights parked in a scratch file
+    (deleted afterwards) and run once over the windows, rounding each linear as the pass reaches it."""
     def say(text):
         if progress:
             print(f"pyengine: GPTQ: {text}", file=sys.stderr, flush=True)
 
-    reference = Engine(model, backend="fused", progress=progress)
-    say(f"sampling {len(CALIBRATION_STARTS)} x {CALIBRATION_TOKENS} calibration tokens from the fp32 model")
-    windows = calibration_windows(reference)
-    say("rounding the linear layers in order, each on the inputs the rounded layers before it give")
-    return quantize_in_one_pass(reference, windows, say)
+    if not windows or not all(isinstance(w, list) and w for w in windows):
+        raise ValueError("windows must be a non-empty list of non-empty token id lists")
+    checkpoint = load_checkpoint(model_path, progress=progress)
+    config = checkpoint.config
+    with tempfile.TemporaryFile(dir=scratch_dir) as scratch:
+        backend = _CalibratingBackend(scratch, say)
+        model = ARCHITECTURES[config.arch](config, WeightReader(checkpoint.weights, checkpoint.path), backend)
+        del checkpoint
+        say("rounding the linear layers in order, each on the inputs the rounded layers before it give")
+        length = min(len(w) for w in windows)
+        tokens = torch.tensor([w[:length] for w in windows], dtype=torch.long)
+        cache = model.new_cache(len(windows), length, torch.float32)
+        hidden = model.hidden_states(tokens, cache, model.make_step(length, cache, None))
+        del cache
+        # The output projection last, from the final hidden states (its [tokens, vocab] output is not needed).
+        backend.round_linear(model.lm_head, hidden)
+    missing = [name for name in backend.linears if name not in backend.rounded]
+    if missing:
+        raise RuntimeError(f"calibration never ran linear layers {missing}: they cannot be quantized with GPTQ")
+    return backend.rounded
+
+
+def sample_and_quantize(model_path: Path | str, make_sampler, *, progress: bool = True) -> dict[str, Int8Linear]:
+    """Calibration text sampled by the engine make_sampler() returns (closed and dropped before the
+    layers are rounded, so the two never share memory), then quantize_model over it."""
+    def say(text):
+        if progress:
+            print(f"pyengine: GPTQ: {text}", file=sys.stderr, flush=True)
+
+    sampler = make_sampler()
+    say(f"sampling {len(CALIBRATION_STARTS)} x {CALIBRATION_TOKENS} calibration tokens with backend "
+        f"{sampler.backend_name!r}")
+    try:
+        windows = calibration_windows(sampler)
+    finally:
+        sampler.close()
+    del sampler
+    gc.collect()
+    return quantize_model(model_path, windows, progress=progress)
 
 
 def cache_path(model_path: Path, config, cache_dir=None) -> Path:
@@ -173,8 +248,10 @@ def cache_path(model_path: Path, config, cache_dir=None) -> Path:
     return default_cache_dir(cache_dir) / "int8" / f"{Path(model_path).name}-gptq-{digest}.safetensors"
 
 
-def load_or_quantize(model_path: Path, config, *, progress: bool = True, cache_dir=None) -> list[Int8Linear]:
-    """The model's GPTQ int8 linears: from the cache, else computed (quantize_model) and cached."""
+def load_or_quantize(model_path: Path, config, make_sampler, *, progress: bool = True,
+                     cache_dir=None) -> dict[str, Int8Linear]:
+    """The model's GPTQ int8 linears by layer name: from the cache, else computed (sample_and_quantize,
+    calibration text from the engine make_sampler() returns) and cached."""
     path = cache_path(model_path, config, cache_dir)
     if path.is_file():
         try:
@@ -183,7 +260,7 @@ def load_or_quantize(model_path: Path, config, *, progress: bool = True, cache_d
                 return linears
         except CheckpointError as e:  # a damaged entry is rebuilt, not trusted
             print(f"pyengine: GPTQ cache entry unreadable, quantizing again: {e}", file=sys.stderr)
-    linears = quantize_model(model_path, progress=progress)
+    linears = sample_and_quantize(model_path, make_sampler, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from pyengine import bench, bench_report, quality
+from pyengine import quality
+from pyengine.bench import config as bench_config, measure, report as bench_report, run as bench_run
+from pyengine.bench.engine_runner import EngineRunner
+from pyengine.bench.hf_runner import HFRunner
+from pyengine.bench.plot import plot
+from pyengine.bench.prompts import build_prompts
 from pyengine.cli import main
 
 
@@ -248,7 +253,7 @@ def test_plot_without_timeline_shows_energy_against_quality_and_bytes(e2e, tmp_p
     report = strict_json((e2e[3] / "r.json").read_text())
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    bench_report.plot(report, tmp_path / "p.png")
+    plot(report, tmp_path / "p.png")
     axes = {ax.get_title(): ax for ax in figures[0].axes}
     assert set(axes) >= {"energy against quality lost", "energy against bytes moved per token"}
     assert not any("no power timeline" in t.get_text() for ax in figures[0].axes for t in ax.texts)
@@ -291,12 +296,12 @@ class _NvmlLike:
 def test_bench_measured_source_idle_timeline_and_min_window(tiny_models, tmp_path, monkeypatch, capsys):
     import pyengine.energy
 
-    monkeypatch.setattr(bench, "make_bench_meter", _NvmlLike.make)
+    monkeypatch.setattr(bench_run, "make_bench_meter", _NvmlLike.make)
     events = []
-    measure_idle, load = pyengine.energy.measure_idle, bench.EngineRunner.__init__
+    measure_idle, load = pyengine.energy.measure_idle, EngineRunner.__init__
     monkeypatch.setattr(pyengine.energy, "measure_idle",
                         lambda *a, **kw: events.append(("idle", kw.get("repeats"))) or measure_idle(*a, **kw))
-    monkeypatch.setattr(bench.EngineRunner, "__init__",
+    monkeypatch.setattr(EngineRunner, "__init__",
                         lambda self, name, *a, **kw: events.append(("load", name)) or load(self, name, *a, **kw))
     rc = main(["bench", "--model", str(tiny_models["gpt2"]), "--backends", "torch", "--idle-seconds", "0.1",
                "--idle-repeats", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
@@ -336,11 +341,11 @@ def test_prompts_have_exact_token_counts(tiny_models):
 
     tok = Tokenizer.from_folder(tiny_models["qwen2"])
     for n, b in ((1, 1), (7, 3), (50, 4)):
-        rows = bench.build_prompts(tok, n, b)
+        rows = build_prompts(tok, n, b)
         assert len(rows) == b and len({tuple(ids) for _, ids in rows}) == b
         for text, ids in rows:
             assert tok.encode(text) == ids and len(ids) == n
-    assert bench.build_prompts(tok, 9, 2) == bench.build_prompts(tok, 9, 2)  # deterministic
+    assert build_prompts(tok, 9, 2) == build_prompts(tok, 9, 2)  # deterministic
 
 
 # ---- quality maths -------------------------------------------------------------------------------
@@ -515,7 +520,7 @@ class _ScriptedRunner:
         return (seconds, meter.stop(w) if meter else None)
 
     def run_prefill(self, rows, meter):
-        return bench.Phases(prefill=self._phase(0.02, meter, "prefill"), decode=None)
+        return measure.Phases(prefill=self._phase(0.02, meter, "prefill"), decode=None)
 
     def run_generate(self, rows, new_tokens, meter):
         import time
@@ -524,8 +529,8 @@ class _ScriptedRunner:
         p = self._phase(0.02, meter, "prefill")
         if self.hf:
             g = self._phase(0.08, meter, "generate")  # = prefill 0.02 + decode 0.06
-            return bench.Phases(prefill=p, decode=(g[0] - p[0], g[1]), decode_is_total=True)
-        return bench.Phases(prefill=p, decode=self._phase(0.06, meter, "decode"))
+            return measure.Phases(prefill=p, decode=(g[0] - p[0], g[1]), decode_is_total=True)
+        return measure.Phases(prefill=p, decode=self._phase(0.06, meter, "decode"))
 
 
 @pytest.mark.parametrize("hf", [False, True])
@@ -540,7 +545,7 @@ def test_measure_splits_phases_at_constant_power(hf, k):
     rows = [("a", [1, 2, 3, 4]), ("b", [5, 6, 7, 8])]
     cfg = SimpleNamespace(new_tokens=5)
     try:
-        m = bench.measure(_ScriptedRunner(meter, hf), "generate", rows, cfg, meter, idle, runs_per_window=k)
+        m = measure.measure(_ScriptedRunner(meter, hf), "generate", rows, cfg, meter, idle, runs_per_window=k)
     finally:
         meter.close()
     assert m["runs_per_window"] == k
@@ -565,7 +570,7 @@ def test_repeated_run_window_charges_watts_times_phase_seconds(hf):
 
     meter = ConstantPowerMeter({"gpu": 100.0}, sample_interval_s=0.005)
     try:
-        m = bench.measure(_ScriptedRunner(meter, hf, gap=0.05), "generate", [("a", [1, 2, 3])],
+        m = measure.measure(_ScriptedRunner(meter, hf, gap=0.05), "generate", [("a", [1, 2, 3])],
                           SimpleNamespace(new_tokens=4), meter, None, runs_per_window=3)
     finally:
         meter.close()
@@ -585,7 +590,7 @@ def test_active_energy_below_idle_is_flagged_not_silently_zero():
 
     meter = ConstantPowerMeter({"gpu": 20.0}, sample_interval_s=0.005)
     try:
-        m = bench.measure(_ScriptedRunner(meter, False), "generate", [("a", [1, 2])], SimpleNamespace(new_tokens=3),
+        m = measure.measure(_ScriptedRunner(meter, False), "generate", [("a", [1, 2])], SimpleNamespace(new_tokens=3),
                           meter, IdlePower({"gpu": 50.0}, 1.0, "constant"))
     finally:
         meter.close()
@@ -598,7 +603,7 @@ def test_active_energy_below_idle_is_flagged_not_silently_zero():
 
 
 def test_hf_prefill_asks_for_the_last_position_only(tiny_models):
-    runner = bench.HFRunner(tiny_models["llama"], torch.device("cpu"))
+    runner = HFRunner(tiny_models["llama"], torch.device("cpu"))
     seen = []
     original = runner.model.forward
 
@@ -625,11 +630,11 @@ def test_hf_in_the_checkpoint_dtype(tiny_models, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = config["torch_dtype"] = "bfloat16"
     (folder / "config.json").write_text(json.dumps(config))
-    assert bench.hf_native_backend(folder) == "hf-eager-bf16"
-    assert bench.hf_native_backend(tiny_models["llama"]) is None  # fp32: the baseline is already its dtype
-    runner = bench.HFRunner(folder, torch.device("cpu"), "hf-eager-bf16")
+    assert bench_config.hf_native_backend(folder) == "hf-eager-bf16"
+    assert bench_config.hf_native_backend(tiny_models["llama"]) is None  # fp32: the baseline is already its dtype
+    runner = HFRunner(folder, torch.device("cpu"), "hf-eager-bf16")
     assert runner.dtype == torch.bfloat16 and next(runner.model.parameters()).dtype == torch.bfloat16
-    assert bench.HFRunner(folder, torch.device("cpu")).dtype == torch.float32  # hf-eager: fp32, ours
+    assert HFRunner(folder, torch.device("cpu")).dtype == torch.float32  # hf-eager: fp32, ours
 
 
 def test_grid_intensity_help_names_only_regions_in_the_table(capsys):
@@ -661,7 +666,6 @@ def _fake_report(j_int8, j_fp32, idle=False, estimated=False):
 
 
 def test_tradeoff_break_even_batch():
-    from pyengine import bench_report
 
     t = bench_report.tradeoffs(_fake_report([2.0, 0.9, 0.5], [1.0, 1.0, 1.0], idle=True))
     assert t["fp32"] == "fused" and t["break_even_batch"] == 4
@@ -686,7 +690,7 @@ def test_tradeoff_lines_on_the_estimate_say_they_are_speed_ratios():
 
 
 def test_rows_are_charged_their_backends_stored_width():
-    from pyengine.bench_report import precision_of
+    from pyengine.bench.config import precision_of
 
     assert precision_of({"backend": "fused-int8", "dtype": "float32"}) == "int8"
     assert precision_of({"backend": "fused-bf16", "dtype": "float32"}) == "bf16"

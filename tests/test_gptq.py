@@ -61,6 +61,22 @@ def test_block_size_does_not_change_the_result():
     assert torch.equal(quantize_gptq(w, h, block=128)[0], quantize_gptq(w, h, block=7)[0])
 
 
+def test_rows_per_chunk_does_not_change_the_result():
+    """Rows are rounded a chunk at a time to bound memory; every row comes out as in one piece."""
+    w = torch.randn(301, 90, generator=torch.Generator().manual_seed(5))
+    w[7] = 0.0  # an all-zero row in a chunk of its own
+    x = _inputs(300, 90)
+    x[:, 3] = 0.0
+    h = x.double().T @ x.double()
+    whole, whole_scale = quantize_gptq(w, h, rows_per_chunk=1000)
+    for rows in (1, 64, 300):
+        q, scale = quantize_gptq(w, h, rows_per_chunk=rows)
+        assert torch.equal(q, whole) and torch.equal(scale, whole_scale), rows
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="rows_per_chunk"):
+        quantize_gptq(w, h, rows_per_chunk=0)
+
+
 def test_unseen_input_features_get_zero_weight():
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(4))
     x = _inputs(200, 40)
@@ -88,7 +104,7 @@ def test_gptq_engine_save_and_reload(tiny_models, tmp_path):
     ref, q = fp32.logits(ids), gptq.logits(ids)
     assert quality.kl_divergence(ref, q) < 0.01 and quality.top1_agreement(ref, q) > 0.9
     # Not plain rounding under another name: the integers differ.
-    assert any(not torch.equal(a.qweight, b.qweight) for a, b in zip(gptq.backend.linears, plain.backend.linears))
+    assert any(not torch.equal(a.qweight, b.qweight) for a, b in zip(gptq.backend.linears.values(), plain.backend.linears.values()))
 
     saved = gptq.save_int8(tmp_path / "gptq.safetensors")
     reloaded = pyengine.load(path_model, backend="fused-int8", int8_weights=saved)
@@ -146,7 +162,7 @@ def test_gptq_result_is_cached(tiny_models, private_cache, monkeypatch, capsys):
 
     monkeypatch.setattr(gptq_module, "quantize_model", no_quantizing)
     second = pyengine.load(tiny_models["llama"], backend="fused-int8", int8_method="gptq", progress=False)
-    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(first.backend.linears, second.backend.linears))
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(first.backend.linears.values(), second.backend.linears.values()))
     monkeypatch.undo()
     monkeypatch.setenv("PYENGINE_CACHE", str(private_cache))
 
@@ -154,7 +170,7 @@ def test_gptq_result_is_cached(tiny_models, private_cache, monkeypatch, capsys):
     entries[0].write_bytes(b"not a safetensors file")
     third = pyengine.load(tiny_models["llama"], backend="fused-int8", int8_method="gptq", progress=False)
     assert "GPTQ cache entry unreadable" in capsys.readouterr().err
-    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(first.backend.linears, third.backend.linears))
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(first.backend.linears.values(), third.backend.linears.values()))
     assert pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=entries[0]).int8_method == "gptq"
 
 

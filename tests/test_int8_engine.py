@@ -1,4 +1,6 @@
 """fused-int8 against the fp32 engine: bounded quality loss, and the int8 weights file."""
+import json
+
 import pytest
 import torch
 
@@ -46,17 +48,21 @@ def test_int8_weights_save_and_reload(tiny_models, tmp_path):
         pyengine.load(tiny_models["llama"], backend="fused").save_int8(tmp_path / "x.safetensors")
 
 
+QKV, OUT, GATE_UP, DOWN = (f"model.layers.0.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                              "mlp.gate_up_proj", "mlp.down_proj"))
+
+
 @pytest.mark.parametrize("damage,message", [
-    (lambda t: t.__setitem__("linear.0.qweight", t["linear.0.qweight"].clone().index_fill_(1, torch.tensor([0]), -128)),
-     r"linear\.0\.qweight: holds -128"),
-    (lambda t: t.__setitem__("linear.1.qweight", t["linear.1.qweight"].to(torch.int16)),
-     r"linear\.1\.qweight: expected a 2-D int8 tensor, got torch\.int16"),
-    (lambda t: t.__setitem__("linear.2.scale", t["linear.2.scale"].half()),
-     r"linear\.2\.scale: expected float32"),
-    (lambda t: t.__setitem__("linear.2.scale", t["linear.2.scale"][:-1].clone()),
-     r"linear\.2\.scale: expected float32 of shape"),
-    (lambda t: t["linear.3.scale"].__setitem__(0, float("nan")), r"linear\.3\.scale: holds a negative or non-finite"),
-    (lambda t: t["linear.3.scale"].__setitem__(0, -1.0), r"linear\.3\.scale: holds a negative or non-finite"),
+    (lambda t: t.__setitem__(f"{QKV}.qweight", t[f"{QKV}.qweight"].clone().index_fill_(1, torch.tensor([0]), -128)),
+     rf"{QKV}\.qweight: holds -128"),
+    (lambda t: t.__setitem__(f"{OUT}.qweight", t[f"{OUT}.qweight"].to(torch.int16)),
+     rf"{OUT}\.qweight: expected a 2-D int8 tensor, got torch\.int16"),
+    (lambda t: t.__setitem__(f"{GATE_UP}.scale", t[f"{GATE_UP}.scale"].half()),
+     rf"{GATE_UP}\.scale: expected float32"),
+    (lambda t: t.__setitem__(f"{GATE_UP}.scale", t[f"{GATE_UP}.scale"][:-1].clone()),
+     rf"{GATE_UP}\.scale: expected float32 of shape"),
+    (lambda t: t[f"{DOWN}.scale"].__setitem__(0, float("nan")), rf"{DOWN}\.scale: holds a negative or non-finite"),
+    (lambda t: t[f"{DOWN}.scale"].__setitem__(0, -1.0), rf"{DOWN}\.scale: holds a negative or non-finite"),
 ])
 def test_int8_weights_file_with_bad_tensors_is_refused(tiny_models, tmp_path, damage, message):
     """What the kernels assume of each layer is checked at load, naming the file and the tensor,
@@ -77,3 +83,80 @@ def test_int8_weights_file_with_bad_tensors_is_refused(tiny_models, tmp_path, da
 def test_fused_backends_reject_other_dtypes(tiny_models):
     with pytest.raises(ValueError, match="fp32"):
         pyengine.load(tiny_models["llama"], backend="fused", dtype=torch.bfloat16)
+
+
+def _rewrite(path, edit):
+    """Rewrite a saved int8 file after edit(tensors, metadata), keeping the tensors in the order edit leaves."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors = edit(tensors, metadata) or tensors
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_int8_weights_are_matched_by_layer_name(tiny_models, tmp_path):
+    """Each layer's weights are found by its name: a file whose layers come in another order loads
+    to the same logits; a missing layer, a wrong shape, or a layer the model lacks is named."""
+    engine = pyengine.load(tiny_models["llama"], backend="fused-int8")
+    path = engine.save_int8(tmp_path / "int8.safetensors")
+    ids = [[1, 2, 3, 50, 60]]
+
+    def reverse(tensors, metadata):
+        metadata["linears"] = json.dumps(list(reversed(json.loads(metadata["linears"]))))
+        return dict(reversed(list(tensors.items())))
+
+    _rewrite(path, reverse)
+    assert torch.equal(pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path).logits(ids),
+                       engine.logits(ids))
+
+    def drop(tensors, metadata):  # a partial file: one layer gone, the list of layers agreeing
+        metadata["linears"] = json.dumps([n for n in json.loads(metadata["linears"]) if n != DOWN])
+        return {k: v for k, v in tensors.items() if not k.startswith(DOWN + ".")}
+
+    _rewrite(path, drop)
+    with pytest.raises(ValueError, match=f"no linear layer '{DOWN}'"):
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)
+
+    path = engine.save_int8(tmp_path / "int8.safetensors")
+    _rewrite(path, lambda t, m: {k: v for k, v in t.items() if k != f"{OUT}.scale"})  # listed but gone
+    with pytest.raises(CheckpointError, match=rf"{OUT}\.scale is missing"):
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)
+
+    path = engine.save_int8(tmp_path / "int8.safetensors")
+
+    def swap(tensors, metadata):  # o_proj's weights under gate_up's name: a wrong shape, named
+        for part in ("qweight", "scale"):
+            tensors[f"{GATE_UP}.{part}"] = tensors[f"{OUT}.{part}"].clone()
+
+    _rewrite(path, swap)
+    with pytest.raises(ValueError, match=f"linear layer '{GATE_UP}' has shape"):
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)
+
+    path = engine.save_int8(tmp_path / "int8.safetensors")
+
+    def extra(tensors, metadata):
+        metadata["linears"] = json.dumps(json.loads(metadata["linears"]) + ["model.layers.99.mlp.down_proj"])
+        for part in ("qweight", "scale"):
+            tensors[f"model.layers.99.mlp.down_proj.{part}"] = tensors[f"{DOWN}.{part}"].clone()
+
+    _rewrite(path, extra)
+    with pytest.raises(ValueError, match="does not have: model.layers.99.mlp.down_proj"):
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)
+
+
+def test_int8_file_keyed_by_order_is_refused(tiny_models, tmp_path):
+    """A file from before the names (pyengine-int8-v1: layers by construction order) is refused with
+    what to do, not guessed at."""
+    path = pyengine.load(tiny_models["llama"], backend="fused-int8").save_int8(tmp_path / "int8.safetensors")
+
+    def to_v1(tensors, metadata):
+        names = json.loads(metadata.pop("linears"))
+        metadata.update(format="pyengine-int8-v1", count=str(len(names)))
+        return {f"linear.{i}.{part}": tensors[f"{n}.{part}"]
+                for i, n in enumerate(names) for part in ("qweight", "scale")}
+
+    _rewrite(path, to_v1)
+    with pytest.raises(CheckpointError, match="older pyengine .*quantize again"):
+        pyengine.load(tiny_models["llama"], backend="fused-int8", int8_weights=path)

@@ -34,7 +34,7 @@ class GPT2(DecoderModel):
         def conv1d(name, n_in, n_out):
             # HF's Conv1D keeps weight as [in, out]; our linears take [out, in].
             weight = reader.take_stored(name + ".weight", (n_in, n_out)).to(self.device)
-            return backend.prepare_linear(weight.t().contiguous(), param(name + ".bias", (n_out,)))
+            return backend.prepare_linear(weight.t().contiguous(), param(name + ".bias", (n_out,)), name=name)
 
         def norm(name):
             return param(name + ".weight", (H,)), param(name + ".bias", (H,))
@@ -48,7 +48,7 @@ class GPT2(DecoderModel):
             for i in range(c.num_layers)
         ]
         self.final_norm = norm("ln_f")
-        self.lm_head = backend.prepare_linear(self.embed)  # GPT-2 always ties the output projection
+        self.lm_head = backend.prepare_linear(self.embed, name="lm_head")  # GPT-2 always ties the output projection
         self.embed = backend.tied_embedding(self.lm_head, self.embed)
 
     def hidden_states(self, tokens, cache, step):

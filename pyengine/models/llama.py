@@ -53,13 +53,15 @@ class Llama(DecoderModel):
             gate_up_w, gate_up_b = self.load_gate_up(p)
             self.layers.append(LlamaLayer(
                 attn_norm=self.norm(p + "input_layernorm.weight", H),
-                qkv=backend.prepare_linear(qkv_w, qkv_b),
+                qkv=backend.prepare_linear(qkv_w, qkv_b, name=p + "self_attn.qkv_proj"),
                 out=backend.prepare_linear(self.matrix(p + "self_attn.o_proj.weight", (H, q_out)),
-                                           self.param(p + "self_attn.o_proj.bias", (H,)) if c.o_bias else None),
+                                           self.param(p + "self_attn.o_proj.bias", (H,)) if c.o_bias else None,
+                                           name=p + "self_attn.o_proj"),
                 mlp_norm=self.norm(p + self.mlp_norm_name + ".weight", H),
-                gate_up=backend.prepare_linear(gate_up_w, gate_up_b),
+                gate_up=backend.prepare_linear(gate_up_w, gate_up_b, name=p + "mlp.gate_up_proj"),
                 down=backend.prepare_linear(self.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
-                                            self.param(p + "mlp.down_proj.bias", (H,)) if c.mlp_bias else None),
+                                            self.param(p + "mlp.down_proj.bias", (H,)) if c.mlp_bias else None,
+                                            name=p + "mlp.down_proj"),
                 window=c.layer_windows[i] if c.layer_windows else 0,
                 q_norm=self.norm(p + "self_attn.q_norm.weight", c.head_dim) if c.qk_norm else None,
                 k_norm=self.norm(p + "self_attn.k_norm.weight", c.head_dim) if c.qk_norm else None,
@@ -68,7 +70,8 @@ class Llama(DecoderModel):
             ))
         self.final_norm = self.norm("model.norm.weight", H)
         tied = c.tie_word_embeddings or not reader.has("lm_head.weight")
-        self.lm_head = backend.prepare_linear(self.embed if tied else self.matrix("lm_head.weight", (c.vocab_size, H)))
+        self.lm_head = backend.prepare_linear(self.embed if tied else self.matrix("lm_head.weight", (c.vocab_size, H)),
+                                              name="lm_head")
         if tied:
             self.embed = backend.tied_embedding(self.lm_head, self.embed)
         del self.reader

@@ -1,4 +1,4 @@
-"""`pyengine bench` output: the report dict (what --json writes), the terminal table, the plot."""
+"""`pyengine bench` output: the report dict (what --json writes) and the terminal table."""
 from __future__ import annotations
 
 import datetime
@@ -9,24 +9,27 @@ from pathlib import Path
 
 import torch
 
+from pyengine.bench.config import HF
+from pyengine.bench.measure import median_of, ratio_of, saved_pct
+from pyengine.bench.roofline_columns import decode_bytes, roofline_of
+
+
 SCHEMA_VERSION = 1
-HF = "hf-eager"
 ESTIMATE_FOOTNOTE = "~ estimate: process CPU time x W/core, not a measurement"
 SPEED_RATIO_NOTE = ("every backend is charged the same watts per busy core, so each ~ ratio (saved, int8 vs fp32, "
                     "break-even) is a ratio of CPU time, i.e. a SPEED ratio, not a measured energy difference")
-PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def machine_info(device) -> dict:
     import pyengine
     from pyengine import _C, ops
-    from pyengine.cli import _cpu_model
+    from pyengine.machine import cpu_model
     from pyengine.memory import transparent_huge_pages
 
     import transformers
 
     info = {
-        "cpu_model": _cpu_model(), "isa": ops.active_isa(), "detected_isa": ops.detected_isa(),
+        "cpu_model": cpu_model(), "isa": ops.active_isa(), "detected_isa": ops.detected_isa(),
         "threads": _C.num_threads(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "pyengine": pyengine.__version__, "gpu": None, "gpu_driver": None, "cuda": torch.version.cuda,
@@ -43,53 +46,6 @@ def machine_info(device) -> dict:
         except Exception:  # noqa: BLE001 - the driver version is informative only
             pass
     return info
-
-
-def _median(summary, key):
-    s = summary.get(key) if summary else None
-    return s["median"] if s else None
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b not in (None, 0) else None
-
-
-def _saved_pct(x, ref):
-    return (1.0 - x / ref) * 100.0 if x is not None and ref not in (None, 0) else None
-
-
-def precision_of(row) -> str:
-    """The stored width of a result row's weights: the backend's own (fused-int8, fused-bf16), else its dtype's."""
-    from pyengine.backends import BACKENDS
-
-    own = getattr(BACKENDS.get(row["backend"]), "weight_precision", None)
-    return own or PRECISION.get(row["dtype"], "fp32")
-
-
-def roofline_of(cfg, mconfig, bandwidth) -> dict | None:
-    """The run's bandwidth readings and the average KV length of a decode step (prompt + half the new tokens)."""
-    readings = [g for g in (bandwidth or {}).values() if g]
-    if not readings:
-        return None
-    return {"bandwidth_gb_s": max(readings), "bandwidth_gb_s_start": bandwidth.get("start"),
-            "bandwidth_gb_s_end": bandwidth.get("end"), "bandwidth_gb_s_readings": dict(bandwidth),
-            "probe_mib": cfg.probe_mib,
-            "context": cfg.prompt_tokens + cfg.new_tokens // 2,
-            "note": "read bandwidth: best of 10 reads of the probe at the start, after each backend and at the end of "
-                    "the run, the highest used (a shared machine slows a probe, never speeds it up); bytes per decoded token: the weights at their stored width once per step shared by the "
-                    "batch, plus each sequence's KV cache at the average context"}
-
-
-def _decode_bytes(row, mconfig, roof) -> dict | None:
-    from pyengine.roofline import bytes_per_token
-
-    if roof is None:
-        return None
-    per = bytes_per_token(mconfig, precision_of(row), roof["context"], row["batch_size"])
-    tok_s = roof["bandwidth_gb_s"] * 1e9 / per["total"]
-    measured = _median(row["summary"], "decode_tokens_per_s")
-    return {"precision": precision_of(row), "bytes_per_token": per, "roofline_tok_s": tok_s,
-            "fraction": _ratio(measured, tok_s)}
 
 
 def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_prompts, results, qualities,
@@ -109,9 +65,9 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
             for hf_name in hf_names:
                 hs = results[(hf_name, b)]["summary"]
                 vs_all[hf_name] = {
-                    "decode_speedup": _ratio(_median(s, "decode_tokens_per_s"), _median(hs, "decode_tokens_per_s")),
-                    "prefill_speedup": _ratio(_median(s, "prefill_tokens_per_s"), _median(hs, "prefill_tokens_per_s")),
-                    "decode_energy_saved_pct": _saved_pct(_median(s, jkey), _median(hs, jkey)),
+                    "decode_speedup": ratio_of(median_of(s, "decode_tokens_per_s"), median_of(hs, "decode_tokens_per_s")),
+                    "prefill_speedup": ratio_of(median_of(s, "prefill_tokens_per_s"), median_of(hs, "prefill_tokens_per_s")),
+                    "decode_energy_saved_pct": saved_pct(median_of(s, jkey), median_of(hs, jkey)),
                     "energy_basis": "active" if use_active else "gross",
                     "estimate_ratio_is_speed_ratio": bool(meter.estimated),
                 }
@@ -119,7 +75,7 @@ def build_report(cfg, path, mconfig, meter, idle, idle_note, prompts, long_promp
             row = {"backend": name, "batch_size": b, **load_info[name], "energy": energy,
                    "summary": s, "vs_hf_eager": vs_all.get(HF), "vs_hf": vs_all, "repeats": r["repeats"],
                    "prefill_repeats": r["prefill_repeats"]}
-            row["decode_roofline"] = _decode_bytes(row, mconfig, roof)
+            row["decode_roofline"] = decode_bytes(row, mconfig, roof)
             rows.append(row)
     quality = None
     if cfg.quality:
@@ -206,8 +162,8 @@ def tradeoffs(report) -> dict:
     by = {(r["backend"], r["batch_size"]): r for r in report["results"]}
     q = (report["quality"] or {}).get("backends", {})
     for b in report["config"]["batch_sizes"]:
-        j8, j32 = _median(by[("fused-int8", b)]["summary"], basis), _median(by[(fp32, b)]["summary"], basis)
-        saved = _saved_pct(j8, j32)
+        j8, j32 = median_of(by[("fused-int8", b)]["summary"], basis), median_of(by[(fp32, b)]["summary"], basis)
+        saved = saved_pct(j8, j32)
         entry = {"batch_size": b, "int8_j_per_token": j8, "fp32_j_per_token": j32, "energy_saved_pct": saved}
         method = by[("fused-int8", b)].get("int8_method")
         line = (f"{mark}batch {b}: fused-int8{f' ({method})' if method else ''} vs {fp32}: decode J/token "
@@ -234,9 +190,6 @@ def tradeoffs(report) -> dict:
     if est:
         out["lines"].append(f"~ ESTIMATE: {SPEED_RATIO_NOTE}")
     return out
-
-
-# ---- terminal ------------------------------------------------------------------------------------
 
 
 def _pct(x):
@@ -302,7 +255,7 @@ def format_report(report) -> str:
             dr = r.get("decode_roofline") or {}
             row += [_num(dr["bytes_per_token"]["total"] / 1e6) if dr else "-",
                     "-" if dr.get("fraction") is None else f"{dr['fraction'] * 100:.0f}%"]
-        row += [est + _num(_median(s, "average_watts")), est + _num(_median(s, "g_co2e_per_1k_tokens")),
+        row += [est + _num(median_of(s, "average_watts")), est + _num(median_of(s, "g_co2e_per_1k_tokens")),
                 "base" if r["backend"] == HF else
                 "-" if vs.get("decode_speedup") is None else f"{vs['decode_speedup']:.2f}x",
                 "base" if r["backend"] == HF else
@@ -378,9 +331,6 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-# ---- JSON ----------------------------------------------------------------------------------------
-
-
 def json_safe(x):
     """x for strict JSON: non-finite floats (NaN, +-inf) as None (null), keys as str, paths as str.
     Every result-JSON writer passes its dict through this: write_json here and benchmarks/cpu_roofline.py
@@ -400,123 +350,3 @@ def write_json(report, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
-
-
-# ---- plot ----------------------------------------------------------------------------------------
-
-
-def plot(report, path: Path) -> None:
-    """J/token per backend and phase; the power timeline where one was sampled; then what the user
-    came for: decode J/token against quality lost and against bytes read per decoded token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = report["results"]
-    est = report["energy"]["estimated"]
-    has_timeline = any((r["repeats"][-1] if r["repeats"] else {}).get("timeline") for r in results)
-    n_rows = 3 if has_timeline else 2
-    fig = plt.figure(figsize=(max(10, 1.2 * len(results) + 4), 4.5 * n_rows))
-    grid = fig.add_gridspec(n_rows, 2)
-    ax1 = fig.add_subplot(grid[0, :])
-    labels = [f"{r['backend']}\nB={r['batch_size']}" for r in results]
-    xs = range(len(results))
-    width = 0.38
-    for off, phase, color in ((-width / 2, "prefill", "#4c72b0"), (width / 2, "decode", "#dd8452")):
-        vals, errs = [], [[], []]
-        for r in results:
-            st = r["summary"][f"{phase}_joules_per_token"]
-            v = st["median"] if st else float("nan")
-            vals.append(v)
-            errs[0].append(v - st["min"] if st else 0)
-            errs[1].append(st["max"] - v if st else 0)
-        ax1.bar([x + off for x in xs], vals, width, yerr=errs, capsize=3, label=phase, color=color,
-                hatch="//" if est else None, edgecolor="white" if est else None)
-    ax1.set_xticks(list(xs))
-    ax1.set_xticklabels(labels, fontsize=8)
-    ax1.set_ylabel("J / token (gross, median, min-max)")
-    title = f"energy per token by backend and phase - source: {report['energy']['source']}"
-    if est:
-        title += "\n(ESTIMATE: process CPU time x W/core; its ratios between backends are SPEED ratios)"
-    ax1.set_title(title, fontsize=10)
-    ax1.legend()
-    ax1.set_yscale("log") if _spread_wide(results) else None
-    if has_timeline:
-        _plot_timeline(fig.add_subplot(grid[1, :]), results)
-    _plot_tradeoffs(fig.add_subplot(grid[n_rows - 1, 0]), fig.add_subplot(grid[n_rows - 1, 1]), report)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_timeline(ax, results) -> None:
-    t_off = 0.0
-    colors = {"prefill": "#4c72b0", "decode": "#dd8452", "generate": "#c44e52"}
-    for r in results:
-        tl = (r["repeats"][-1] if r["repeats"] else {}).get("timeline")
-        if not tl:
-            continue
-        for d, pts in tl["power"].items():
-            if pts:
-                ax.plot([t_off + p[0] for p in pts], [p[1] for p in pts], lw=1,
-                        label=f"{r['backend']} B={r['batch_size']} {d}")
-        for name, a, b in tl["phases"]:
-            ax.axvspan(t_off + a, t_off + b, alpha=0.12, color=colors.get(name, "grey"))
-        ax.text(t_off, 0.98, f"{r['backend']} B={r['batch_size']}", transform=ax.get_xaxis_transform(),
-                fontsize=7, va="top")
-        t_off += tl["seconds"] * 1.05
-    ax.set_xlabel("seconds (last repeat of each run, laid end to end; shaded: prefill blue, decode orange, "
-                  "HF generate red)", fontsize=8)
-    ax.set_ylabel("W")
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("power over time", fontsize=10)
-
-
-def _plot_tradeoffs(ax_q, ax_b, report) -> None:
-    """Decode J/token (one point per backend and batch size) against quality lost (perplexity
-    change vs the reference, %) and against bytes read per decoded token."""
-    est = report["energy"]["estimated"]
-    q = (report["quality"] or {}).get("backends", {})
-    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
-    colors = {b: f"C{i}" for i, b in enumerate(backends)}
-    ylabel = "decode J / token" + (" (ESTIMATE)" if est else "")
-    plotted_q = plotted_b = False
-    for r in report["results"]:
-        j = _median(r["summary"], "decode_joules_per_token")
-        if j is None:
-            continue
-        c, label = colors[r["backend"]], f"{r['backend']} B={r['batch_size']}"
-        x = (q.get(r["backend"]) or {}).get("ppl_delta_pct")
-        if x is not None:
-            ax_q.scatter([x], [j], color=c, marker="o" if r["batch_size"] == 1 else "s")
-            ax_q.annotate(label, (x, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            plotted_q = True
-        dr = r.get("decode_roofline")
-        if dr:
-            mb = dr["bytes_per_token"]["total"] / 1e6
-            ax_b.scatter([mb], [j], color=c, marker="o" if r["batch_size"] == 1 else "s")
-            ax_b.annotate(label, (mb, j), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            plotted_b = True
-    if plotted_q:
-        ax_q.set_xlabel(f"quality lost: perplexity change vs {report['quality']['reference']}, %", fontsize=8)
-        ax_q.set_ylabel(ylabel)
-        ax_q.set_title("energy against quality lost", fontsize=10)
-    else:
-        ax_q.axis("off")
-        ax_q.text(0.5, 0.5, "quality not measured (--no-quality)", ha="center", va="center", transform=ax_q.transAxes)
-    if plotted_b:
-        ax_b.set_xlabel("MB read per decoded token (weights at stored width / batch + KV cache)", fontsize=8)
-        ax_b.set_ylabel(ylabel)
-        ax_b.set_title("energy against bytes moved per token", fontsize=10)
-    else:
-        ax_b.axis("off")
-        ax_b.text(0.5, 0.5, "no bytes per token: the roofline probe was off (--probe-mib 0) or not a CPU run",
-                  ha="center", va="center", fontsize=8, transform=ax_b.transAxes)
-
-
-def _spread_wide(results) -> bool:
-    vals = [r["summary"][k]["median"] for r in results for k in ("prefill_joules_per_token", "decode_joules_per_token")
-            if r["summary"][k] and r["summary"][k]["median"] > 0]
-    return bool(vals) and max(vals) / min(vals) > 50

@@ -257,7 +257,7 @@ def main(args) -> int:
     import pyengine
     from pyengine import ops
     from pyengine import _C
-    from pyengine.bench_report import machine_info
+    from pyengine.bench.report import machine_info
 
     if args.threads is not None:
         ops.set_num_threads(args.threads)
