@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 
 if "PYENGINE_BENCH_THREADS" in os.environ:
     ops.set_num_threads(int(os.environ["PYENGINE_BENCH_THREADS"]))

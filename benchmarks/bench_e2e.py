@@ -41,7 +41,7 @@ import cpu_roofline  # benchmarks/cpu_roofline.py: pytest's default (prepend) im
 import pytest
 import torch
 
-from pyengine.backends import available_backends
+from pyengine.kernels.backends import available_backends
 from pyengine.bench.config import HF
 from pyengine.bench.engine_runner import EngineRunner
 from pyengine.bench.hf_runner import HFRunner
@@ -73,7 +73,7 @@ def meter():
 
 @pytest.fixture(scope="module")
 def tokenizer(bench_model):
-    from pyengine.tokenizer import Tokenizer
+    from pyengine.load.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(bench_model)
 
@@ -91,8 +91,8 @@ def prefill_prompt(tokenizer):
 @pytest.fixture(scope="module")
 def model_config(bench_model):
     """pyengine's ModelConfig of the model, for cpu_roofline.bytes_per_token (HF runners have none)."""
-    from pyengine.config import ModelConfig
-    from pyengine.loader import read_json
+    from pyengine.load.config import ModelConfig
+    from pyengine.load.checkpoint import read_json
 
     return ModelConfig.from_hf(read_json(bench_model / "config.json"), bench_model / "config.json")
 

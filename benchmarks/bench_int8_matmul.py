@@ -5,7 +5,7 @@
 GEMV (M=1, decode): the weights rotate through a pool much larger than L3, so every call streams
 its weight from DRAM as decode does; extra_info["weight_GBps"] is weight bytes / median time, and
 the summary divides it by the machine's read bandwidth, measured in the same run (a plain read of
-1 GB on 2 MB pages, _C.sum_words, as cpu_roofline.py). pyengine's weights are on 2 MB pages, as the engine keeps them (pyengine.memory); torch's
+1 GB on 2 MB pages, _C.sum_words, as cpu_roofline.py). pyengine's weights are on 2 MB pages, as the engine keeps them (pyengine.kernels.memory); torch's
 where torch puts them. GEMM (M=512, prefill): extra_info["GOPps"] = 2*M*N*K / median time.
 The CPU is shared with other work: compare rows within one run only. On a loaded machine a
 2-thread call whose second thread gets descheduled waits a whole scheduler slice (~4-16 ms), so
@@ -18,10 +18,11 @@ import warnings
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 from pyengine.machine import cpu_model
-from pyengine.memory import WeightArena
-from pyengine.roofline import probe_buffer
+from pyengine.kernels.memory import WeightArena
+from pyengine.bench.roofline import probe_buffer
 
 THREADS = int(os.environ.get("PYENGINE_BENCH_THREADS", "2"))
 SHAPES = {  # name: (N, K), torch Linear weight layout

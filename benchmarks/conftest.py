@@ -7,7 +7,7 @@
 pyproject.toml's python_files collects benchmarks/bench_*.py; its testpaths keep a bare ``pytest``
 (the CI run) on tests/ only.
 
-The default model (SmolLM2-135M-Instruct) when ``pyengine.default_model`` exists and has it in its
+The default model (SmolLM2-135M-Instruct) when ``pyengine.load.default_model`` exists and has it in its
 cache; otherwise a random model of the same shape (LlamaConfig as SmolLM2-135M), made once per
 session. PYENGINE_BENCH_LAYERS overrides its layer count (default 30, as SmolLM2-135M) for quick runs.
 """
@@ -28,7 +28,7 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
 def cached_default_model() -> Path | None:
     """The default model's folder if the module exists and the model is already in its cache."""
     try:
-        from pyengine.default_model import default_model_dir
+        from pyengine.load.default_model import default_model_dir
     except ImportError:
         return None
     path = Path(default_model_dir())

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 import pyengine
-from pyengine import ops
+from pyengine.kernels import ops
 from pyengine.bench.report import json_safe
 from pyengine.machine import cpu_model
-from pyengine.memory import transparent_huge_pages
-from pyengine.roofline import (
+from pyengine.kernels.memory import transparent_huge_pages
+from pyengine.bench.roofline import (
     bytes_per_token, fraction_beside, read_bandwidth_gbs, roofline_tok_s, weight_spans, weights_read_gbs,
 )
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
 
     reference = pyengine.load(args.model, backend="torch")
     path, config = reference.model_path, reference.config
-    from pyengine.loader import CheckpointWeights
+    from pyengine.load.checkpoint import CheckpointWeights
 
     checkpoint_dtype = CheckpointWeights(path).matrix_dtype()
     ids = reference.tokenizer.encode(PROMPT)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             del hf
 
     profiles = {}
-    from pyengine.backends import BACKENDS
+    from pyengine.kernels.backends import BACKENDS
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
     for backend in args.backends.split(","):

@@ -1,11 +1,11 @@
-"""Peak memory of GPTQ quantization (pyengine.gptq) on a bf16 Llama checkpoint.
+"""Peak memory of GPTQ quantization (pyengine.quantize.gptq) on a bf16 Llama checkpoint.
 
     python benchmarks/gptq_memory.py [--shape tinyllama-1.1b|small] [--starts 8] [--tokens 64]
                                      [--reference DIR] [--folder DIR] [--json PATH]
 
 The checkpoint is generated once (benchmarks/load_memory.py: random bf16 weights, sharded). A fresh
 process samples calibration text with pyengine.load(folder) (the default backend: fused-bf16 for
-bf16 weights), closes that engine, then quantizes the model with pyengine.gptq.quantize_model. It
+bf16 weights), closes that engine, then quantizes the model with pyengine.quantize.gptq.quantize_model. It
 reports resident memory (VmRSS/VmHWM) after `import pyengine`, the peak while sampling, and the
 peak while calibrating (VmHWM reset in between through /proc/self/clear_refs), beside the bytes of
 the int8 result and of the model's weights in fp32.
@@ -45,7 +45,8 @@ def measure_in_this_process(folder: str, starts: int, tokens: int, threads: int 
     import gc
 
     import pyengine
-    from pyengine import gptq, ops
+    from pyengine.quantize import gptq
+    from pyengine.kernels import ops
 
     if threads:
         ops.set_num_threads(threads)
@@ -77,7 +78,8 @@ def measure_reference_in_this_process(folder: str, starts: int, tokens: int, thr
     import functools
 
     import pyengine
-    from pyengine import gptq, ops
+    from pyengine.quantize import gptq
+    from pyengine.kernels import ops
 
     if threads:
         ops.set_num_threads(threads)

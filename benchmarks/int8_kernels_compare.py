@@ -51,8 +51,9 @@ def _best(fn, repeats: int = 7) -> float:
 def worker_kernels(threads: int) -> dict:
     import torch
 
-    from pyengine import _C, ops
-    from pyengine.quant import quantize_per_channel
+    from pyengine import _C
+    from pyengine.kernels import ops
+    from pyengine.quantize.int8 import quantize_per_channel
 
     ops.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +73,7 @@ def worker_engine(threads: int, batches: list[int], new_tokens: int, prefill_tok
     import torch
 
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     ops.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -104,7 +105,7 @@ def worker_hf(threads: int, prefill_tokens: int) -> dict:
     import transformers
 
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     ops.set_num_threads(threads)
     torch.set_num_threads(threads)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pyengine import _C, ops
-from pyengine.quant import quantize_per_channel
+from pyengine import _C
+from pyengine.kernels import ops
+from pyengine.quantize.int8 import quantize_per_channel
 
 # SmolLM2-135M's linears: qkv, o, gate_up, down, and the tied output projection.
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}

@@ -141,7 +141,7 @@ def _peak_rss() -> int:
 def measure_in_this_process(folder: str, backend: str, threads: int | None = None) -> dict:
     """Load once and report (run in a fresh process: ru_maxrss is the process's peak)."""
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     if threads:
         ops.set_num_threads(threads)
@@ -184,7 +184,7 @@ def arithmetic_seconds(shape: dict, backend: str) -> float:
     """The backend's prepare_linear over bf16 matrices of every linear shape of the model, in memory."""
     import torch
 
-    from pyengine.backends import make_backend
+    from pyengine.kernels.backends import make_backend
 
     H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     D = H // shape["num_attention_heads"]

@@ -24,7 +24,7 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time, torch
 import pyengine
-from pyengine import ops
+from pyengine.kernels import ops
 settings = json.loads(sys.argv[1])
 ops.set_num_threads(settings["threads"])
 torch.set_num_threads(settings["threads"])

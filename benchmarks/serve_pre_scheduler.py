@@ -12,7 +12,7 @@ import threading
 import time
 
 import pyengine
-from pyengine import ops
+from pyengine.kernels import ops
 
 TOPICS = ["the sea", "a mountain", "bread", "the moon", "a violin", "rain", "a library", "trains", "bees",
           "winter", "a lighthouse", "chess", "coffee", "a river", "clocks", "the desert"]

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from pyengine.quant import METHODS
+from pyengine.quantize.int8 import METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(args) -> int:
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     if args.threads is not None:
         ops.set_num_threads(args.threads)
@@ -99,7 +99,7 @@ def _bytes(text: str) -> int:
 
 
 def _serve(args) -> int:
-    from pyengine.server import serve
+    from pyengine.serve.server import serve
 
     serve(args.model, backend=args.backend, host=args.host, port=args.port, max_batch=args.max_batch,
           kv_budget=args.kv_budget, queue_limit=args.queue_limit, prefill_chunk=args.prefill_chunk,
@@ -109,7 +109,7 @@ def _serve(args) -> int:
 
 def _quantize(args) -> int:
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     if args.threads is not None:
         ops.set_num_threads(args.threads)
@@ -121,7 +121,10 @@ def _quantize(args) -> int:
 
 def _info(args) -> int:
     import pyengine
-    from pyengine import _C, backends, memory, ops
+    from pyengine import _C
+    from pyengine.kernels import backends
+    from pyengine.kernels import memory
+    from pyengine.kernels import ops
     from pyengine.machine import cpu_model
 
     print(f"pyengine {pyengine.__version__}  (python {platform.python_version()}, torch {torch.__version__})")

@@ -4,17 +4,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from pyengine.backends import default_backend, make_backend
-from pyengine.loader import WeightReader, load_checkpoint
+from pyengine.kernels.backends import default_backend, make_backend
+from pyengine.load.checkpoint import WeightReader, load_checkpoint
 from pyengine.models import ARCHITECTURES
-from pyengine.sampling import SamplingParams
+from pyengine.runtime.sampling import SamplingParams
 
 
 @dataclass
@@ -38,13 +37,13 @@ class GenerationResult:
 
 class Engine:
     """A loaded model. Thread- and asyncio-safe: every generate()/stream()/agenerate()/astream() call,
-    from any thread or task, joins one running batch (pyengine.scheduler) at the next decode step.
+    from any thread or task, joins one running batch (pyengine.runtime.scheduler) at the next decode step.
 
     Serving settings: max_batch (rows decoded together), kv_budget (bytes of KV cache for the
     running batch; default room for max_batch requests at the full context, at most 2 GiB),
     queue_limit (waiting submissions before pyengine.Overloaded; a generate() list counts once),
     prefill_chunk (the fewest prompt tokens prefilled between two decode steps; about one decode
-    step's worth are, see pyengine.scheduler)."""
+    step's worth are, see pyengine.runtime.scheduler)."""
 
     def __init__(self, model="default", *, backend: str | None = None, device: str = "cpu",
                  dtype: torch.dtype | None = None, int8_weights: str | Path | None = None,
@@ -163,12 +162,12 @@ class Engine:
 
     @property
     def scheduler(self):
-        """The engine's scheduler (pyengine.scheduler.Scheduler), created with the serving settings
+        """The engine's scheduler (pyengine.runtime.scheduler.Scheduler), created with the serving settings
         given to load() on first use."""
         if self._scheduler is None:
             with _ENGINES_LOCK:  # not self._lock: the scheduler holds that during its steps
                 if self._scheduler is None:
-                    from pyengine.scheduler import Scheduler
+                    from pyengine.runtime.scheduler import Scheduler
 
                     self._scheduler = Scheduler(self, **self._serving)
         return self._scheduler
@@ -206,7 +205,7 @@ class Engine:
         and skip quantizing again."""
         if self.backend_name != "fused-int8":
             raise ValueError("save_int8 needs an engine loaded with backend='fused-int8'")
-        from pyengine.quant import save_int8
+        from pyengine.quantize.int8 import save_int8
 
         return save_int8(self.backend.linears, self.config, path, source=self.model_path, method=self.int8_method)
 
@@ -214,7 +213,7 @@ class Engine:
 
     def _int8_weights(self, int8_weights, int8_method, progress):
         """(preloaded int8 linears or None to round at load, the method that made them)."""
-        from pyengine.quant import load_int8
+        from pyengine.quantize.int8 import load_int8
 
         if int8_weights is not None:
             linears, method = load_int8(int8_weights, self.config)
@@ -222,7 +221,7 @@ class Engine:
                 raise ValueError(f"int8_weights {str(int8_weights)!r} were made by {method!r}, not {int8_method!r}")
             return linears, method
         if int8_method == "gptq":
-            from pyengine.gptq import load_or_quantize
+            from pyengine.quantize.gptq import load_or_quantize
 
             path = self.model_path
             # Calibration text comes from the model at its default precision, one engine at a time.
@@ -267,7 +266,7 @@ class Engine:
 
     def _requests(self, prompt, messages, chat, settings, *, streaming=False, loop=None):
         """Check every argument and build the scheduler's requests (one per prompt); nothing is queued yet."""
-        from pyengine.scheduler import Request
+        from pyengine.runtime.scheduler import Request
 
         allowed = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "measure_energy", "timeout", "min_tokens"}
@@ -372,7 +371,7 @@ class Engine:
 
 def _energy_usage(r, prefill_seconds: float, decode_seconds: float) -> dict:
     """A request's usage.energy. Its prefill chunks' joules are its own; each decode step's joules are
-    split equally among the requests in that step (pyengine.scheduler), so over any window the
+    split equally among the requests in that step (pyengine.runtime.scheduler), so over any window the
     requests' joules add up to what the meter counted while they ran. The labels (source, method and
     constants, confidence and its reason) are the meter's, for the seconds and counter updates the
     request saw."""
@@ -416,7 +415,7 @@ def _check_text(text: str, what: str):
 
 
 def _check_int8_options(backend_name, int8_weights, int8_method):
-    from pyengine.quant import METHODS
+    from pyengine.quantize.int8 import METHODS
 
     if (int8_weights is not None or int8_method is not None) and backend_name != "fused-int8":
         raise ValueError("int8_weights and int8_method are for backend='fused-int8'")
@@ -449,7 +448,7 @@ def load(model="default", *, backend: str | None = None, device: str = "cpu", dt
     exact one here. int8_weights: a file from Engine.save_int8, reused instead of quantizing again.
     int8_method ('fused-int8'): 'absmax' (default: each weight rounded alone, instant) or 'gptq'
     (rounding errors compensated over text the model samples itself: closer to fp32; about two
-    minutes of CPU for the default model the first time, then read from the cache; see pyengine.gptq).
+    minutes of CPU for the default model the first time, then read from the cache; see pyengine.quantize.gptq).
     serving: max_batch, kv_budget, queue_limit, prefill_chunk (see Engine)."""
     return Engine(model, backend=backend, device=device, dtype=dtype, int8_weights=int8_weights,
                   int8_method=int8_method, progress=progress, **serving)

@@ -18,7 +18,7 @@ ALL_ISAS = tuple(_C.isa_levels())
 def isa_params() -> list:
     """Params for an ISA fixture or parametrize: every level, those this CPU lacks skipped with a
     reason naming them (so a report shows which paths did not run, instead of dropping them)."""
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     supported = ops.supported_isas()
     return [pytest.param(name, marks=pytest.mark.skipif(

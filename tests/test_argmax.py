@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 from conftest import isa_params
 
 

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 from conftest import isa_params
 
 # (num_q_heads, num_kv_heads): plain MHA, SmolLM2's 9/3, and a GQA ratio of 8.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 
 DEVICES = ("cpu", "cuda")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 
 F32, BF16, I8, I32, I64 = torch.float32, torch.bfloat16, torch.int8, torch.int32, torch.int64
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pyengine import quality
+from pyengine.bench import quality
 from pyengine.bench import config as bench_config, measure, report as bench_report, run as bench_run
 from pyengine.bench.engine_runner import EngineRunner
 from pyengine.bench.hf_runner import HFRunner
@@ -337,7 +337,7 @@ def test_bench_measured_source_idle_timeline_and_min_window(tiny_models, tmp_pat
 
 
 def test_prompts_have_exact_token_counts(tiny_models):
-    from pyengine.tokenizer import Tokenizer
+    from pyengine.load.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tiny_models["qwen2"])
     for n, b in ((1, 1), (7, 3), (50, 4)):
@@ -492,7 +492,7 @@ def test_bench_int8_weights_file_is_used_and_named(tiny_models, tmp_path, capsys
 
 @pytest.mark.default_model
 def test_bench_default_model(tmp_path, capsys):
-    pytest.importorskip("pyengine.default_model", reason="pyengine.default_model is not in this build")
+    pytest.importorskip("pyengine.load.default_model", reason="pyengine.load.default_model is not in this build")
     rc = main(["bench", "--model", "default", "--backends", "hf-eager,torch", "--prompt-tokens", "8",
                "--new-tokens", "4", "--prefill-tokens", "16", "--repeats", "1", "--warmup", "0",
                "--quality-tokens", "64", "--quality-window", "32", "--energy-source", "estimate", "--no-progress",

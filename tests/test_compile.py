@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyengine import ops
+from pyengine.kernels import ops
 
 B, T, HQ, HKV, D, I, S = 2, 5, 6, 2, 16, 40, 12
 H = HQ * D

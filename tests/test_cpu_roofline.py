@@ -69,7 +69,7 @@ def test_roofline_tok_s_and_fraction_beside(tiny_models):
 
 
 def test_bytes_per_token_widths_batch_and_kv(tiny_models):
-    from pyengine import roofline
+    from pyengine.bench import roofline
 
     config = pyengine.load(tiny_models["llama"], backend="torch").config
     fp32, bf16, int8 = (roofline.bytes_per_token(config, p, context=10) for p in ("fp32", "bf16", "int8"))

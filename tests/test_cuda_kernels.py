@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyengine import _C, kernels
-from pyengine import cuda as pcuda
+from pyengine.kernels import cuda as pcuda
 
 pytestmark = pytest.mark.cuda
 

@@ -1,4 +1,4 @@
-"""The decode plan (pyengine.plan: the model's hidden_states recorded once, replayed in C++ by
+"""The decode plan (pyengine.runtime.plan: the model's hidden_states recorded once, replayed in C++ by
 _C.DecodePlan) against the op-by-op Python path of the same backend, for every tiny architecture,
 backend and ISA; the recorder refusing what it cannot express; the plan's argument checks."""
 import gc
@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import _C, ops
-from pyengine.backends import LinearWeights
+from pyengine import _C
+from pyengine.kernels import ops
+from pyengine.kernels.backends import LinearWeights
 from pyengine.models.llama import Llama
-from pyengine.plan import PlanRecordingError, record_decode_plan
+from pyengine.runtime.plan import PlanRecordingError, record_decode_plan
 
 from conftest import TINY_CONFIGS
 
@@ -275,7 +276,7 @@ def test_new_ops_recorded_and_replayed(tiny_models, backend):
 
 
 def test_new_ops_fused_match_torch():
-    from pyengine.backends import FusedBackend, Step, TorchBackend
+    from pyengine.kernels.backends import FusedBackend, Step, TorchBackend
 
     torch_ops, fused = TorchBackend(), FusedBackend()
     g = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyengine import default_model as dm
-from pyengine.default_model import default_model_dir, ensure_default_model
+from pyengine.load import default_model as dm
+from pyengine.load.default_model import default_model_dir, ensure_default_model
 
 pytestmark = pytest.mark.default_model
 
@@ -117,7 +117,7 @@ def test_tensors_bit_identical_to_the_recorded_conversion(model_dir):
 def test_token_ids_match_the_recorded_conversion(model_dir, hf_model, case):
     """Texts (Unicode of many scripts, control characters, special tokens in text) and chat-templated
     conversations give the recorded ids, under pyengine's tokenizer and under transformers'."""
-    from pyengine.tokenizer import Tokenizer
+    from pyengine.load.tokenizer import Tokenizer
 
     ours = Tokenizer.from_folder(model_dir)
     if "messages" in case:

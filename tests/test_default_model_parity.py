@@ -9,7 +9,7 @@ pytestmark = pytest.mark.default_model
 
 @pytest.fixture(scope="module")
 def default_path():
-    from pyengine.default_model import ensure_default_model
+    from pyengine.load.default_model import ensure_default_model
 
     return ensure_default_model(progress=False)
 

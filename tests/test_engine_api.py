@@ -112,7 +112,7 @@ def test_top_k_one_is_greedy(engine):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_sampling_is_argmax_with_first_index_ties(dtype):
-    from pyengine.sampling import SamplingParams, sample
+    from pyengine.runtime.sampling import SamplingParams, sample
 
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 1.0, 5.0, 2.0], [-1.0, -1.0, -1.0, -1.0]], dtype=dtype)
     assert sample(logits, SamplingParams(), None).tolist() == [1, 0, 0]
@@ -211,8 +211,8 @@ def test_batch_energy_shares_add_up(engine):
 def test_incremental_decoder_pieces_add_up_to_the_full_decode(tiny_models, which):
     import random
 
-    from pyengine.default_model import ensure_default_model
-    from pyengine.tokenizer import IncrementalDecoder, Tokenizer
+    from pyengine.load.default_model import ensure_default_model
+    from pyengine.load.tokenizer import IncrementalDecoder, Tokenizer
 
     tokenizer = Tokenizer.from_folder(tiny_models["llama"] if which == "tiny" else ensure_default_model())
     rng = random.Random(0)

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.activations import NewGELUActivation
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 from conftest import isa_params
 
 AWKWARD_DIMS = [1, 2, 7, 8, 9, 64, 576, 1001]

@@ -1,4 +1,4 @@
-"""pyengine.gguf_convert on GGUF files written here, the way llama.cpp's converter writes them.
+"""pyengine.load.gguf_convert on GGUF files written here, the way llama.cpp's converter writes them.
 
 A tiny random Llama (transformers) and a tiny byte-level BPE tokenizer are written to GGUF with the
 gguf package (q/k rows interleaved per head as llama.cpp does), converted back, and compared with
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pyengine.gguf_convert import GGUFConversionError, convert_llama_gguf
+from pyengine.load.gguf_convert import GGUFConversionError, convert_llama_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -160,7 +160,7 @@ def test_conversion_does_not_import_transformers(tiny, tmp_path):
     out.mkdir()
     code = (
         "import sys\n"
-        "from pyengine.gguf_convert import convert_llama_gguf\n"
+        "from pyengine.load.gguf_convert import convert_llama_gguf\n"
         f"convert_llama_gguf({str(gguf_path)!r}, {str(out)!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate')))\n"
     )

@@ -18,7 +18,8 @@ import time
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 
 RUN_S = 0.5  # how long the worker keeps calling
 

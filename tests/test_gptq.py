@@ -1,4 +1,4 @@
-"""GPTQ (pyengine.gptq): the rounding it does, and fused-int8 engines built with it."""
+"""GPTQ (pyengine.quantize.gptq): the rounding it does, and fused-int8 engines built with it."""
 import os
 import shutil
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import gptq as gptq_module
-from pyengine import quality
-from pyengine.gptq import quantize_gptq
-from pyengine.quant import quantize_per_channel
+from pyengine.quantize import gptq as gptq_module
+from pyengine.bench import quality
+from pyengine.quantize.gptq import quantize_gptq
+from pyengine.quantize.int8 import quantize_per_channel
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 A generated bf16 Llama checkpoint of many narrow layers (212 MB of weights in fp32) is quantized in a
 fresh process (benchmarks/gptq_memory.py): calibration text sampled by the default engine, closed,
-then pyengine.gptq.quantize_model. While calibrating, resident memory beyond what the process had
+then pyengine.quantize.gptq.quantize_model. While calibrating, resident memory beyond what the process had
 after `import pyengine` must stay within the int8 result plus a margin for one layer's fp32 weights,
 GPTQ's [in, in] float64 work matrices and the activations: well below the fp32 weights, which the
 whole-model calibration held at once.

@@ -84,10 +84,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read_correctly():
     graph = import_graph()
-    assert "pyengine.backends" in graph["pyengine.engine"]  # module level
-    assert "pyengine.scheduler" in graph["pyengine.engine"]  # inside a function
+    assert "pyengine.kernels.backends" in graph["pyengine.engine"]  # module level
+    assert "pyengine.runtime.scheduler" in graph["pyengine.engine"]  # inside a function
     assert "pyengine.engine" in graph["pyengine"]
-    assert "pyengine" not in graph["pyengine.backends"]  # `from pyengine import _C`: the compiled module
+    assert "pyengine" not in graph["pyengine.kernels.backends"]  # `from pyengine import _C`: the compiled module
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 

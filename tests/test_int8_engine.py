@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import quality
+from pyengine.bench import quality
 from pyengine.errors import CheckpointError
-from pyengine.quant import dequantize, quantize_per_channel
+from pyengine.quantize.int8 import dequantize, quantize_per_channel
 
 
 def test_quantize_per_channel_round_trip():
@@ -16,7 +16,7 @@ def test_quantize_per_channel_round_trip():
     w[3] = 0.0  # an all-zero row must stay zero, not divide by zero
     q, scale = quantize_per_channel(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (37,)
-    back = dequantize(pyengine.quant.Int8Linear(q, scale))
+    back = dequantize(pyengine.quantize.int8.Int8Linear(q, scale))
     assert torch.all(back[3] == 0)
     # Rounding to nearest: error at most half a step per element.
     assert torch.all((back - w).abs() <= scale[:, None] / 2 + 1e-7)

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 from conftest import isa_params
 
 

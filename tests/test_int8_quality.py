@@ -1,9 +1,8 @@
 """fused-int8 on the default model: the quality it gives up, measured on WikiText-2 (shared data)."""
 import pytest
-import torch
 
 import pyengine
-from pyengine import quality
+from pyengine.bench import quality
 from tests_paths import WIKITEXT
 
 pytestmark = pytest.mark.default_model

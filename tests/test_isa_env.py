@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 from conftest import ALL_ISAS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # give different bits, so the digest shows which kernels ran, not only what active_isa() says.
 PROBE = """
 import hashlib, json, torch
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 g = torch.Generator().manual_seed(0)
 x, w = torch.randn(64, 1000, generator=g) * 3, torch.randn(1000, generator=g)
 out = torch.empty_like(x)
@@ -45,7 +47,8 @@ runpy.run_module("pyengine.cli", run_name="__main__", alter_sys=True)
 
 BOGUS = """
 import contextlib, io, json, torch
-from pyengine import _C, ops, cli   # importing works; the value is parsed at first dispatch
+from pyengine import _C, cli
+from pyengine.kernels import ops   # importing works; the value is parsed at first dispatch
 result = {"detected": ops.detected_isa()}
 def attempt(name, fn):
     try:

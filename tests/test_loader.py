@@ -151,7 +151,7 @@ def test_missing_folder(tmp_path):
 
 def test_rope_parameters_layout(model_copy):
     """transformers 5 writes rope_parameters; older configs write rope_theta (+ rope_scaling)."""
-    from pyengine.config import ModelConfig
+    from pyengine.load.config import ModelConfig
 
     cfg = json.loads((model_copy / "config.json").read_text())
     old = {k: v for k, v in cfg.items() if k != "rope_parameters"} | {"rope_theta": 1234.0}
@@ -166,7 +166,7 @@ def test_sliding_window_config(tiny_models):
     """Which layers attend through a window, as transformers reads the config: Mistral every layer;
     Qwen2 (use_sliding_window) those named in layer_types, else those from max_window_layers on. No
     context cap; a window covering the context is none; nonsense is an error."""
-    from pyengine.config import ModelConfig
+    from pyengine.load.config import ModelConfig
 
     mistral = json.loads((tiny_models["mistral"] / "config.json").read_text())
     cfg = ModelConfig.from_hf(mistral)

@@ -1,4 +1,4 @@
-"""WeightArena: where the fused backends keep their weights (pyengine/memory.py)."""
+"""WeightArena: where the fused backends keep their weights (pyengine/kernels/memory.py)."""
 from __future__ import annotations
 
 import mmap
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import _C, ops
-from pyengine.memory import WeightArena, huge_page_buffer, transparent_huge_pages
+from pyengine import _C
+from pyengine.kernels import ops
+from pyengine.kernels.memory import WeightArena, huge_page_buffer, transparent_huge_pages
 from conftest import isa_params
 
 THP_ON = transparent_huge_pages() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")

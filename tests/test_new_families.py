@@ -10,8 +10,8 @@ import transformers
 
 import pyengine
 from conftest import _byte_level_tokenizer
-from pyengine import quality
-from pyengine.config import ModelConfig
+from pyengine.bench import quality
+from pyengine.load.config import ModelConfig
 from pyengine.errors import CheckpointError
 from conftest import TINY_CONFIGS
 from test_bf16_backend import as_dtype

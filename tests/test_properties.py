@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyengine import _C, ops
+from pyengine import _C
+from pyengine.kernels import ops
 from conftest import isa_params
 
 U = 2.0 ** -24  # unit roundoff of fp32

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 from conftest import isa_params
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import pyengine
 from conftest import isa_params
-from pyengine import ops
+from pyengine.kernels import ops
 from pyengine.energy import ReplayMeter
 
 PROMPTS = ["The capital of France is", "Once upon a time there was", "Energy per token is measured in joules",
@@ -329,7 +329,7 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, call, e
 
 
 def test_memory_does_not_grow_with_requests_served(engine):
-    from pyengine.kv_cache import KVCache
+    from pyengine.runtime.kv_cache import KVCache
 
     gc.collect()
     gc.disable()  # finished requests must free their KV by reference counting, not wait for a collection
@@ -373,7 +373,7 @@ def test_default_model_greedy_tokens_alone_and_joined(backend):
 def test_an_idle_engine_holds_no_thread_and_can_be_freed(tiny_models, monkeypatch):
     import weakref
 
-    from pyengine import scheduler
+    from pyengine.runtime import scheduler
 
     monkeypatch.setattr(scheduler, "IDLE_EXIT_S", 0.05)
     engine = pyengine.load(tiny_models["llama"], backend="fused-int8", progress=False)

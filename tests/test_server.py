@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 import pyengine
-from pyengine.server import create_app
+from pyengine.serve.server import create_app
 
 
 @contextlib.contextmanager

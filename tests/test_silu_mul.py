@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyengine import _C, kernels, ops
+from pyengine import _C, kernels
+from pyengine.kernels import ops
 from conftest import isa_params
 
 AWKWARD_DIMS = [1, 2, 7, 8, 9, 64, 576, 1001]
@@ -123,7 +124,7 @@ def test_silu_mul_reads_the_halves_of_a_fused_projection_in_place(isa, rows, dim
 
 
 def test_fused_backend_silu_mul_on_fused_halves_matches_torch():
-    from pyengine.backends import FusedBackend, TorchBackend
+    from pyengine.kernels.backends import FusedBackend, TorchBackend
 
     gate_up = torch.randn(2, 7, 2 * 40) * 3  # [batch, tokens, 2 * I], as the Llama MLP makes it
     gate, up = gate_up.chunk(2, dim=-1)

@@ -1,4 +1,4 @@
-// _C.DecodePlan: a recorded decode step (pyengine/plan.py) replayed in one C++ call per token. The
+// _C.DecodePlan: a recorded decode step (pyengine/runtime/plan.py) replayed in one C++ call per token. The
 // instructions arrive as dicts in the plan's own vocabulary (op name, views, scalars, weights);
 // every weight is checked once here and kept alive by the plan. step() re-checks only the per-call
 // tensors (cheap) and releases the GIL.
@@ -163,7 +163,7 @@ void step(PyDecodePlan& self, py::handle tokens_obj, py::handle k_obj, py::handl
 
 void bind_decode_plan(py::module_& m) {
   py::class_<PyDecodePlan>(m, "DecodePlan",
-                           "A model's decode step, recorded once by pyengine.plan, replayed in one C++ call per token.")
+                           "A model's decode step, recorded once by pyengine.runtime.plan, replayed in one C++ call per token.")
       .def(py::init(&make_plan), py::arg("vocab_size"), py::arg("buffer_widths"), py::arg("output_buffer"),
            py::arg("instructions"), py::arg("num_rope_tables"),
            "buffer_widths: floats per batch row of each buffer; output_buffer: the one holding the logits "

@@ -1,4 +1,4 @@
-// DecodePlan::step replaying a hand-built plan of a Llama-family decoder (what pyengine/plan.py records
+// DecodePlan::step replaying a hand-built plan of a Llama-family decoder (what pyengine/runtime/plan.py records
 // from models/llama.py) against a plain scalar decoder written out here, for every ISA; bad tokens and
 // positions throw before anything is written; inconsistent plans are refused at construction.
 #include "pyengine/decode_plan.h"

@@ -29,7 +29,7 @@ the rest of the window (Python between runs, HF's second prefill inside generate
 overhead.
 
 Bytes and the roofline (CPU): read bandwidth is probed at the start, after each backend and at the
-end of the run (the highest is used: on a shared machine a probe can be slowed, never sped up); each row reports the bytes read per decoded token (pyengine.roofline) and its
+end of the run (the highest is used: on a shared machine a probe can be slowed, never sped up); each row reports the bytes read per decoded token (pyengine.bench.roofline) and its
 decode rate as a fraction of reading those bytes at that bandwidth.
 
 Modules: cli (arguments), config (settings, checks), prompts, hf_runner and engine_runner (one

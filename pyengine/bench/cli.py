@@ -6,7 +6,7 @@ from __future__ import annotations
 from pyengine.bench.config import (ENERGY_SOURCES, HF, HF_VARIANTS, IDLE_REPEATS, PROBE_MIB, PYENGINE_BACKENDS,
                                    grid_regions)
 from pyengine.bench.run import run
-from pyengine.quant import METHODS
+from pyengine.quantize.int8 import METHODS
 
 
 def add_parser(sub) -> None:
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cooldown", type=float, default=0.0, help="seconds to sleep between backends (GPU only)")
     p.add_argument("--int8-method", default=None, choices=METHODS,
                    help="how fused-int8 rounds its weights at load: absmax (default, instant) or gptq "
-                        "(closer to fp32; minutes of CPU, see pyengine.gptq)")
+                        "(closer to fp32; minutes of CPU, see pyengine.quantize.gptq)")
     p.add_argument("--int8-weights", default=None,
                    help="fused-int8: int8 weights saved by Engine.save_int8 / pyengine quantize, instead of "
                         "quantizing at load")

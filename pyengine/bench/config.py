@@ -76,7 +76,7 @@ def grid_regions() -> list[str]:
 
 def checkpoint_dtype(path: Path) -> torch.dtype | None:
     """The dtype the checkpoint's config.json says it is stored in (None when it does not say)."""
-    from pyengine.loader import read_json
+    from pyengine.load.checkpoint import read_json
 
     config = read_json(path / "config.json")
     name = config.get("dtype") or config.get("torch_dtype")
@@ -106,7 +106,7 @@ def _positive_int_list(text: str, what: str) -> list[int]:
 
 def validate(args) -> BenchConfig:
     """Every argument check, before any work is done. Raises ValueError with a message."""
-    from pyengine.backends import BACKENDS, available_backends
+    from pyengine.kernels.backends import BACKENDS, available_backends
     from pyengine.energy import grid_intensity
     from pyengine.engine import _check_device
 
@@ -171,9 +171,9 @@ def validate(args) -> BenchConfig:
 
 def resolve_model(model: str):
     """(path, ModelConfig, Tokenizer) without loading weights: a bad model fails here, before any work."""
-    from pyengine.config import ModelConfig
-    from pyengine.loader import read_json, resolve_model_path
-    from pyengine.tokenizer import Tokenizer
+    from pyengine.load.config import ModelConfig
+    from pyengine.load.checkpoint import read_json, resolve_model_path
+    from pyengine.load.tokenizer import Tokenizer
 
     try:
         path = resolve_model_path(model)
@@ -189,7 +189,7 @@ PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def precision_of(row) -> str:
     """The stored width of a result row's weights: the backend's own (fused-int8, fused-bf16), else its dtype's."""
-    from pyengine.backends import BACKENDS
+    from pyengine.kernels.backends import BACKENDS
 
     own = getattr(BACKENDS.get(row["backend"]), "weight_precision", None)
     return own or PRECISION.get(row["dtype"], "fp32")

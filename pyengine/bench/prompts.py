@@ -58,7 +58,7 @@ def greedy_rows(tokenizer, ids: list[int], count: int = GREEDY_PROMPTS,
     """Prompts for the greedy-agreement check: slices of the corpus ids, evenly spaced, kept where
     their text encodes back (as Engine.generate encodes it) to exactly `length` ids, so that every
     backend, HF's included, starts from the same ids, and the batch needs no padding."""
-    from pyengine import quality
+    from pyengine.bench import quality
 
     found = (_exact_slice(tokenizer, piece, 0, length) for piece in quality.greedy_prompts(ids, count, length))
     return [row for row in found if row is not None]

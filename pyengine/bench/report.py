@@ -22,9 +22,10 @@ SPEED_RATIO_NOTE = ("every backend is charged the same watts per busy core, so e
 
 def machine_info(device) -> dict:
     import pyengine
-    from pyengine import _C, ops
+    from pyengine import _C
+    from pyengine.kernels import ops
     from pyengine.machine import cpu_model
-    from pyengine.memory import transparent_huge_pages
+    from pyengine.kernels.memory import transparent_huge_pages
 
     import transformers
 

@@ -10,7 +10,7 @@ def read_bandwidth(cfg) -> float | None:
     """Read bandwidth (GB/s, best of 10) for the roofline columns; None when --probe-mib is 0."""
     if not cfg.probe_mib:
         return None
-    from pyengine.roofline import read_bandwidth_gbs
+    from pyengine.bench.roofline import read_bandwidth_gbs
 
     return read_bandwidth_gbs(repeats=10, nbytes=cfg.probe_mib << 20)
 
@@ -30,7 +30,7 @@ def roofline_of(cfg, mconfig, bandwidth) -> dict | None:
 
 
 def decode_bytes(row, mconfig, roof) -> dict | None:
-    from pyengine.roofline import bytes_per_token
+    from pyengine.bench.roofline import bytes_per_token
 
     if roof is None:
         return None

@@ -21,7 +21,8 @@ from pyengine.bench.roofline_columns import read_bandwidth
 def run(args) -> int:
     from tqdm import tqdm
 
-    from pyengine import ops, quality
+    from pyengine.kernels import ops
+    from pyengine.bench import quality
     from pyengine.energy import idle_drift, measure_idle
 
     cfg = validate(args)

@@ -255,7 +255,7 @@ def add_parser(sub):
 
 def main(args) -> int:
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
     from pyengine import _C
     from pyengine.bench.report import machine_info
 

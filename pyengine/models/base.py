@@ -1,5 +1,5 @@
 """What every architecture shares: rotary tables, the per-call Step, the final projection, and the
-choice between a C++ decode step (one call per token, recorded from hidden_states: pyengine.plan)
+choice between a C++ decode step (one call per token, recorded from hidden_states: pyengine.runtime.plan)
 and the op-by-op path."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import warnings
 
 import torch
 
-from pyengine.backends import Step
-from pyengine.config import ModelConfig, rope_inverse_frequencies
-from pyengine.kv_cache import KVCache
+from pyengine.kernels.backends import Step
+from pyengine.load.config import ModelConfig, rope_inverse_frequencies
+from pyengine.runtime.kv_cache import KVCache
 
 
 class DecoderModel:
@@ -114,7 +114,7 @@ class DecoderModel:
         if not self.cpp_decode:
             return None
         if self._decoder is None:
-            from pyengine.plan import PlanRecordingError
+            from pyengine.runtime.plan import PlanRecordingError
 
             try:
                 self._decoder = self.backend.make_cpp_decoder(self) or False  # False: none here

@@ -3,7 +3,7 @@ and on its output before the residual add), GeGLU (tanh GELU), embeddings x sqrt
 x * (1 + w) (the 1 folded into the weights at load, in fp32), attention scale query_pre_attn_scalar ** -0.5,
 logits soft-capped where final_logit_softcapping is set, and two rotary tables: the sliding-window
 layers' own base (rope_local_base_freq, unscaled) and the full layers' rope_theta with rope_scaling."""
-from pyengine.config import rope_inverse_frequencies
+from pyengine.load.config import rope_inverse_frequencies
 from pyengine.models.llama import Llama
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyengine.loader import WeightReader
+from pyengine.load.checkpoint import WeightReader
 from pyengine.models.base import DecoderModel
 
 

@@ -3,7 +3,7 @@ gate_up_proj ([gate; up]) (our own fused layout, loaded as is), a sliding window
 the config sets one, and LongRoPE where rope_scaling says "longrope"."""
 import torch
 
-from pyengine.config import rope_inverse_frequencies
+from pyengine.load.config import rope_inverse_frequencies
 from pyengine.models.llama import Llama
 
 

@@ -1,6 +1,6 @@
 // A model's decode step (one new token per sequence) as a recorded list of kernel calls over fixed
 // buffers, replayed each token from C++. The Python model defines the architecture once
-// (hidden_states); pyengine/plan.py records that code for one token into instructions, and this
+// (hidden_states); pyengine/runtime/plan.py records that code for one token into instructions, and this
 // class replays them: one call per token instead of ~15 Python op calls per layer.
 //
 // Buffers hold `width` floats per batch row (row stride = width) and are grown to the largest batch

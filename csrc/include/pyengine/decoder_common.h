@@ -9,7 +9,7 @@ namespace pyengine {
 
 // out = x @ W^T + bias for W [out_features, in_features]: fp32 (weight_f32, linear_f32), bf16
 // (weight_bf16, linear_bf16) or int8 (weight_i8 + one fp32 scale per output row, the layout of
-// pyengine.quant.Int8Linear, run by int8_linear_a16). Exactly one weight is set; bias may be null.
+// pyengine.quantize.int8.Int8Linear, run by int8_linear_a16). Exactly one weight is set; bias may be null.
 struct DecoderLinear {
   const float* weight_f32 = nullptr;
   const uint16_t* weight_bf16 = nullptr;

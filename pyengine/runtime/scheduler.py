@@ -38,8 +38,8 @@ import time
 import torch
 
 from pyengine.errors import Overloaded
-from pyengine.sampling import SamplingParams, sample
-from pyengine.tokenizer import IncrementalDecoder
+from pyengine.runtime.sampling import SamplingParams, sample
+from pyengine.load.tokenizer import IncrementalDecoder
 
 GREEDY = SamplingParams()
 IDLE_EXIT_S = 2.0  # the loop thread ends after this long without requests

@@ -1,6 +1,6 @@
 """The kernel library's ops as torch.library custom ops, and the CPU's ISA and thread settings.
 
-``pyengine.ops.<name>`` is the ``torch.library`` op ``pyengine::<name>`` (usable under torch.compile)
+``pyengine.kernels.ops.<name>`` is the ``torch.library`` op ``pyengine::<name>`` (usable under torch.compile)
 generated from the op's registry entry in ``pyengine.kernels``, which also holds its reference (the
 maths in plain torch), its fast call and its sample inputs.
 """

@@ -144,7 +144,7 @@ class TorchBackend:
         return x.add_(table[step.positions])
 
     def make_cpp_decoder(self, model):
-        """An object whose step() runs a whole decode step of `model` in one call (pyengine.plan's
+        """An object whose step() runs a whole decode step of `model` in one call (pyengine.runtime.plan's
         recorded plan), or None: this backend runs the layers op by op."""
         return None
 
@@ -166,7 +166,7 @@ class FusedBackend(TorchBackend):
 
     def __init__(self):
         from pyengine import _C
-        from pyengine.memory import WeightArena
+        from pyengine.kernels.memory import WeightArena
 
         self._C = _C
         self.arena = WeightArena()  # the linears' weights, on 2 MB pages where the OS gives them
@@ -230,11 +230,11 @@ class FusedBackend(TorchBackend):
 
     def make_cpp_decoder(self, model):
         """The model's decode step recorded once from its own hidden_states and replayed in C++
-        (pyengine.plan): one call per token instead of ~15 Python op calls per layer, over this
+        (pyengine.runtime.plan): one call per token instead of ~15 Python op calls per layer, over this
         backend's (fp32, bf16 or int8) linears. None where the plan cannot run (a model off the CPU)."""
         if model.device.type != "cpu":
             return None
-        from pyengine.plan import record_decode_plan
+        from pyengine.runtime.plan import record_decode_plan
 
         return record_decode_plan(model)
 
@@ -245,7 +245,7 @@ class FusedInt8Backend(FusedBackend):
 
     Every Linear is W8A16 (`_C.int8_linear_a16`): activations quantized to int16 per row, exact
     int16 x int8 sums, so a row's output is the same bits whichever rows share the call (prefill,
-    decode, a batch) and the C++ decode step (pyengine.plan) matches this path bit for bit.
+    decode, a batch) and the C++ decode step (pyengine.runtime.plan) matches this path bit for bit.
     Decode (up to 16 rows): a GEMV that streams the int8 weights once. Prefill: a packed-panel GEMM
     on int16 pairs (`vpmaddwd`), faster than the fp32 FMA GEMM that the weight-only kernel
     (`_C.int8_linear_wo`, kept for comparison) feeds with dequantized panels.
@@ -258,7 +258,7 @@ class FusedInt8Backend(FusedBackend):
     kernels = FusedBackend.kernels + ("int8_linear_a16",)
 
     def __init__(self, preloaded: dict | None = None):
-        """preloaded: int8 linears by layer name (pyengine.quant.load_int8, pyengine.gptq), used
+        """preloaded: int8 linears by layer name (pyengine.quantize.int8.load_int8, pyengine.quantize.gptq), used
         instead of rounding the checkpoint's weights."""
         super().__init__()
         if preloaded is not None and not isinstance(preloaded, dict):
@@ -266,7 +266,7 @@ class FusedInt8Backend(FusedBackend):
         self._preloaded = dict(preloaded) if preloaded is not None else None
 
     def prepare_linear(self, weight, bias=None, *, name=None):
-        from pyengine.quant import Int8Linear, quantize_per_channel
+        from pyengine.quantize.int8 import Int8Linear, quantize_per_channel
 
         if self._preloaded is not None:
             lin = self._preloaded.pop(name, None)

@@ -3,7 +3,7 @@
 A weight matrix W [out, in] becomes int8 Q and one fp32 scale per output row, W ~= Q * scale[:, None],
 scale = max|W_row| / 127. Activations are quantized per token at run time by the int8 kernels.
 Which integer each weight gets is the method's choice: "absmax" rounds each to nearest (here),
-"gptq" compensates rounding errors across a row (pyengine.gptq); the file format is the same.
+"gptq" compensates rounding errors across a row (pyengine.quantize.gptq); the file format is the same.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ NAMING = ("name of the checkpoint's weight tensor without '.weight' (as Hugging 
           "'transformer.' prefix); fused projections: '<layer>.self_attn.qkv_proj' = the rows of q_proj, "
           "k_proj, v_proj stacked in that order, '<layer>.mlp.gate_up_proj' = gate_proj then up_proj; "
           "'lm_head' also when tied to the embedding")
-METHODS = ("absmax", "gptq")  # plain rounding (quantize_per_channel) or GPTQ (pyengine.gptq); one format
+METHODS = ("absmax", "gptq")  # plain rounding (quantize_per_channel) or GPTQ (pyengine.quantize.gptq); one format
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The CUDA kernels are not separate ops: an op whose registry entry (pyengine.kernels) lists "cuda"
 among its devices runs its CUDA twin when given CUDA tensors, through the same fast call
-(``pyengine.kernels.<op>``), torch.library op (``pyengine.ops.<op>``) and binding (``_C.<op>``),
+(``pyengine.kernels.<op>``), torch.library op (``pyengine.kernels.ops.<op>``) and binding (``_C.<op>``),
 launched on the current stream of the inputs' device. Nothing synchronizes. The CUDA kernels also
 take float16 and bfloat16.
 """

@@ -7,7 +7,7 @@ An entry (`Op`) holds every face of one op under one name:
               checks the arguments and runs the CPU kernel or, on a CUDA tensor, its CUDA twin
   devices     where `fast` runs ("cpu", and "cuda" where a CUDA kernel exists)
   op          the ``torch.library`` custom op ``pyengine::<name>`` generated from `fast` (for
-              torch.compile; `pyengine.ops.<name>` is this)
+              torch.compile; `pyengine.kernels.ops.<name>` is this)
   fake        output shapes without computing (torch.compile, meta tensors)
   samples     inputs for the shared harness (tests/test_backend_ops.py), with the tolerance per dtype
 

@@ -2,7 +2,7 @@
 row), with each column's rounding error pushed onto the columns not yet rounded, weighted by how
 the layer's inputs co-vary, so that the layer's *outputs* move less (Frantar et al., "GPTQ", 2022).
 
-Plain rounding (pyengine.quant.quantize_per_channel) minimizes the error of each weight alone. GPTQ
+Plain rounding (pyengine.quantize.int8.quantize_per_channel) minimizes the error of each weight alone. GPTQ
 minimizes || X W^T - X Q^T || over inputs X seen on calibration text, through H = X^T X:
 
     for each column i (largest diag(H) first, "act order"):
@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from pyengine.backends import FusedBackend, LinearWeights
+from pyengine.kernels.backends import FusedBackend, LinearWeights
 from pyengine.errors import CheckpointError
-from pyengine.loader import WeightReader, load_checkpoint
+from pyengine.load.checkpoint import WeightReader, load_checkpoint
 from pyengine.models import ARCHITECTURES
-from pyengine.quant import Int8Linear, dequantize, load_int8, model_fingerprint, save_int8
+from pyengine.quantize.int8 import Int8Linear, dequantize, load_int8, model_fingerprint, save_int8
 
 # First words of the calibration samples; each is continued by the fp32 model.
 CALIBRATION_STARTS = ("The", "In", "A", "It", "When", "This", "He", "She", "There", "We", "After", "On",
@@ -237,7 +237,7 @@ def cache_path(model_path: Path, config, cache_dir=None) -> Path:
     """Where the GPTQ weights of the model at `model_path` are kept: named after the model's config,
     its weight files (name, size, modification time) and the calibration settings, so that a change
     to any of them makes a new entry rather than reusing a stale one."""
-    from pyengine.default_model import default_cache_dir
+    from pyengine.load.default_model import default_cache_dir
 
     files = sorted(p for p in Path(model_path).iterdir() if p.suffix == ".safetensors")
     key = json.dumps({"config": model_fingerprint(config),

@@ -14,7 +14,7 @@ converts it into an ordinary Hugging Face folder (``config.json``,
 
 The weights are the 4-bit (Q4_1; the embedding is Q8_0) model dequantized to
 fp32, so they are close to but not bit-identical with the bf16 release on the hub.
-The conversion (:mod:`pyengine.gguf_convert`) uses the ``gguf`` package to dequantize and
+The conversion (:mod:`pyengine.load.gguf_convert`) uses the ``gguf`` package to dequantize and
 ``tokenizers`` to rebuild the tokenizer; transformers is not involved.
 
 Cache layout::
@@ -278,7 +278,7 @@ def _convert(gguf_path: Path, out: Path, *, wheel_path: Path, progress: bool) ->
     import tokenizers
     from safetensors.torch import load_file
 
-    from pyengine.gguf_convert import convert_llama_gguf
+    from pyengine.load.gguf_convert import convert_llama_gguf
 
     out.mkdir(parents=True)
     config = convert_llama_gguf(gguf_path, out)

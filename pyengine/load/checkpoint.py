@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pyengine.config import ModelConfig
+from pyengine.load.config import ModelConfig
 from pyengine.errors import CheckpointError, HubUnavailableError
-from pyengine.tokenizer import Tokenizer
+from pyengine.load.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "default"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -38,7 +38,7 @@ class Checkpoint:
 def resolve_model_path(model: str | Path, *, progress: bool = True) -> Path:
     """A local folder for `model`: 'default' (converted once, then cached) or a path."""
     if str(model) == DEFAULT_MODEL:
-        from pyengine.default_model import ensure_default_model
+        from pyengine.load.default_model import ensure_default_model
 
         return ensure_default_model(progress=progress)
     path = Path(model).expanduser()

@@ -293,7 +293,7 @@ def serve(model="default", *, backend=None, host="127.0.0.1", port=8000, max_bat
     import uvicorn
 
     import pyengine
-    from pyengine import ops
+    from pyengine.kernels import ops
 
     if threads is not None:
         ops.set_num_threads(threads)

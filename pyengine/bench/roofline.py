@@ -25,7 +25,7 @@ DTYPE_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16:
 
 def probe_buffer(nbytes: int = 1 << 30) -> torch.Tensor:
     """``nbytes`` on 2 MB pages (fp32 ones, as int64 words), as the fused backends keep their weights."""
-    from pyengine.memory import huge_page_buffer
+    from pyengine.kernels.memory import huge_page_buffer
 
     return huge_page_buffer(nbytes)[0].view(torch.float32).fill_(1.0).view(torch.int64)
 

@@ -1,0 +1,1 @@
+"""Checkpoints in: config, safetensors, tokenizer, the default model."""

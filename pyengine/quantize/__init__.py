@@ -1,0 +1,1 @@
+"""int8 weights: absmax rounding, GPTQ, int8 files keyed by layer name."""
