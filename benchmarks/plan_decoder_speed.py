@@ -24,7 +24,10 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time, torch
 import pyengine
-from pyengine.kernels import ops
+try:
+    from pyengine.kernels import ops
+except ImportError:  # a build from before the kernels/ folder
+    from pyengine import ops
 settings = json.loads(sys.argv[1])
 ops.set_num_threads(settings["threads"])
 torch.set_num_threads(settings["threads"])
