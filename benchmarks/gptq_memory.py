@@ -106,7 +106,7 @@ def measure(folder: Path, starts: int, tokens: int, threads: int | None, referen
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=7200, env=env,
                           cwd=str(reference) if reference else None)
     if done.returncode != 0:
-        raise RuntimeError(f"GPTQ ({function}) failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"GPTQ ({function}) failed, exit code {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
