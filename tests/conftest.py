@@ -90,10 +90,11 @@ def _byte_level_tokenizer(folder: Path, vocab_size: int):
         {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}))
 
 
-def make_tiny_model(folder: Path, name: str, seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, name: str, seed: int = 0, fields: dict | None = None) -> Path:
+    """A tiny random checkpoint saved by transformers: TINY_CONFIGS[name], or `fields` where given."""
     import transformers
 
-    fields = dict(TINY_CONFIGS[name])
+    fields = dict(fields or TINY_CONFIGS[name])
     model_type = fields.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=2, **fields)
     torch.manual_seed(seed)

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-import transformers
 
 import pyengine
-from conftest import _byte_level_tokenizer
 from pyengine.bench import quality
 from pyengine.load.config import ModelConfig
 from pyengine.errors import CheckpointError
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, make_tiny_model
 from test_bf16_backend import as_dtype
 from test_parity_hf import assert_logits_close, hf_model
 
@@ -35,16 +33,7 @@ ARCHS = list(FAMILIES)
 
 
 def make_family_model(folder, name, seed=0, fields=None):
-    fields = dict(fields or FAMILIES[name])
-    config = transformers.AutoConfig.for_model(fields.pop("model_type"), bos_token_id=0, eos_token_id=2, **fields)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():  # larger-than-init weights, so differences between implementations show
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(folder)
-    _byte_level_tokenizer(folder, config.vocab_size)
-    return folder
+    return make_tiny_model(folder, name, seed, fields or FAMILIES[name])
 
 
 @pytest.fixture(scope="module")

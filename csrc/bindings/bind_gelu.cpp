@@ -9,11 +9,7 @@ void bind_gelu(py::module_& m) {
       "gelu",
       [](py::handle x_obj, py::handle out_obj) {
         Tensor x(x_obj, "x"), out(out_obj, "out");
-        check_cpu_contiguous(x, DType::F32, -1);
-        check_cpu_contiguous(out, DType::F32, -1);
-        check_nonempty(x);
-        check_same_shape(out, x);
-        check_alias_or_disjoint(out, x);
+        check_elementwise_f32(x, out);
         py::gil_scoped_release release;
         gelu(x.data<float>(), out.data<float>(), x.numel());
       },
@@ -47,11 +43,7 @@ void bind_gelu(py::module_& m) {
       "softcap",
       [](py::handle x_obj, py::handle out_obj, double cap) {
         Tensor x(x_obj, "x"), out(out_obj, "out");
-        check_cpu_contiguous(x, DType::F32, -1);
-        check_cpu_contiguous(out, DType::F32, -1);
-        check_nonempty(x);
-        check_same_shape(out, x);
-        check_alias_or_disjoint(out, x);
+        check_elementwise_f32(x, out);
         check_positive(cap, "cap");
         py::gil_scoped_release release;
         softcap(x.data<float>(), out.data<float>(), x.numel(), static_cast<float>(cap));

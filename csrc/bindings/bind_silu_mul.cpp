@@ -1,26 +1,8 @@
-#include <string>
-
 #include "bindings/bindings.h"
 #include "bindings/device_args.h"
 #include "pyengine/silu_mul.h"
 
 namespace pyengine::bind {
-namespace {
-
-// gate / up as rows x cols with a row stride: contiguous of any shape (rows over the last dim), or a
-// 2-D view whose rows are contiguous runs, e.g. a half of a fused gate_up projection.
-int64_t last_size(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(t.dim() - 1); }
-
-int64_t row_stride(const Tensor& t) {
-  if (t.is_contiguous()) return last_size(t);
-  if (t.dim() != 2 || (t.size(1) > 1 && t.stride(1) != 1) || t.stride(0) < t.size(1)) {
-    throw py::value_error(std::string(t.name()) + ": must be contiguous, or 2-D with contiguous rows "
-                          "(stride(1) == 1, stride(0) >= size(1)); got shape " + t.shape_str());
-  }
-  return t.stride(0);
-}
-
-}  // namespace
 
 void bind_silu_mul(py::module_& m) {
   m.def(
@@ -45,8 +27,8 @@ void bind_silu_mul(py::module_& m) {
           });
           return;
         }
-        const int64_t gate_stride = row_stride(gate), up_stride = row_stride(up);
-        const int64_t cols = last_size(out), rows = out.numel() / cols;
+        const int64_t gate_stride = strided_rows(gate), up_stride = strided_rows(up);
+        const int64_t cols = last_dim_size(out), rows = out.numel() / cols;
         py::gil_scoped_release release;
         silu_mul(gate.data<float>(), gate_stride, up.data<float>(), up_stride, out.data<float>(), rows, cols);
       },

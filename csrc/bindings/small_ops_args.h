@@ -26,6 +26,15 @@ inline void check_alias_or_disjoint(const Tensor& out, const Tensor& in) {
   check_no_overlap(out, in);
 }
 
+// x and out of an elementwise fp32 CPU op: contiguous, the same non-empty shape, out may be x.
+inline void check_elementwise_f32(const Tensor& x, const Tensor& out) {
+  check_cpu_contiguous(x, DType::F32, -1);
+  check_cpu_contiguous(out, DType::F32, -1);
+  check_nonempty(x);
+  check_same_shape(out, x);
+  check_alias_or_disjoint(out, x);
+}
+
 // The size of t's last dimension (1 for a scalar).
 inline int64_t last_dim_size(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(t.dim() - 1); }
 
